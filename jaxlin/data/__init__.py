@@ -1,0 +1,1 @@
+"""Data: directory resolution, tokenizer, token shards, Grain pipeline."""

@@ -1,0 +1,77 @@
+"""DeltaNet and Gated DeltaNet layers, parameter for parameter FLA's `DeltaNet` and `GatedDeltaNet`."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlin import ops
+from jaxlin.layers.common import GatedRMSNorm, QKVConv, linear, merge_heads, split_heads
+
+
+class DeltaNet(nnx.Module):
+    """Delta-rule attention: q/k/v projections, short conv with SiLU, beta = sigmoid(b_proj x),
+    L2-normalised q/k (inside the op), per-head RMSNorm, optional swish output gate."""
+
+    gated = False
+
+    def __init__(self, d_model: int, n_head: int, *, expand_k: float = 1.0, expand_v: float = 1.0,
+                 conv_size: int = 4, use_gate: bool = False, norm_eps: float = 1e-5, out_std: float,
+                 impl: str = "auto", dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
+        if key_dim % n_head or value_dim % n_head:
+            raise ValueError(
+                f"{type(self).__name__}: key dim {key_dim} and value dim {value_dim} must be divisible "
+                f"by n_head={n_head}"
+            )
+        self.n_head, self.impl = n_head, impl
+        self.q_proj = linear(d_model, key_dim, dtype=dtype, rngs=rngs)
+        self.k_proj = linear(d_model, key_dim, dtype=dtype, rngs=rngs)
+        self.v_proj = linear(d_model, value_dim, dtype=dtype, rngs=rngs)
+        self.b_proj = linear(d_model, n_head, dtype=dtype, rngs=rngs)
+        if self.gated:
+            self.a_proj = linear(d_model, n_head, dtype=dtype, rngs=rngs)
+            # Mamba-2's gate parameters, as FLA initialises them: A in (0, 16], dt log-uniform in [1e-3, 0.1].
+            key_a, key_dt = jax.random.split(rngs.params())
+            self.A_log = nnx.Param(jnp.log(jax.random.uniform(key_a, (n_head,), jnp.float32, 1e-4, 16.0)))
+            dt = jnp.exp(jax.random.uniform(key_dt, (n_head,), jnp.float32, math.log(1e-3), math.log(0.1)))
+            dt = jnp.maximum(dt, 1e-4)
+            self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))  # inverse softplus
+        self.conv = QKVConv(key_dim, value_dim, conv_size, dtype=dtype, rngs=rngs) if conv_size else None
+        self.g_proj = linear(d_model, value_dim, dtype=dtype, rngs=rngs) if use_gate else None
+        self.o_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps)
+        self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
+
+    def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
+        state = state or {}
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv_cache = {}
+        if self.conv is not None:
+            (q, k, v), conv_cache = self.conv(
+                q, k, v, segment_ids=segment_ids, cache=state.get("conv"), return_cache=return_state
+            )
+        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+        common = dict(initial_state=state.get("recurrent"), output_final_state=return_state,
+                      segment_ids=segment_ids, use_qk_l2norm=True, impl=self.impl)
+        if self.gated:
+            a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
+            g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
+            o, recurrent = ops.gated_delta_rule(q, k, v, g, beta, **common)
+        else:
+            o, recurrent = ops.delta_rule(q, k, v, beta, **common)
+        gate = None if self.g_proj is None else split_heads(self.g_proj(x), self.n_head)
+        y = self.o_proj(merge_heads(self.o_norm(o, gate)))
+        return y, ({"recurrent": recurrent, "conv": conv_cache} if return_state else None)
+
+
+class GatedDeltaNet(DeltaNet):
+    """DeltaNet on a decayed state: g = -exp(A_log) * softplus(a_proj x + dt_bias); swish output gate."""
+
+    gated = True
+
+    def __init__(self, d_model: int, n_head: int, *, use_gate: bool = True, **kwargs):
+        super().__init__(d_model, n_head, use_gate=use_gate, **kwargs)

@@ -1,0 +1,58 @@
+"""Gated linear attention layer, parameter for parameter FLA's `GatedLinearAttention`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlin import ops
+from jaxlin.layers.common import GatedRMSNorm, QKVConv, linear, merge_heads, split_heads
+
+
+class GatedLinearAttention(nnx.Module):
+    """q/k/v/g projections, low-rank forget gate logsigmoid(W2 W1 x + b) / 16, optional short conv
+    with SiLU on q/k/v, the GLA recurrence, per-head RMSNorm gated by swish(g), output projection."""
+
+    def __init__(self, d_model: int, n_head: int, *, expand_k: float = 0.5, expand_v: float = 1.0,
+                 conv_size: int = 4, gate_low_rank: int = 16, gate_logit_normalizer: float = 16.0,
+                 norm_eps: float = 1e-5, out_std: float, impl: str = "auto", dtype=jnp.bfloat16,
+                 rngs: nnx.Rngs):
+        key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
+        if key_dim % n_head or value_dim % n_head:
+            raise ValueError(
+                f"GLA: key dim {key_dim} (d_model*expand_k) and value dim {value_dim} (d_model*expand_v) "
+                f"must be divisible by n_head={n_head}"
+            )
+        self.n_head, self.impl, self.dtype = n_head, impl, dtype
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.q_proj = linear(d_model, key_dim, dtype=dtype, rngs=rngs)
+        self.k_proj = linear(d_model, key_dim, dtype=dtype, rngs=rngs)
+        self.v_proj = linear(d_model, value_dim, dtype=dtype, rngs=rngs)
+        self.g_proj = linear(d_model, value_dim, dtype=dtype, rngs=rngs)
+        self.gk_proj = nnx.Sequential(
+            linear(d_model, gate_low_rank, dtype=dtype, rngs=rngs),
+            linear(gate_low_rank, key_dim, dtype=dtype, rngs=rngs, bias=True),
+        )
+        self.conv = QKVConv(key_dim, value_dim, conv_size, dtype=dtype, rngs=rngs) if conv_size else None
+        self.g_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps)
+        self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
+
+    def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
+        state = state or {}
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv_cache = {}
+        if self.conv is not None:
+            (q, k, v), conv_cache = self.conv(
+                q, k, v, segment_ids=segment_ids, cache=state.get("conv"), return_cache=return_state
+            )
+        gk = self.gk_proj(x)
+        gk = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / self.gate_logit_normalizer
+        o, recurrent = ops.gla(
+            split_heads(q, self.n_head), split_heads(k, self.n_head), split_heads(v, self.n_head),
+            split_heads(gk, self.n_head), initial_state=state.get("recurrent"),
+            output_final_state=return_state, segment_ids=segment_ids, impl=self.impl,
+        )
+        o = self.g_norm(o, split_heads(self.g_proj(x), self.n_head))
+        y = self.o_proj(merge_heads(o))
+        return y, ({"recurrent": recurrent, "conv": conv_cache} if return_state else None)

@@ -1,0 +1,180 @@
+"""GPT backbone in nanoGPT's shape, with any attention layer per block, and its config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS
+from jaxlin.layers.common import INIT_STD, linear
+
+# Attention settings that may be given per layer: a scalar applies to every layer, a tuple lists one per layer.
+PER_LAYER_FIELDS = ("attn", "expand_k", "expand_v", "conv_size")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257
+    vocab_multiple: int = 64  # pad the embedding to a multiple of this (50257 -> 50304, as nanoGPT)
+    block_size: int = 1024  # context length (size of the position embedding when there is one)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    attn: Any = "gla"  # "gla" | "deltanet" | "gated_deltanet" | "softmax", or a tuple per layer
+    expand_k: Any = 0.5
+    expand_v: Any = 1.0
+    conv_size: Any = 4  # 0 turns the short convolution off
+    pos_embedding: bool | None = None  # None: learned positions only when some layer is softmax
+    norm_eps: float = 1e-5
+    dtype: str = "bfloat16"  # compute dtype; parameters are always float32
+    impl: str = "auto"  # linear-attention implementation, see jaxlin.ops
+    remat: str = "none"  # "none" | "full" | "dots": what each block saves for the backward pass
+
+    def __post_init__(self):
+        for name in PER_LAYER_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+                value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != self.n_layer:
+                raise ValueError(f"model.{name} lists {len(value)} values but n_layer={self.n_layer}")
+        for kind in set(self.per_layer("attn")):
+            if kind not in ATTENTION_KINDS:
+                raise ValueError(f"model.attn: unknown kind {kind!r}; expected one of {sorted(ATTENTION_KINDS)}")
+        if any(c == 1 or c < 0 for c in self.per_layer("conv_size")):
+            raise ValueError("model.conv_size must be 0 (off) or >= 2")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat: unknown {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+
+    def per_layer(self, name: str) -> tuple:
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,) * self.n_layer
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def uses_pos_embedding(self) -> bool:
+        if self.pos_embedding is not None:
+            return self.pos_embedding
+        return "softmax" in self.per_layer("attn")
+
+    @property
+    def is_recurrent(self) -> bool:
+        return all(kind in RECURRENT_KINDS for kind in self.per_layer("attn"))
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
+class MLP(nnx.Module):
+    def __init__(self, d_model: int, *, out_std: float, dtype, rngs: nnx.Rngs):
+        self.c_fc = linear(d_model, 4 * d_model, dtype=dtype, rngs=rngs)
+        self.c_proj = linear(4 * d_model, d_model, dtype=dtype, rngs=rngs, std=out_std)
+
+    def __call__(self, x):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+
+
+def layer_norm(d: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(d, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + attn(ln_1 x), then x + mlp(ln_2 x)."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        dtype = config.compute_dtype
+        out_std = INIT_STD / math.sqrt(2 * config.n_layer)  # residual projections, as nanoGPT
+        kind = config.per_layer("attn")[layer]
+        kwargs = {}
+        if kind in RECURRENT_KINDS:
+            kwargs = dict(expand_k=config.per_layer("expand_k")[layer], expand_v=config.per_layer("expand_v")[layer],
+                          conv_size=config.per_layer("conv_size")[layer], norm_eps=config.norm_eps, impl=config.impl)
+        self.ln_1 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
+        self.attn = ATTENTION_KINDS[kind](config.n_embd, config.n_head, out_std=out_std, dtype=dtype, rngs=rngs,
+                                          **kwargs)
+        self.ln_2 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
+        self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, segment_ids=None, state=None, return_state=False):
+        y, new_state = self.attn(self.ln_1(x), segment_ids=segment_ids, state=state, return_state=return_state)
+        x = x + y
+        return x + self.mlp(self.ln_2(x)), new_state
+
+
+def _block_forward(block: Block, x, segment_ids):
+    return block(x, segment_ids)[0]
+
+
+class GPT(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        init = nnx.initializers.normal(INIT_STD)
+        self.wte = nnx.Param(init(rngs.params(), (config.padded_vocab_size, config.n_embd), jnp.float32))
+        self.wpe = (nnx.Param(init(rngs.params(), (config.block_size, config.n_embd), jnp.float32))
+                    if config.uses_pos_embedding else None)
+        self.h = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layer)])
+        self.ln_f = layer_norm(config.n_embd, config.norm_eps, config.compute_dtype, rngs)
+
+    @property
+    def supports_state(self) -> bool:
+        return self.config.is_recurrent
+
+    def hidden(self, tokens, *, segment_ids=None, state=None, return_state=False):
+        """Final-LayerNorm hidden states [B, T, n_embd] (and the new per-layer state when asked)."""
+        cfg = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time] integers, got shape {tokens.shape}")
+        if (state is not None or return_state) and not self.supports_state:
+            raise ValueError("state reuse needs a model whose every layer is recurrent (no softmax layers)")
+        x = jnp.take(self.wte[...], tokens, axis=0)
+        if self.wpe is not None:
+            if tokens.shape[1] > cfg.block_size:
+                raise ValueError(f"sequence length {tokens.shape[1]} exceeds block_size={cfg.block_size}")
+            x = x + self.wpe[: tokens.shape[1]]
+        x = x.astype(cfg.compute_dtype)
+        new_state = []
+        block_forward = _block_forward
+        if cfg.remat != "none" and not return_state:
+            block_forward = nnx.remat(_block_forward, policy=REMAT_POLICIES[cfg.remat])
+        for i, block in enumerate(self.h):
+            if return_state or state is not None:
+                x, layer_state = block(x, segment_ids, None if state is None else state[i], return_state)
+                new_state.append(layer_state)
+            else:
+                x = block_forward(block, x, segment_ids)
+        x = self.ln_f(x)
+        return (x, new_state) if return_state else x
+
+    def logits(self, h):
+        """Tied head: [B, T, n_embd] -> float32 [B, T, padded_vocab] (columns past vocab_size are padding)."""
+        return jnp.einsum("btd,vd->btv", h, self.wte[...].astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, *, segment_ids=None, state=None, return_state=False):
+        if return_state:
+            h, new_state = self.hidden(tokens, segment_ids=segment_ids, state=state, return_state=True)
+            return self.logits(h), new_state
+        return self.logits(self.hidden(tokens, segment_ids=segment_ids, state=state))
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

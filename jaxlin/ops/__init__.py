@@ -1,0 +1,127 @@
+"""Linear-attention ops: GLA, DeltaNet and Gated DeltaNet.
+
+Each op validates its arguments, applies the optional q/k L2 normalisation, and
+dispatches to one implementation:
+
+- ``"reference"``: token-by-token ``lax.scan`` (the oracle, ``reference.py``);
+- ``"chunked"``: chunk-parallel plain JAX (``chunked.py``);
+- ``"pallas"``: GPU kernels from the top-level ``kernels`` package, imported lazily:
+  ``kernels.<op>.<op>_pallas(q, k, v, [g,] [beta,] scale=, initial_state=,
+  output_final_state=, segment_ids=, interpret=)``. A kernel module may define
+  ``supports(...)`` (same arguments, no ``interpret``) returning False for calls it
+  cannot handle, so that ``"auto"`` falls back to ``"chunked"``;
+- ``"auto"``: the Pallas kernel on GPU when it exists and supports the call, else
+  ``"chunked"`` (on CPU too, where it beats the token scan at every length measured but
+  the shortest, and costs little there).
+
+All return ``(o, final_state)``: ``o`` in v's dtype ``[B, T, H, V]``, ``final_state``
+float32 ``[B, H, K, V]`` when ``output_final_state`` else None.
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from . import chunked, reference
+from .checks import check_inputs
+
+__all__ = ["gla", "delta_rule", "gated_delta_rule", "l2norm"]
+
+_IMPLS = {
+    "gla": (reference.gla_reference, chunked.gla_chunked),
+    "delta_rule": (reference.delta_rule_reference, chunked.delta_rule_chunked),
+    "gated_delta_rule": (reference.gated_delta_rule_reference, chunked.gated_delta_rule_chunked),
+}
+
+
+def l2norm(x, eps=1e-6):
+    """``x / sqrt(sum(x^2) + eps)`` over the last axis, in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _pallas_module(op):
+    """The kernel module for ``op``, or None when it does not exist (yet)."""
+    name = f"kernels.{op}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name in ("kernels", name):
+            return None
+        raise  # the module exists but one of its own imports is broken: surface it
+
+
+def _pallas(op, args, kwargs):
+    module = _pallas_module(op)
+    fn = getattr(module, f"{op}_pallas", None)
+    if fn is None:
+        raise NotImplementedError(
+            f"impl='pallas': no Pallas kernel for {op} yet (expected function {op}_pallas in module kernels.{op})")
+    return fn(*args, **kwargs, interpret=jax.default_backend() != "gpu")
+
+
+def _pallas_supports(op, args, kwargs):
+    module = _pallas_module(op)
+    if module is None or not hasattr(module, f"{op}_pallas"):
+        return False
+    supports = getattr(module, "supports", None)
+    return supports is None or bool(supports(*args, **kwargs))
+
+
+def _dispatch(op, impl, args, kwargs):
+    ref_fn, chunk_fn = _IMPLS[op]
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        impl = "pallas" if on_gpu and _pallas_supports(op, args, kwargs) else "chunked"
+    if impl == "pallas":
+        return _pallas(op, args, kwargs)
+    return (ref_fn if impl == "reference" else chunk_fn)(*args, **kwargs)
+
+
+def _prepare(q, k, scale, use_qk_l2norm):
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    return q, k, (q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
+        impl="auto", validate=False):
+    """Gated linear attention: ``S_t = diag(exp g_t) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``.
+
+    q, k, g ``[B, T, H, K]`` (g the log forget gate, <= 0), v ``[B, T, H, V]``.
+    """
+    check_inputs(q, k, v, g=g, g_rank=4, initial_state=initial_state, segment_ids=segment_ids,
+                 impl=impl, validate=validate)
+    q, k, scale = _prepare(q, k, scale, False)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  segment_ids=segment_ids)
+    return _dispatch("gla", impl, (q, k, v, g), kwargs)
+
+
+def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
+               segment_ids=None, use_qk_l2norm=False, impl="auto", validate=False):
+    """DeltaNet: ``u_t = beta_t (v_t - S_{t-1}^T k_t)``, ``S_t = S_{t-1} + k_t u_t^T``, ``o_t = scale S_t^T q_t``.
+
+    q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, beta ``[B, T, H]``.
+    """
+    check_inputs(q, k, v, beta=beta, initial_state=initial_state, segment_ids=segment_ids,
+                 impl=impl, validate=validate)
+    q, k, scale = _prepare(q, k, scale, use_qk_l2norm)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  segment_ids=segment_ids)
+    return _dispatch("delta_rule", impl, (q, k, v, beta), kwargs)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     segment_ids=None, use_qk_l2norm=False, impl="auto", validate=False):
+    """Gated DeltaNet: the delta rule applied to ``S' = exp(g_t) S_{t-1}``.
+
+    q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g (log gate, <= 0) and beta ``[B, T, H]``.
+    """
+    check_inputs(q, k, v, g=g, g_rank=3, beta=beta, initial_state=initial_state,
+                 segment_ids=segment_ids, impl=impl, validate=validate)
+    q, k, scale = _prepare(q, k, scale, use_qk_l2norm)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  segment_ids=segment_ids)
+    return _dispatch("gated_delta_rule", impl, (q, k, v, g, beta), kwargs)

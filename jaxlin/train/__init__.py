@@ -1,0 +1,1 @@
+"""Training: config, optimizer, loss and step, checkpoints, metrics, mesh, loop."""

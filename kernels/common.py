@@ -1,0 +1,105 @@
+"""Building blocks shared by the chunked linear-attention kernels (GLA now, delta rules later).
+
+Layout: kernels read ``[B, T, H, D]`` arrays in place (no transposes); each program
+sees one ``(batch, head)`` slice as a ``[T, D]`` ref and loads ``SUB``-row tiles of it.
+States are kept transposed, ``[V, K]``, so that per-channel gate factors broadcast along
+the last (lane) axis, the cheap direction in Triton.
+
+Gates: within a chunk, ``b = cumsum(g)`` is taken relative to the chunk start, so
+``b <= 0`` and every factor ``exp(b_i - b_j)`` with ``i >= j`` is at most 1. Pairs of
+different sub-chunks factor through the boundary ``c`` between them
+(``exp(b_i - c) * exp(c - b_j)``, both <= 1), and pairs inside one sub-chunk are formed
+element-wise, so no exponential can overflow whatever the gates.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
+
+CHUNK = 64  # tokens per chunk: the unit of the sequential state pass
+SUB = 16  # tokens per sub-chunk: the unit of the intra-chunk gate references
+NUM_SUB = CHUNK // SUB
+
+
+def dot_dtype_for(*arrays):
+    """Matmul operand dtype: bf16 (float32 accumulation) when every input is bf16, else float32."""
+    return jnp.bfloat16 if all(a.dtype == jnp.bfloat16 for a in arrays) else jnp.float32
+
+
+def matmul(a, b, dot_dtype, *, trans_a=False, trans_b=False):
+    """``a @ b`` with float32 accumulation; float32 operands use full (non-tf32) precision."""
+    precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+    return pl.dot(a.astype(dot_dtype), b.astype(dot_dtype), trans_a=trans_a, trans_b=trans_b,
+                  precision=precision)
+
+
+def compiler_params(num_warps=4, num_stages=2):
+    return plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def pad_time(x, length):
+    """Zero-pad axis 1 (time) to ``length``: zero q/k/v/g tokens leave states unchanged."""
+    pad = length - x.shape[1]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def segment_index(segment_ids, batch, length, padded_length):
+    """``[B, T_pad]`` int32, non-decreasing, 0 at t=0, +1 wherever the id changes.
+
+    Turning arbitrary ids into a running count makes "same segment" an equality test
+    and "last segment of a chunk" a max; padding repeats the last index.
+    """
+    if segment_ids is None:
+        return None
+    change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+    index = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(change, axis=1)], axis=1)
+    return jnp.pad(index, ((0, 0), (0, padded_length - length)), mode="edge")
+
+
+def load_f32(ref, rows):
+    return ref[rows, :].astype(jnp.float32)
+
+
+def tile_rows(chunk_start, sub):
+    return pl.ds(chunk_start + sub * SUB, SUB)
+
+
+def cumulative_gates(g_ref, chunk_start):
+    """Per sub-chunk ``b`` tiles (cumsum of g from the chunk start) and the boundaries.
+
+    Returns ``(b_tiles, boundaries)``: ``boundaries[s]`` is ``b`` just before sub-chunk
+    ``s`` (``[1, K]``), and ``boundaries[NUM_SUB]`` is the chunk total.
+    """
+    b_tiles, boundaries = [], []
+    carry = jnp.zeros((1, g_ref.shape[-1]), jnp.float32)
+    for s in range(NUM_SUB):
+        g = load_f32(g_ref, tile_rows(chunk_start, s))
+        boundaries.append(carry)
+        b = carry + jnp.cumsum(g, axis=0)
+        b_tiles.append(b)
+        carry = carry + jnp.sum(g, axis=0, keepdims=True)
+    boundaries.append(carry)
+    return b_tiles, boundaries
+
+
+def chunk_total_gate(g_ref, chunk_start):
+    """``(b, b_last)`` for a whole chunk: ``b`` ``[CHUNK, K]`` and its total ``[1, K]``."""
+    g = load_f32(g_ref, pl.ds(chunk_start, CHUNK))
+    return jnp.cumsum(g, axis=0), jnp.sum(g, axis=0, keepdims=True)
+
+
+def causal_mask(size):
+    rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+    return rows >= cols
+
+
+def pair_decay(b):
+    """``[S, S, K]``: ``exp(b_i - b_j)`` for i >= j inside one sub-chunk (clamped to <= 1 above)."""
+    return jnp.exp(jnp.minimum(b[:, None, :] - b[None, :, :], 0.0))

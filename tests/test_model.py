@@ -1,0 +1,111 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlin.model import GPT, ModelConfig, count_params
+
+KINDS = ["gla", "deltanet", "gated_deltanet", "softmax"]
+
+
+def tiny(attn="gla", **kw):
+    base = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, attn=attn, dtype="float32")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def gpt2_medium_params(**kw):
+    cfg = ModelConfig(n_layer=24, n_head=16, n_embd=1024, **kw)
+    return count_params(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+
+
+def test_reference_model_parameter_count():
+    # The PyTorch reference (nanoGPT + FLA GatedLinearAttention, GPT-2 Medium) has exactly this many.
+    assert gpt2_medium_params() == 354_401_792
+
+
+def test_softmax_baseline_parameter_count():
+    # nanoGPT GPT-2 Medium without biases, with the 50304-row padded embedding and learned positions.
+    assert gpt2_medium_params(attn="softmax") == 354_650_112
+
+
+def test_per_layer_settings_build_mixed_stacks():
+    cfg = tiny(n_layer=4, attn=("gated_deltanet", "gla") * 2, expand_k=(0.5, 0.625, 0.75, 1.0))
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    assert [type(b.attn).__name__ for b in model.h] == ["GatedDeltaNet", "GatedLinearAttention"] * 2
+    assert model.h[3].attn.q_proj.kernel.shape == (64, 64)
+    assert model.h[1].attn.q_proj.kernel.shape == (64, 40)
+
+
+@pytest.mark.parametrize("attn", KINDS)
+def test_causal(attn):
+    model = GPT(tiny(attn), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 50257)
+    changed = tokens.at[:, 21].set((tokens[:, 21] + 7) % 50257)
+    a, b = model(tokens), model(changed)
+    assert a.shape == (2, 40, 50304) and a.dtype == jnp.float32
+    np.testing.assert_allclose(a[:, :21], b[:, :21], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a[:, 21:], b[:, 21:])
+
+
+@pytest.mark.parametrize("attn", ["gla", "deltanet", "gated_deltanet"])
+def test_state_continuation_matches_full_sequence(attn):
+    model = GPT(tiny(attn), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(2), (2, 37), 0, 50257)
+    full = model(tokens)
+    head, state = model(tokens[:, :20], return_state=True)
+    tail, _ = model(tokens[:, 20:], state=state, return_state=True)
+    np.testing.assert_allclose(jnp.concatenate([head, tail], 1), full, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("attn", KINDS)
+def test_packed_documents_do_not_see_each_other(attn):
+    model = GPT(tiny(attn), rngs=nnx.Rngs(0))
+    a = jax.random.randint(jax.random.key(3), (1, 13), 0, 50257)
+    b = jax.random.randint(jax.random.key(4), (1, 19), 0, 50257)
+    packed = model(jnp.concatenate([a, b], 1), segment_ids=jnp.array([[0] * 13 + [1] * 19]))
+    if attn == "softmax":  # learned positions do not restart, so only the first document compares
+        np.testing.assert_allclose(packed[:, :13], model(a), rtol=1e-4, atol=1e-4)
+    else:
+        np.testing.assert_allclose(packed[:, 13:], model(b), rtol=2e-4, atol=2e-4)
+
+
+def test_left_padding_with_segments_equals_unpadded():
+    model = GPT(tiny("gla"), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(5), (1, 10), 0, 50257)
+    padded = jnp.concatenate([jnp.zeros((1, 6), jnp.int32), tokens], 1)
+    seg = jnp.array([[-1] * 6 + [0] * 10])
+    _, state_p = model(padded, segment_ids=seg, return_state=True)
+    _, state = model(tokens, return_state=True)
+    for x, y in zip(jax.tree.leaves(state_p), jax.tree.leaves(state)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = GPT(tiny(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    logits = model(jnp.ones((1, 8), jnp.int32))
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(attn="mamba"), "model.attn"),
+    (dict(attn=("gla",)), "lists 1 values but n_layer=2"),
+    (dict(conv_size=1), "conv_size"),
+    (dict(dtype="float16"), "model.dtype"),
+    (dict(remat="some"), "model.remat"),
+])
+def test_bad_configs(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**bad)
+
+
+def test_bad_inputs():
+    model = GPT(tiny("softmax"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="tokens must be"):
+        model(jnp.ones((8,), jnp.int32))
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(jnp.ones((1, 65), jnp.int32))
+    with pytest.raises(ValueError, match="state reuse"):
+        model(jnp.ones((1, 8), jnp.int32), return_state=True)
