@@ -31,8 +31,8 @@ def dot_dtype_for(*arrays):
 def matmul(a, b, dot_dtype, *, trans_a=False, trans_b=False):
     """``a @ b`` with float32 accumulation; float32 operands use full (non-tf32) precision."""
     precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
-    return pl.dot(a.astype(dot_dtype), b.astype(dot_dtype), trans_a=trans_a, trans_b=trans_b,
-                  precision=precision)
+    return plgpu_triton.dot(a.astype(dot_dtype), b.astype(dot_dtype), trans_a=trans_a, trans_b=trans_b,
+                            precision=precision)
 
 
 def compiler_params(num_warps=4, num_stages=2):

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,14 +40,15 @@ _BATCH_CHARS = 8_000_000  # text handed to tiktoken's thread pool at once
 
 
 def resolve_sources(sources: Iterable[str], data_dir=None) -> tuple[list[Path], list[Path]]:
-    """(text files, ready .bin shards) named by `sources`: paths relative to the data directory or
-    absolute, globs, or folders (a folder holding .bin files is a shard folder, else its text files)."""
+    """(text files, ready .bin shards) named by `sources`, each file once: paths relative to the data
+    directory or absolute, globs, or folders (a folder holding .bin files is a shard folder, else its
+    text files)."""
     root = resolve_data_dir(data_dir)
     texts, shards = [], []
     for source in sources:
         pattern = Path(source).expanduser()
         pattern = pattern if pattern.is_absolute() else root / pattern
-        if glob.has_magic(str(pattern)):
+        if any(c in str(source) for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(str(pattern)))
             if not matches:
                 raise FileNotFoundError(f"source pattern '{source}' matches no file (searched '{pattern}')")
@@ -71,13 +73,18 @@ def resolve_sources(sources: Iterable[str], data_dir=None) -> tuple[list[Path], 
                 texts.append(path)
             else:
                 raise ValueError(f"source '{path}' has an unknown format; supported: .bin, {readers.SUPPORTED_TEXT}")
-    return texts, shards
+    return _unique(texts), _unique(shards)
+
+
+def _unique(paths: list[Path]) -> list[Path]:
+    """First occurrences only, so overlapping globs or folders do not repeat a file."""
+    return list(dict.fromkeys(p.resolve() for p in paths))
 
 
 def split_ready_shards(shards: Iterable[Path]) -> tuple[list[Path], list[Path]]:
-    """llm.c names shards `*_train_*.bin` / `*_val_*.bin`: a name containing 'val' is validation."""
+    """(train, val) by name: llm.c writes `fineweb_train_000001.bin` / `fineweb_val_000000.bin`."""
     shards = list(shards)
-    val = [p for p in shards if "val" in p.stem]
+    val = [p for p in shards if re.search(r"(^|_)val(_|$)", p.stem)]
     return [p for p in shards if p not in val], val
 
 
@@ -97,6 +104,7 @@ def prepare_corpus(
 
     Run it on one process of a multi-host job (then barrier): concurrent builds of one folder race.
     """
+    sources = list(sources)
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1], got {val_fraction}")
     texts, ready = resolve_sources(sources, data_dir)
@@ -108,7 +116,7 @@ def prepare_corpus(
         )
         train, val = built_train + train, built_val + val
     if not train:
-        raise ValueError(f"sources {list(sources)} gave no training shards")
+        raise ValueError(f"sources {sources} gave no training shards")
     return train, val
 
 

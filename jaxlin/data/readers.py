@@ -21,7 +21,8 @@ def is_supported(path: Path) -> bool:
 def iter_documents(path: Path, text_field: str = "text", separator: str | None = None) -> Iterator[str]:
     """Non-empty documents of `path` in file order. A .txt file is one document unless `separator`
     splits it; `text_field` names the jsonl field / csv or parquet column; a zip gives one document
-    per .txt member (in name order, so READMEs and folders are skipped)."""
+    per .txt member (in name order, so READMEs and folders are skipped). Plain text that is not valid
+    UTF-8 gets U+FFFD for the bad bytes; jsonl and csv must be UTF-8."""
     name = path.name
     if name.endswith(".txt"):
         docs = _txt(path, separator)
@@ -39,7 +40,7 @@ def iter_documents(path: Path, text_field: str = "text", separator: str | None =
 
 
 def _txt(path: Path, separator: str | None) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8", errors="replace")  # plain text declares no encoding
     yield from text.split(separator) if separator else [text]
 
 

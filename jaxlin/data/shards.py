@@ -39,7 +39,8 @@ def write_shard(path: str | os.PathLike, tokens) -> Path:
 
 
 def read_shard(path: str | os.PathLike) -> np.memmap:
-    """The shard's tokens as a read-only uint16 memmap; ValueError names the file and the fault."""
+    """The shard's tokens as a read-only uint16 memmap (an empty array for an empty shard);
+    a ValueError names the file and the fault."""
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_BYTES:
@@ -61,7 +62,3 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
         return np.zeros(0, dtype=TOKEN_DTYPE)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
 
-
-def shard_num_tokens(path: str | os.PathLike) -> int:
-    """Token count from the header alone (after the same checks as `read_shard`)."""
-    return len(read_shard(path))

@@ -1,0 +1,160 @@
+"""Log-likelihoods of token continuations under a GPT, batched and padded to a few fixed shapes.
+
+A request is (context tokens, continuation tokens). As lm-evaluation-harness does, the model reads
+`(context + continuation)[-(max_len + 1):][:-1]` and the continuation is scored at the last
+positions, so an over-long context is cut on the left. Log-probabilities are taken over the real
+vocabulary only (the padded embedding rows are not tokens).
+
+Batches have `batch_size` rows and a length from `bucket_lengths` (powers of two up to the context
+length), so jit compiles each function a handful of times whatever the data.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from jaxlin.data.tokenizer import EOT_TOKEN
+
+Pair = tuple[list[int], list[int]]
+MIN_BUCKET = 8
+
+
+def bucket_lengths(max_len: int) -> list[int]:
+    lengths = [MIN_BUCKET]
+    while lengths[-1] < max_len:
+        lengths.append(lengths[-1] * 2)
+    return [n for n in lengths if n < max_len] + [max_len]
+
+
+def _bucket(n: int, max_len: int) -> int:
+    return next(b for b in bucket_lengths(max_len) if b >= n)
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _target_scores(logits, targets):
+    """log P(target) and whether it is the argmax, per position."""
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
+
+
+def _full_scores(graphdef, vocab, params, tokens, targets):
+    return _target_scores(nnx.merge(graphdef, params)(tokens)[..., :vocab], targets)
+
+
+def _prefill(graphdef, vocab, params, tokens, segment_ids):
+    """Runs left-padded contexts; returns the last position's logits and the recurrent state."""
+    logits, state = nnx.merge(graphdef, params)(tokens, segment_ids=segment_ids, return_state=True)
+    return logits[:, -1, :vocab], state
+
+
+def _extend(graphdef, vocab, params, state, last_logits, rows, tokens):
+    """Scores continuations `tokens` [R, L], row r continuing context `rows[r]` of the prefill."""
+    state = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), state)
+    logits = nnx.merge(graphdef, params)(tokens, state=state)[..., :vocab]
+    # The context's last logits predict the first token; position t predicts token t + 1.
+    logits = jnp.concatenate([last_logits[rows][:, None], logits[:, :-1]], axis=1)
+    return _target_scores(logits, tokens)[0]
+
+
+class Scorer:
+    def __init__(self, model, *, max_len: int | None = None, batch_size: int = 32, progress: bool = True):
+        config = model.config
+        self.max_len = max_len or config.block_size
+        if config.uses_pos_embedding and self.max_len > config.block_size:
+            raise ValueError(f"seq_len {self.max_len} exceeds the model's position embedding "
+                             f"(block_size={config.block_size})")
+        self.batch_size = batch_size
+        self.progress = progress
+        # Continuing from a state restarts positions at 0, so only models without positions may reuse it.
+        self.reuses_state = model.supports_state and not config.uses_pos_embedding
+        graphdef, self._params = nnx.split(model)
+        fixed = (graphdef, config.vocab_size)
+        self._full = jax.jit(functools.partial(_full_scores, *fixed))
+        self._prefill = jax.jit(functools.partial(_prefill, *fixed))
+        self._extend = jax.jit(functools.partial(_extend, *fixed))
+
+    def _bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="seq", disable=not self.progress, leave=False)
+
+    def loglikelihood(self, requests: list[Pair], desc: str = "scoring") -> list[tuple[float, bool]]:
+        """(sum of log P(continuation | context), whether every continuation token is the argmax)."""
+        rows = []
+        for context, continuation in requests:
+            if not context:
+                raise ValueError("empty context: give at least one token (the harness gives EOT)")
+            if not 1 <= len(continuation) <= self.max_len:
+                raise ValueError(f"continuation of {len(continuation)} tokens: it must have 1 to "
+                                 f"max_len={self.max_len} tokens")
+            rows.append((list(context) + list(continuation))[-(self.max_len + 1) :])
+        results = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # similar lengths share a batch
+        with self._bar(len(rows), desc) as bar:
+            for batch in _chunks(order, self.batch_size):
+                length = _bucket(len(rows[batch[0]]) - 1, self.max_len)
+                tokens = np.full((self.batch_size, length + 1), EOT_TOKEN, np.int32)
+                for r, i in enumerate(batch):
+                    tokens[r, : len(rows[i])] = rows[i]
+                logp, greedy = jax.device_get(self._full(self._params, tokens[:, :-1], tokens[:, 1:]))
+                for r, i in enumerate(batch):
+                    end = len(rows[i]) - 1
+                    span = slice(end - len(requests[i][1]), end)
+                    results[i] = (float(logp[r, span].sum(dtype=np.float64)), bool(greedy[r, span].all()))
+                bar.update(len(batch))
+        return results
+
+    def choice_loglikelihoods(self, groups: list[list[Pair]], desc: str = "choices") -> list[list[float]]:
+        """log P(continuation | context) for each pair of each group (one group per question).
+
+        A group whose pairs share their context, on a recurrent model, runs the context once and
+        continues every choice from its state; the rest score each pair as a full sequence.
+        """
+        results = [[0.0] * len(pairs) for pairs in groups]
+        shared, separate = [], []
+        for g, pairs in enumerate(groups):
+            context = pairs[0][0]
+            fits = all(len(context) + len(c) - 1 <= self.max_len for _, c in pairs)  # else the harness truncates
+            reusable = self.reuses_state and fits and all(p[0] == context for p in pairs)
+            (shared if reusable else separate).append(g)
+        flat = [(g, j) for g in separate for j in range(len(groups[g]))]
+        for (g, j), (ll, _) in zip(flat, self.loglikelihood([groups[g][j] for g, j in flat], desc)):
+            results[g][j] = ll
+        if shared:
+            self._shared_contexts(groups, shared, results, desc)
+        return results
+
+    def _shared_contexts(self, groups, shared: list[int], results, desc: str):
+        order = sorted(shared, key=lambda g: -len(groups[g][0][0]))
+        with self._bar(sum(len(groups[g]) for g in shared), desc) as bar:
+            for batch in _chunks(order, self.batch_size):
+                # Left-pad the contexts so each ends at the last position; pads (segment -1) leave no state.
+                length = _bucket(len(groups[batch[0]][0][0]), self.max_len)
+                tokens = np.full((self.batch_size, length), EOT_TOKEN, np.int32)
+                segments = np.full((self.batch_size, length), -1, np.int32)
+                for r, g in enumerate(batch):
+                    context = groups[g][0][0]
+                    tokens[r, length - len(context) :] = context
+                    segments[r, length - len(context) :] = 0
+                last_logits, state = self._prefill(self._params, tokens, segments)
+                endings = sorted(((r, g, j) for r, g in enumerate(batch) for j in range(len(groups[g]))),
+                                 key=lambda e: -len(groups[e[1]][e[2]][1]))
+                for chunk in _chunks(endings, self.batch_size):
+                    length = _bucket(len(groups[chunk[0][1]][chunk[0][2]][1]), self.max_len)
+                    rows = np.zeros(self.batch_size, np.int32)
+                    conts = np.full((self.batch_size, length), EOT_TOKEN, np.int32)
+                    for k, (r, g, j) in enumerate(chunk):
+                        continuation = groups[g][j][1]
+                        rows[k], conts[k, : len(continuation)] = r, continuation
+                    logp = jax.device_get(self._extend(self._params, state, last_logits, rows, conts))
+                    for k, (r, g, j) in enumerate(chunk):
+                        results[g][j] = float(logp[k, : len(groups[g][j][1])].sum(dtype=np.float64))
+                    bar.update(len(chunk))

@@ -1,0 +1,85 @@
+"""Chunked gated linear attention on Pallas (Triton lowering), differentiable via custom_vjp.
+
+``gla_pallas`` is the entry point ``jaxlin.ops.gla(..., impl="pallas")`` calls; inputs
+arrive validated. Forward and backward each run two kernels (``forward.py``,
+``backward.py``): a sequential pass over chunks for the states (or their gradients),
+then one program per chunk for everything else.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ..common import CHUNK, dot_dtype_for, pad_time, segment_index
+from .backward import chunk_grads, state_grad_pass
+from .forward import chunk_outputs, state_pass
+
+HEAD_DIMS = (32, 64, 128)
+
+
+def supports(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
+             segment_ids=None):
+    """True for the calls these kernels handle: K, V in {32, 64, 128}, bf16 or float32."""
+    float_ok = all(x.dtype in (jnp.bfloat16, jnp.float32) for x in (q, k, v, g))
+    return q.shape[-1] in HEAD_DIMS and v.shape[-1] in HEAD_DIMS and float_ok
+
+
+def gla_pallas(q, k, v, g, *, scale, initial_state, output_final_state, segment_ids,
+               interpret=False):
+    """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``."""
+    B, T = q.shape[:2]
+    padded = -(-T // CHUNK) * CHUNK
+    seg = segment_index(segment_ids, B, T, padded)
+    o, final_state = _gla(q, k, v, g, initial_state, seg, float(scale), bool(interpret))
+    return o, (final_state if output_final_state else None)
+
+
+def _block_v(B, H, V):
+    # Split V across programs of the sequential passes only when (batch, head) pairs
+    # alone would leave SMs idle.
+    return 32 if B * H < 256 else V
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _gla(q, k, v, g, initial_state, seg, scale, interpret):
+    return _forward(q, k, v, g, initial_state, seg, scale, interpret)[0]
+
+
+def _forward(q, k, v, g, initial_state, seg, scale, interpret):
+    B, T, H, _ = q.shape
+    V = v.shape[-1]
+    padded = -(-T // CHUNK) * CHUNK
+    qp, kp, vp, gp = (pad_time(x, padded) for x in (q, k, v, g))
+    dot_dtype = dot_dtype_for(q, k, v)
+    h0_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
+    hs = state_pass(kp, vp, gp, seg, h0_t, dot_dtype=dot_dtype, block_v=_block_v(B, H, V),
+                    interpret=interpret)
+    o = chunk_outputs(qp, kp, vp, gp, seg, hs, scale=scale, dot_dtype=dot_dtype,
+                      interpret=interpret)[:, :T]
+    final_state = jnp.swapaxes(hs[:, :, -1], -1, -2)
+    return (o, final_state), hs
+
+
+def _gla_fwd(q, k, v, g, initial_state, seg, scale, interpret):
+    out, hs = _forward(q, k, v, g, initial_state, seg, scale, interpret)
+    return out, (q, k, v, g, initial_state, seg, hs)
+
+
+def _gla_bwd(scale, interpret, residuals, cotangents):
+    q, k, v, g, initial_state, seg, hs = residuals
+    do, dfinal = cotangents
+    B, T, H, _ = q.shape
+    V = v.shape[-1]
+    padded = seg.shape[1] if seg is not None else -(-T // CHUNK) * CHUNK
+    qp, kp, vp, gp, dop = (pad_time(x, padded) for x in (q, k, v, g, do))
+    dot_dtype = dot_dtype_for(q, k, v)
+    dhs = state_grad_pass(qp, dop, gp, seg, jnp.swapaxes(dfinal, -1, -2), scale=scale,
+                          dot_dtype=dot_dtype, block_v=_block_v(B, H, V), interpret=interpret)
+    dq, dk, dv, dg = (x[:, :T] for x in chunk_grads(qp, kp, vp, gp, dop, seg, hs, dhs, scale=scale,
+                                                     dot_dtype=dot_dtype, interpret=interpret))
+    dh0 = jnp.swapaxes(dhs[:, :, 0], -1, -2) if initial_state is not None else None
+    return dq, dk, dv, dg, dh0, None
+
+
+_gla.defvjp(_gla_fwd, _gla_bwd)

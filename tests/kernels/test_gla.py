@@ -1,0 +1,116 @@
+"""GLA Pallas kernels vs the token-scan reference: outputs, final states and all gradients.
+
+On CPU the kernels run in interpret mode at tiny shapes. On a GPU run the same checks
+compiled, at full lengths:
+``JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 python -m pytest tests/kernels -q``.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlin.ops.reference import gla_reference
+from kernels.gla import gla_pallas, supports
+
+ON_GPU = os.environ.get("KERNELS_ON_GPU") == "1"
+BATCH, HEADS = (2, 4) if ON_GPU else (1, 1)
+LENGTHS = (1, 63, 64, 65, 1000, 4096) if ON_GPU else (1, 63, 64, 65, 130)
+LONG = 1000 if ON_GPU else 130
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+
+
+def _inputs(seed, T, K, V, dtype, gate_scale):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+    shape = (BATCH, T, HEADS)
+    q = jax.random.normal(keys[0], shape + (K,))
+    k = jax.random.normal(keys[1], shape + (K,))
+    v = jax.random.normal(keys[2], shape + (V,))
+    # Per-channel gates spread over decades: from ~-1e-3 (near 0) to ~-gate_scale.
+    spread = jnp.logspace(-3, 0, K) * gate_scale
+    g = -jax.random.uniform(keys[3], shape + (K,), minval=0.5, maxval=1.5) * spread
+    h0 = jax.random.normal(keys[4], (BATCH, HEADS, K, V))
+    cast = lambda x: x.astype(dtype)
+    return cast(q), cast(k), cast(v), cast(g), h0, keys[5]
+
+
+def _packed_segments(T, boundaries):
+    ids = np.zeros((BATCH, T), np.int32)
+    for b in boundaries:
+        if b < T:
+            ids[:, b:] += 1
+    ids[-1, T // 3:] += 5  # a different packing in the last row (same in a batch of one)
+    return jnp.asarray(ids % 3)  # ids may repeat across non-adjacent segments
+
+
+def _value_and_grads(fn, q, k, v, g, h0, cot_key, segment_ids, use_h0):
+    def run(q, k, v, g, h0):
+        return fn(q, k, v, g, scale=q.shape[-1] ** -0.5, initial_state=h0 if use_h0 else None,
+                  output_final_state=True, segment_ids=segment_ids)
+
+    (o, s), vjp = jax.vjp(run, q, k, v, g, h0)
+    ko, ks = jax.random.split(cot_key)
+    do = jax.random.normal(ko, o.shape).astype(o.dtype)
+    ds = jax.random.normal(ks, s.shape)
+    return (o, s) + vjp((do, ds))
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(x)), "non-finite values"
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def _check(T, K=32, V=64, dtype=jnp.float32, gate_scale=1.0, segments=None, use_h0=True, seed=0):
+    q, k, v, g, h0, cot_key = _inputs(seed, T, K, V, dtype, gate_scale)
+    seg = None if segments is None else _packed_segments(T, segments)
+    pallas = lambda *a, **kw: gla_pallas(*a, **kw, interpret=not ON_GPU)
+    got = jax.jit(lambda *a: _value_and_grads(pallas, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
+    want = jax.jit(lambda *a: _value_and_grads(gla_reference, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
+    names = ["o", "final_state", "dq", "dk", "dv", "dg"] + (["dh0"] if use_h0 else [])
+    errors = {n: _rel(x, y) for n, x, y in zip(names, got, want)}
+    assert got[0].dtype == v.dtype and got[0].shape == v.shape
+    assert got[1].dtype == jnp.float32 and got[1].shape == h0.shape
+    bad = {n: e for n, e in errors.items() if not e <= TOL[dtype]}
+    assert not bad, f"relative errors over {TOL[dtype]}: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+def test_lengths_f32(T):
+    _check(T)
+
+
+def test_packed_segments_f32():
+    # resets mid-sub-chunk, on a chunk boundary, one token after it, and a one-token segment
+    _check(LONG, segments=(5, 64, 65, 66, 100), seed=1)
+
+
+def test_gates_below_minus_20_f32():
+    # the fastest channels decay by e^-30 per token: any unreferenced exponent overflows
+    _check(LONG, gate_scale=30.0, segments=(70,), seed=2)
+
+
+def test_bf16_segments():
+    _check(LONG, dtype=jnp.bfloat16, segments=(17, 64), seed=3)
+
+
+@pytest.mark.parametrize("K,V", [(128, 32), (64, 128)])
+def test_head_dims(K, V):
+    _check(64 if not ON_GPU else LONG, K=K, V=V, use_h0=False, seed=4)
+
+
+def test_no_initial_state_no_final_state():
+    q, k, v, g, _, _ = _inputs(5, 63, 32, 64, jnp.float32, 1.0)
+    o, s = gla_pallas(q, k, v, g, scale=0.2, initial_state=None, output_final_state=False,
+                      segment_ids=None, interpret=not ON_GPU)
+    want, _ = gla_reference(q, k, v, g, scale=0.2)
+    assert s is None and _rel(o, want) <= 1e-4
+
+
+def test_supports():
+    x = lambda d, dt=jnp.bfloat16: jnp.zeros((1, 8, 1, d), dt)
+    assert supports(x(32), x(32), x(64), x(32))
+    assert not supports(x(48), x(48), x(64), x(48))
+    assert not supports(x(32, jnp.float16), x(32, jnp.float16), x(64, jnp.float16), x(32))
