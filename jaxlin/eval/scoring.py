@@ -47,16 +47,19 @@ def _target_scores(logits, targets):
     return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))  # compiled once per model structure
 def _full_scores(graphdef, vocab, params, tokens, targets):
     return _target_scores(nnx.merge(graphdef, params)(tokens)[..., :vocab], targets)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _prefill(graphdef, vocab, params, tokens, segment_ids):
     """Runs left-padded contexts; returns the last position's logits and the recurrent state."""
     logits, state = nnx.merge(graphdef, params)(tokens, segment_ids=segment_ids, return_state=True)
     return logits[:, -1, :vocab], state
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _extend(graphdef, vocab, params, state, last_logits, rows, tokens):
     """Scores continuations `tokens` [R, L], row r continuing context `rows[r]` of the prefill."""
     state = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), state)
@@ -77,11 +80,11 @@ class Scorer:
         self.progress = progress
         # Continuing from a state restarts positions at 0, so only models without positions may reuse it.
         self.reuses_state = model.supports_state and not config.uses_pos_embedding
-        graphdef, self._params = nnx.split(model)
-        fixed = (graphdef, config.vocab_size)
-        self._full = jax.jit(functools.partial(_full_scores, *fixed))
-        self._prefill = jax.jit(functools.partial(_prefill, *fixed))
-        self._extend = jax.jit(functools.partial(_extend, *fixed))
+        graphdef, params = nnx.split(model)
+        # Scorers of same-shaped models share the compiled functions (static graphdef and vocab).
+        self._full = functools.partial(_full_scores, graphdef, config.vocab_size, params)
+        self._prefill = functools.partial(_prefill, graphdef, config.vocab_size, params)
+        self._extend = functools.partial(_extend, graphdef, config.vocab_size, params)
 
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit="seq", disable=not self.progress, leave=False)
@@ -104,7 +107,7 @@ class Scorer:
                 tokens = np.full((self.batch_size, length + 1), EOT_TOKEN, np.int32)
                 for r, i in enumerate(batch):
                     tokens[r, : len(rows[i])] = rows[i]
-                logp, greedy = jax.device_get(self._full(self._params, tokens[:, :-1], tokens[:, 1:]))
+                logp, greedy = jax.device_get(self._full(tokens[:, :-1], tokens[:, 1:]))
                 for r, i in enumerate(batch):
                     end = len(rows[i]) - 1
                     span = slice(end - len(requests[i][1]), end)
@@ -144,7 +147,7 @@ class Scorer:
                     context = groups[g][0][0]
                     tokens[r, length - len(context) :] = context
                     segments[r, length - len(context) :] = 0
-                last_logits, state = self._prefill(self._params, tokens, segments)
+                last_logits, state = self._prefill(tokens, segments)
                 endings = sorted(((r, g, j) for r, g in enumerate(batch) for j in range(len(groups[g]))),
                                  key=lambda e: -len(groups[e[1]][e[2]][1]))
                 for chunk in _chunks(endings, self.batch_size):
@@ -154,7 +157,7 @@ class Scorer:
                     for k, (r, g, j) in enumerate(chunk):
                         continuation = groups[g][j][1]
                         rows[k], conts[k, : len(continuation)] = r, continuation
-                    logp = jax.device_get(self._extend(self._params, state, last_logits, rows, conts))
+                    logp = jax.device_get(self._extend(state, last_logits, rows, conts))
                     for k, (r, g, j) in enumerate(chunk):
                         results[g][j] = float(logp[k, : len(groups[g][j][1])].sum(dtype=np.float64))
                     bar.update(len(chunk))

@@ -145,9 +145,3 @@ def test_matches_reference_bfloat16(op, opts):
     for name, g, gr in zip(names(op, case[2]), grads, g_ref):
         assert_close(g, gr, 2e-2, f"d{name}")
 
-
-def test_no_final_state_unless_asked():
-    args, kwargs, _, _ = make_case("gla", 5, 16, 16, init=False)
-    for impl in ("reference", "chunked"):
-        o, s = ops.gla(*args, impl=impl, **kwargs)
-        assert s is None and o.shape == (B, 5, H, 16)

@@ -1,0 +1,130 @@
+"""Time linear-attention implementations: forward and forward+backward, median ms.
+
+    python -m kernels.bench gla --shape 32,1024,16,32,64 [--shape ...] [--dtype bf16]
+        [--impls reference,chunked,pallas,fla] [--json out.json]
+
+Each JAX implementation is jitted through ``jaxlin.ops.gla(impl=...)``; forward+backward
+is one jitted ``vjp`` (forward included) with a fixed random cotangent. FLA's
+``chunk_gla`` (PyTorch/Triton) is timed with ``triton.testing.do_bench`` when importable.
+Inputs are random normal, gates ``log_sigmoid(normal) / 16`` (GLA's usual range).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for FLA's torch
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxlin import ops  # noqa: E402
+
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+
+
+def _median_ms(fn, *args, warmup=3, min_runs=10, max_runs=200, budget_s=3.0):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    while len(times) < max_runs and (len(times) < min_runs or sum(times) < budget_s):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+        if len(times) >= 3 and sum(times) > 4 * budget_s:  # the slow token scan: 3 runs do
+            break
+    return 1e3 * statistics.median(times)
+
+
+def _gla_inputs(shape, dtype, seed=0):
+    B, T, H, K, V = shape
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(keys[0], (B, T, H, K), dtype)
+    k = jax.random.normal(keys[1], (B, T, H, K), dtype)
+    v = jax.random.normal(keys[2], (B, T, H, V), dtype)
+    g = (jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, K))) / 16).astype(dtype)
+    do = jax.random.normal(keys[4], (B, T, H, V), dtype)
+    return q, k, v, g, do
+
+
+def _time_jax_gla(impl, q, k, v, g, do):
+    forward = jax.jit(lambda q, k, v, g: ops.gla(q, k, v, g, impl=impl)[0])
+    f = lambda q, k, v, g: ops.gla(q, k, v, g, impl=impl)[0]
+    forward_backward = jax.jit(lambda q, k, v, g, do: jax.vjp(f, q, k, v, g)[1](do))
+    out = forward(q, k, v, g)
+    return _median_ms(forward, q, k, v, g), _median_ms(forward_backward, q, k, v, g, do), out
+
+
+def _time_fla_gla(q, k, v, g, do):
+    """``(fwd_ms, fwd_bwd_ms)`` of FLA's chunk_gla, or None when FLA/torch is missing."""
+    try:
+        import torch
+        from fla.ops.gla import chunk_gla
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    to_torch = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(
+        torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32)
+    tq, tk, tv, tg, tdo = (to_torch(x) for x in (q, k, v, g, do))
+    inputs = [x.requires_grad_() for x in (tq, tk, tv, tg)]
+    forward = lambda: chunk_gla(*inputs)[0]
+    forward_backward = lambda: torch.autograd.grad(chunk_gla(*inputs)[0], inputs, tdo)
+    bench = lambda fn: do_bench(fn, warmup=100, rep=500, return_mode="median")
+    with torch.no_grad():
+        fwd = bench(forward)
+    return fwd, bench(forward_backward)
+
+
+def bench_gla(shape, dtype, impls):
+    q, k, v, g, do = _gla_inputs(shape, dtype)
+    rows, outputs = [], {}
+    for impl in impls:
+        if impl == "fla":
+            timed = _time_fla_gla(q, k, v, g, do)
+            if timed is None:
+                print("fla: not importable, skipped")
+                continue
+            rows.append(dict(impl="fla chunk_gla", fwd_ms=timed[0], fwd_bwd_ms=timed[1]))
+            continue
+        fwd, fwd_bwd, outputs[impl] = _time_jax_gla(impl, q, k, v, g, do)
+        rows.append(dict(impl=impl, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+    base = next((r for r in rows if r["impl"] == "reference"), rows[0])
+    for r in rows:
+        r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
+        r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    if "pallas" in outputs and len(outputs) > 1:  # sanity: same function as the others
+        ref = np.asarray(outputs[next(i for i in outputs if i != "pallas")], np.float32)
+        err = np.linalg.norm(np.asarray(outputs["pallas"], np.float32) - ref) / np.linalg.norm(ref)
+        print(f"pallas vs {next(i for i in outputs if i != 'pallas')}: rel err of o = {err:.2e}")
+    return rows, base["impl"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("op", choices=["gla"])
+    parser.add_argument("--shape", action="append", required=True, help="B,T,H,K,V (repeatable)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--impls", default="reference,chunked,pallas,fla")
+    parser.add_argument("--json", help="write all rows here")
+    args = parser.parse_args(argv)
+    records = []
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}")
+    for text in args.shape:
+        shape = tuple(int(x) for x in text.split(","))
+        rows, base = bench_gla(shape, DTYPES[args.dtype], args.impls.split(","))
+        print(f"\ngla B,T,H,K,V={text} {args.dtype} (speed-up vs {base})")
+        print(f"{'impl':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd x':>9}{'fwd+bwd x':>11}")
+        for r in rows:
+            print(f"{r['impl']:<16}{r['fwd_ms']:>10.3f}{r['fwd_bwd_ms']:>12.3f}"
+                  f"{r['fwd_speedup']:>9.1f}{r['fwd_bwd_speedup']:>11.1f}")
+            records.append(dict(op=args.op, shape=text, dtype=args.dtype, device=jax.devices()[0].device_kind, **r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

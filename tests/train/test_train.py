@@ -1,0 +1,151 @@
+"""The training job end to end on the tiny config (small shapes): runs, resumes exactly, fails clearly."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlin.data.paths import MissingDataError
+from jaxlin.model import GPT
+from jaxlin.train import loop
+from jaxlin.train.config import model_config
+from jaxlin.train.optimizer import make_optimizer
+from jaxlin.train.step import create_train_state, train_step
+
+REPO = Path(__file__).resolve().parents[2]
+OVERRIDES = {
+    "model.n_layer": 1, "model.n_embd": 64, "model.n_head": 2, "model.block_size": 32,
+    "data.seq_len": 32, "train.steps": 8, "train.batch_size": 4, "train.micro_batch_size": 2,
+    "train.warmup_steps": 2, "log.every": 1, "log.eval_every": 4, "log.eval_batches": 1,
+    "log.checkpoint_every": 2, "log.plot": False,
+}
+
+
+def tiny_config(shards_dir, **extra):
+    import runpy
+
+    config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
+    for key, value in {**OVERRIDES, "data.shards_dir": str(shards_dir), **extra}.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("shards")
+
+
+def losses(workdir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shards_dir):
+    workdir = tmp_path_factory.mktemp("full")
+    loop.run(tiny_config(shards_dir), workdir)
+    return workdir
+
+
+def test_run_writes_metrics_checkpoints_and_export(uninterrupted):
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all({"loss", "lr", "tokens_per_s"} <= r.keys() and np.isfinite(r["loss"]) for r in train)
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6, 8]
+    assert (uninterrupted / "export" / "model.safetensors").exists()
+    assert list((uninterrupted / "tb").iterdir())
+
+
+def run_cli(workdir, shards_dir, *extra):
+    args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "data.shards_dir": shards_dir}.items()]
+    return subprocess.Popen(
+        [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir), *args, *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_kill_and_resume_continues_the_same_loss_sequence(tmp_path, shards_dir, uninterrupted):
+    proc = run_cli(tmp_path, shards_dir)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(losses(tmp_path) if (tmp_path / "metrics.jsonl").exists() else []) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 5 <= len(losses(tmp_path)) < 8, "the kill should land mid-run"
+    resumed = run_cli(tmp_path, shards_dir)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert losses(tmp_path) == losses(uninterrupted)  # bit for bit
+
+
+def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, shards_dir, uninterrupted):
+    import shutil
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    for f in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    config = tiny_config(shards_dir)
+    loop.run(config, tmp_path)
+    assert losses(tmp_path)[-2:] == losses(uninterrupted)[-2:]  # steps 7-8 retrained from step 6
+    assert len(list((tmp_path / "checkpoints_unreadable").iterdir())) == 1
+
+
+def test_nonfinite_steps_are_skipped_then_stop_training(tmp_path, shards_dir, monkeypatch):
+    real = loop.create_train_state
+
+    def poisoned(model, optimizer):
+        model.wte[...] = model.wte[...].at[0, 0].set(jnp.nan)
+        return real(model, optimizer)
+
+    monkeypatch.setattr(loop, "create_train_state", poisoned)
+    with pytest.raises(loop.NonFiniteLossError, match="3 non-finite steps in a row"):
+        loop.run(tiny_config(shards_dir, **{"train.max_nonfinite": 3}), tmp_path)
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(saved) >= 3  # the state at the stop is checkpointed (its parameters are the last good ones)
+
+
+def test_nonfinite_update_leaves_parameters_unchanged():
+    config = tiny_config("unused")
+    optimizer = make_optimizer(config.train)
+    model = GPT(model_config(config), rngs=nnx.Rngs(0))
+    graphdef, state = create_train_state(model, optimizer)
+    batch = {"inputs": jnp.ones((1, 2, 8), jnp.int32), "targets": jnp.ones((1, 2, 8), jnp.int32)}
+    bad = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan) if p.ndim == 2 else p,
+                                            state.params))
+    new, metrics = train_step(bad, batch, graphdef=graphdef, optimizer=optimizer, loss_chunk=64)
+    assert int(metrics["nonfinite_in_a_row"]) == 1
+    for a, b in zip(jax.tree.leaves(bad.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+                           "--config.train.learning_rat=1"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "unknown config key 'train.learning_rat'" in proc.stderr and "train.learning_rate" in proc.stderr
+
+
+def test_missing_data_names_file_and_fetch_command(tmp_path):
+    config = tiny_config(tmp_path / "shards", **{"data.data_dir": str(tmp_path / "empty")})
+    with pytest.raises(MissingDataError, match="tinyshakespeare_input.txt.*python -m jaxlin.data.download"):
+        loop.run(config, tmp_path / "run")
+
+
+def test_bad_batch_settings_name_the_keys(tmp_path):
+    with pytest.raises(ValueError, match="train.batch_size=5 must be a multiple of train.micro_batch_size=2"):
+        loop.run(tiny_config("unused", **{"train.batch_size": 5}), tmp_path)
