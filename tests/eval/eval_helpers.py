@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlin.data.tokenizer import EOT_TOKEN
 from jaxlin.model import GPT, ModelConfig
 
 BLOCK = 64
@@ -67,3 +68,18 @@ def reference_loglikelihood(model: GPT, context: list[int], continuation: list[i
         total += float(log_probs[position, token])
         greedy &= int(np.argmax(log_probs[position])) == token
     return total, greedy
+
+
+def harness_rolling_windows(tokens, max_len):
+    """lm_eval.utils.get_rolling_token_windows(context_len=1) + make_disjoint_window, restated."""
+    if not tokens:
+        return []
+    first = min(max_len, len(tokens))
+    windows = [([EOT_TOKEN] + tokens[: first - 1], tokens[:first])]
+    predicted = first
+    while predicted < len(tokens):
+        n_pred = min(len(tokens) - predicted, max_len)
+        end = predicted + n_pred
+        windows.append((tokens[end - max_len - 1 : end - 1], tokens[end - n_pred : end]))
+        predicted += n_pred
+    return [(inp[: len(inp) - len(pred) + 1], pred) for inp, pred in windows]

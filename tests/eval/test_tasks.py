@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from eval_helpers import harness_rolling_windows
 from jaxlin.data.paths import MissingDataError
 from jaxlin.data.tokenizer import EOT_TOKEN, get_tokenizer
 from jaxlin.eval import tasks
@@ -130,21 +131,6 @@ def test_wikitext_pages_and_detokenizer(tmp_path):
     assert pages == (" = A = \n \n x @-@ y , z ( 1 ) \" q \" \n = = Sub = = \n t ", " = B = \n w 's \n")
     assert tasks.detokenize_wikitext(pages[0]) == ' = A =\n\nx-y, z (1) "q"\n== Sub ==\nt '
     assert tasks.detokenize_wikitext(pages[1]) == " = B =\nw's\n"
-
-
-def harness_rolling_windows(tokens, max_len):
-    """lm_eval.utils.get_rolling_token_windows(context_len=1) + make_disjoint_window, restated."""
-    if not tokens:
-        return []
-    first = min(max_len, len(tokens))
-    windows = [([EOT_TOKEN] + tokens[: first - 1], tokens[:first])]
-    predicted = first
-    while predicted < len(tokens):
-        n_pred = min(len(tokens) - predicted, max_len)
-        end = predicted + n_pred
-        windows.append((tokens[end - max_len - 1 : end - 1], tokens[end - n_pred : end]))
-        predicted += n_pred
-    return [(inp[: len(inp) - len(pred) + 1], pred) for inp, pred in windows]
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 8, 9, 16, 17, 23])

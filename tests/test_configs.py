@@ -1,0 +1,36 @@
+"""Every experiment config builds a valid model config; the depth-adaptive and hybrid layouts are as specified."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from jaxlin.train.config import model_config, validate
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_is_valid(path):
+    config = runpy.run_path(str(path))["get_config"]()
+    validate(config)
+
+
+def load(name):
+    return model_config(runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"))["get_config"]())
+
+
+def test_depth_adaptive_expand_k():
+    ks = load("gpt2_medium_gla_depth_adaptive").expand_k
+    assert ks[0] == 0.5 and ks[-1] == 1.0 and len(ks) == 24
+    assert all(a <= b for a, b in zip(ks, ks[1:])) and all((k * 8).is_integer() for k in ks)
+
+
+def test_hybrid_alternates():
+    attn = load("gpt2_medium_hybrid").attn
+    assert attn[:4] == ("gated_deltanet", "gla", "gated_deltanet", "gla") and len(attn) == 24
+
+
+def test_reference_run_schedule():
+    c = runpy.run_path(str(CONFIGS[0].parent / "gpt2_medium_gla.py"))["get_config"]()
+    assert (c.train.steps, c.train.batch_size * c.data.seq_len, c.train.micro_batch_size) == (13_535, 512 * 1024, 32)
