@@ -2,8 +2,9 @@
 
 A request is (context tokens, continuation tokens). As lm-evaluation-harness does, the model reads
 `(context + continuation)[-(max_len + 1):][:-1]` and the continuation is scored at the last
-positions, so an over-long context is cut on the left. Log-probabilities are taken over the real
-vocabulary only (the padded embedding rows are not tokens).
+positions, so an over-long context is cut on the left. Log-probabilities are normalised over all
+`padded_vocab_size` logits, as nanoGPT's loss does and lm-eval does on the PyTorch model with its
+padded head (the padding rows are never targets, so training drives their probability towards zero).
 
 Batches have `batch_size` rows and a length from `bucket_lengths` (powers of two up to the context
 length), so jit compiles each function a handful of times whatever the data.
@@ -41,29 +42,43 @@ def _chunks(items: list, size: int):
         yield items[start : start + size]
 
 
+def _fetch_behind(jobs):
+    """Yields each (job, device result) as (job, host result), fetching one job late: the next
+    job is dispatched before the previous result is awaited, so the device never waits on Python."""
+    previous = None
+    for job in jobs:
+        if previous is not None:
+            yield previous[0], jax.device_get(previous[1])
+        previous = job
+    if previous is not None:
+        yield previous[0], jax.device_get(previous[1])
+
+
 def _target_scores(logits, targets):
     """log P(target) and whether it is the argmax, per position."""
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))  # compiled once per model structure
-def _full_scores(graphdef, vocab, params, tokens, targets):
-    return _target_scores(nnx.merge(graphdef, params)(tokens)[..., :vocab], targets)
+# The graphdef is a static argument: scorers of same-shaped models share the compiled functions.
+@functools.partial(jax.jit, static_argnums=0)
+def _full_scores(graphdef, params, tokens, targets):
+    return _target_scores(nnx.merge(graphdef, params)(tokens), targets)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _prefill(graphdef, vocab, params, tokens, segment_ids):
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, params, tokens, segment_ids):
     """Runs left-padded contexts; returns the last position's logits and the recurrent state."""
-    logits, state = nnx.merge(graphdef, params)(tokens, segment_ids=segment_ids, return_state=True)
-    return logits[:, -1, :vocab], state
+    model = nnx.merge(graphdef, params)
+    hidden, state = model.hidden(tokens, segment_ids=segment_ids, return_state=True)
+    return model.logits(hidden[:, -1:])[:, 0], state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _extend(graphdef, vocab, params, state, last_logits, rows, tokens):
+@functools.partial(jax.jit, static_argnums=0)
+def _extend(graphdef, params, state, last_logits, rows, tokens):
     """Scores continuations `tokens` [R, L], row r continuing context `rows[r]` of the prefill."""
     state = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), state)
-    logits = nnx.merge(graphdef, params)(tokens, state=state)[..., :vocab]
+    logits = nnx.merge(graphdef, params)(tokens, state=state)
     # The context's last logits predict the first token; position t predicts token t + 1.
     logits = jnp.concatenate([last_logits[rows][:, None], logits[:, :-1]], axis=1)
     return _target_scores(logits, tokens)[0]
@@ -81,10 +96,9 @@ class Scorer:
         # Continuing from a state restarts positions at 0, so only models without positions may reuse it.
         self.reuses_state = model.supports_state and not config.uses_pos_embedding
         graphdef, params = nnx.split(model)
-        # Scorers of same-shaped models share the compiled functions (static graphdef and vocab).
-        self._full = functools.partial(_full_scores, graphdef, config.vocab_size, params)
-        self._prefill = functools.partial(_prefill, graphdef, config.vocab_size, params)
-        self._extend = functools.partial(_extend, graphdef, config.vocab_size, params)
+        self._full = functools.partial(_full_scores, graphdef, params)
+        self._prefill = functools.partial(_prefill, graphdef, params)
+        self._extend = functools.partial(_extend, graphdef, params)
 
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit="seq", disable=not self.progress, leave=False)
@@ -102,18 +116,21 @@ class Scorer:
         results = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # similar lengths share a batch
         with self._bar(len(rows), desc) as bar:
-            for batch in _chunks(order, self.batch_size):
-                length = _bucket(len(rows[batch[0]]) - 1, self.max_len)
-                tokens = np.full((self.batch_size, length + 1), EOT_TOKEN, np.int32)
-                for r, i in enumerate(batch):
-                    tokens[r, : len(rows[i])] = rows[i]
-                logp, greedy = jax.device_get(self._full(tokens[:, :-1], tokens[:, 1:]))
+            for batch, (logp, greedy) in _fetch_behind(self._full_batches(rows, order)):
                 for r, i in enumerate(batch):
                     end = len(rows[i]) - 1
                     span = slice(end - len(requests[i][1]), end)
                     results[i] = (float(logp[r, span].sum(dtype=np.float64)), bool(greedy[r, span].all()))
                 bar.update(len(batch))
         return results
+
+    def _full_batches(self, rows: list[list[int]], order: list[int]):
+        for batch in _chunks(order, self.batch_size):
+            length = _bucket(len(rows[batch[0]]) - 1, self.max_len)
+            tokens = np.full((self.batch_size, length + 1), EOT_TOKEN, np.int32)
+            for r, i in enumerate(batch):
+                tokens[r, : len(rows[i])] = rows[i]
+            yield batch, self._full(tokens[:, :-1], tokens[:, 1:])
 
     def choice_loglikelihoods(self, groups: list[list[Pair]], desc: str = "choices") -> list[list[float]]:
         """log P(continuation | context) for each pair of each group (one group per question).
@@ -136,28 +153,31 @@ class Scorer:
         return results
 
     def _shared_contexts(self, groups, shared: list[int], results, desc: str):
-        order = sorted(shared, key=lambda g: -len(groups[g][0][0]))
         with self._bar(sum(len(groups[g]) for g in shared), desc) as bar:
-            for batch in _chunks(order, self.batch_size):
-                # Left-pad the contexts so each ends at the last position; pads (segment -1) leave no state.
-                length = _bucket(len(groups[batch[0]][0][0]), self.max_len)
-                tokens = np.full((self.batch_size, length), EOT_TOKEN, np.int32)
-                segments = np.full((self.batch_size, length), -1, np.int32)
-                for r, g in enumerate(batch):
-                    context = groups[g][0][0]
-                    tokens[r, length - len(context) :] = context
-                    segments[r, length - len(context) :] = 0
-                last_logits, state = self._prefill(tokens, segments)
-                endings = sorted(((r, g, j) for r, g in enumerate(batch) for j in range(len(groups[g]))),
-                                 key=lambda e: -len(groups[e[1]][e[2]][1]))
-                for chunk in _chunks(endings, self.batch_size):
-                    length = _bucket(len(groups[chunk[0][1]][chunk[0][2]][1]), self.max_len)
-                    rows = np.zeros(self.batch_size, np.int32)
-                    conts = np.full((self.batch_size, length), EOT_TOKEN, np.int32)
-                    for k, (r, g, j) in enumerate(chunk):
-                        continuation = groups[g][j][1]
-                        rows[k], conts[k, : len(continuation)] = r, continuation
-                    logp = jax.device_get(self._extend(state, last_logits, rows, conts))
-                    for k, (r, g, j) in enumerate(chunk):
-                        results[g][j] = float(logp[k, : len(groups[g][j][1])].sum(dtype=np.float64))
-                    bar.update(len(chunk))
+            for chunk, logp in _fetch_behind(self._shared_context_batches(groups, shared)):
+                for k, (g, j) in enumerate(chunk):
+                    results[g][j] = float(logp[k, : len(groups[g][j][1])].sum(dtype=np.float64))
+                bar.update(len(chunk))
+
+    def _shared_context_batches(self, groups, shared: list[int]):
+        """Prefills batches of contexts, then yields (chunk of (group, choice), device log-probs) for
+        their continuations, each continuing its context's state."""
+        for batch in _chunks(sorted(shared, key=lambda g: -len(groups[g][0][0])), self.batch_size):
+            # Left-pad the contexts so each ends at the last position; pads (segment -1) leave no state.
+            length = _bucket(len(groups[batch[0]][0][0]), self.max_len)
+            tokens = np.full((self.batch_size, length), EOT_TOKEN, np.int32)
+            segments = np.full((self.batch_size, length), -1, np.int32)
+            for r, g in enumerate(batch):
+                context = groups[g][0][0]
+                tokens[r, length - len(context) :] = context
+                segments[r, length - len(context) :] = 0
+            last_logits, state = self._prefill(tokens, segments)
+            endings = sorted(((r, g, j) for r, g in enumerate(batch) for j in range(len(groups[g]))),
+                             key=lambda e: -len(groups[e[1]][e[2]][1]))
+            for chunk in _chunks(endings, self.batch_size):
+                length = _bucket(len(groups[chunk[0][1]][chunk[0][2]][1]), self.max_len)
+                rows = np.zeros(self.batch_size, np.int32)
+                continuations = np.full((self.batch_size, length), EOT_TOKEN, np.int32)
+                for k, (r, g, j) in enumerate(chunk):
+                    rows[k], continuations[k, : len(groups[g][j][1])] = r, groups[g][j][1]
+                yield [(g, j) for _, g, j in chunk], self._extend(state, last_logits, rows, continuations)

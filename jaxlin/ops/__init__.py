@@ -82,10 +82,9 @@ def _dispatch(op, impl, args, kwargs):
     return (ref_fn if impl == "reference" else chunk_fn)(*args, **kwargs)
 
 
-def _prepare(q, k, scale, use_qk_l2norm):
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    return q, k, (q.shape[-1] ** -0.5 if scale is None else scale)
+def _kwargs(q, scale, initial_state, output_final_state, segment_ids):
+    return dict(scale=q.shape[-1] ** -0.5 if scale is None else scale, initial_state=initial_state,
+                output_final_state=output_final_state, segment_ids=segment_ids)
 
 
 def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
@@ -96,9 +95,7 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
     """
     check_inputs(q, k, v, g=g, g_rank=4, initial_state=initial_state, segment_ids=segment_ids,
                  impl=impl, validate=validate)
-    q, k, scale = _prepare(q, k, scale, False)
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  segment_ids=segment_ids)
+    kwargs = _kwargs(q, scale, initial_state, output_final_state, segment_ids)
     return _dispatch("gla", impl, (q, k, v, g), kwargs)
 
 
@@ -110,9 +107,9 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     """
     check_inputs(q, k, v, beta=beta, initial_state=initial_state, segment_ids=segment_ids,
                  impl=impl, validate=validate)
-    q, k, scale = _prepare(q, k, scale, use_qk_l2norm)
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  segment_ids=segment_ids)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    kwargs = _kwargs(q, scale, initial_state, output_final_state, segment_ids)
     return _dispatch("delta_rule", impl, (q, k, v, beta), kwargs)
 
 
@@ -124,7 +121,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     """
     check_inputs(q, k, v, g=g, g_rank=3, beta=beta, initial_state=initial_state,
                  segment_ids=segment_ids, impl=impl, validate=validate)
-    q, k, scale = _prepare(q, k, scale, use_qk_l2norm)
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  segment_ids=segment_ids)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    kwargs = _kwargs(q, scale, initial_state, output_final_state, segment_ids)
     return _dispatch("gated_delta_rule", impl, (q, k, v, g, beta), kwargs)

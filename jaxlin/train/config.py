@@ -52,7 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         plot=True,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+    # data x fsdp must equal num_devices; -1: all remaining devices (num_devices=-1: every device present).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1))
     return c
 
 

@@ -48,129 +48,147 @@ def prepare_data(config: ml_collections.ConfigDict):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains to `config.train.steps`, resuming from the newest checkpoint in `workdir`. Returns the last metrics."""
+    """Trains to `config.train.steps`, resuming from the newest checkpoint in `workdir`. Returns the last record."""
     validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    t, mcfg = config.train, model_config(config)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
     mesh = sharding.make_mesh(config.mesh)
-    accum = t.batch_size // t.micro_batch_size
-    sharding.check_batch(t.micro_batch_size, mesh)
-    train_shards, val_shards = prepare_data(config)
-    per_process = t.batch_size // jax.process_count()
-    train_iter = make_train_iterator(train_shards, config.data.seq_len, per_process, seed=config.data.seed,
-                                     segment_ids=config.data.reset_state_at_eot)
-    if not val_shards:
-        raise ValueError("the data has no validation split: set data.val_fraction > 0 or add *_val_*.bin shards")
-    val_data = make_val_dataset(val_shards, config.data.seq_len, per_process,
-                                num_batches=config.log.eval_batches, segment_ids=config.data.reset_state_at_eot)
+    # The mesh is current while tracing, so kernels can run per shard under shard_map (jaxlin.ops).
+    with jax.set_mesh(mesh):
+        trainer = Trainer(config, workdir, mesh)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
 
-    optimizer = make_optimizer(t)
-    model = GPT(mcfg, rngs=nnx.Rngs(t.seed))
-    graphdef, state = create_train_state(model, optimizer)
-    state_sharding = sharding.state_sharding(state, mesh)
-    state = jax.device_put(state, state_sharding)
-    del model
 
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.log.keep_checkpoints)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
-    restored, start = checkpointer.restore_latest(abstract, train_iter)
-    if restored is not None:
-        state = restored
-        log.info("resumed from step %d in %s", start, checkpointer.directory)
-    metrics_log = MetricsLog(workdir, resume_step=start)
+class Trainer:
+    """One run's data, state, jitted steps and reporting."""
 
-    try:
-        batch_sharding = sharding.batch_sharding(mesh)
-        step_fn = jax.jit(
-            functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, loss_chunk=t.loss_chunk),
-            in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None), donate_argnums=0,
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path, mesh):
+        self.config, self.workdir, self.mesh = config, workdir, mesh
+        t, d, mcfg = config.train, config.data, model_config(config)
+        self.accumulation = t.batch_size // t.micro_batch_size
+        sharding.check_batch(t.micro_batch_size, mesh)
+        train_shards, val_shards = prepare_data(config)
+        if not val_shards:
+            raise ValueError("the data has no validation split: set data.val_fraction > 0 or add *_val_*.bin shards")
+        per_process = t.batch_size // jax.process_count()
+        self.train_iter = make_train_iterator(train_shards, d.seq_len, per_process, seed=d.seed,
+                                              segment_ids=d.reset_state_at_eot)
+        self.val_data = make_val_dataset(val_shards, d.seq_len, per_process, num_batches=config.log.eval_batches,
+                                         segment_ids=d.reset_state_at_eot)
+
+        optimizer = make_optimizer(t)
+        self.graphdef, state = create_train_state(GPT(mcfg, rngs=nnx.Rngs(t.seed)), optimizer)
+        state_sharding = sharding.state_sharding(state, mesh)
+        self.state = jax.device_put(state, state_sharding)
+        self.checkpointer = Checkpointer(workdir / "checkpoints", keep=config.log.keep_checkpoints)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                                state_sharding)
+        restored, self.start = self.checkpointer.restore_latest(abstract, self.train_iter)
+        if restored is not None:
+            self.state = restored
+            log.info("resumed from step %d in %s", self.start, self.checkpointer.directory)
+        self.metrics_log = MetricsLog(workdir, resume_step=self.start)
+
+        self.train_sharding = sharding.batch_sharding(mesh)
+        self.eval_sharding = sharding.batch_sharding(mesh, accumulate=False)
+        self.step_fn = jax.jit(
+            functools.partial(train_step, graphdef=self.graphdef, optimizer=optimizer, loss_chunk=t.loss_chunk),
+            in_shardings=(state_sharding, self.train_sharding), out_shardings=(state_sharding, None),
+            donate_argnums=0,
         )
-        eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk),
-                          in_shardings=(state_sharding.params, sharding.batch_sharding(mesh, accumulate=False)))
-        schedule = learning_rate_schedule(t)
-        matrix_params = flops.count_matrix_params(state.params, mcfg.uses_pos_embedding, mcfg.block_size, mcfg.n_embd)
-        flops_per_token = flops.train_flops_per_token(mcfg, matrix_params, config.data.seq_len)
-        peak = flops.peak_flops(jax.devices()[0])
-        tokens_per_step = t.batch_size * config.data.seq_len
+        self.eval_fn = jax.jit(functools.partial(eval_step, graphdef=self.graphdef, loss_chunk=t.loss_chunk),
+                               in_shardings=(state_sharding.params, self.eval_sharding))
+        self.schedule = learning_rate_schedule(t)
+        matrix_params = flops.count_matrix_params(self.state.params, mcfg.uses_pos_embedding, mcfg.block_size,
+                                                  mcfg.n_embd)
+        self.flops_per_token = flops.train_flops_per_token(mcfg, matrix_params, d.seq_len)
+        self.peak = flops.peak_flops(jax.devices()[0])
+        self.tokens_per_step = t.batch_size * d.seq_len
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.bar = None
 
-        def to_device(batch, accumulate=True):
-            if accumulate:
-                batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
-            spec = batch_sharding if accumulate else sharding.batch_sharding(mesh, accumulate=False)
-            return sharding.global_batch(batch, spec)
-
-        def validation_loss():
-            losses = [float(eval_fn(state.params, to_device(b, accumulate=False))) for b in val_data]
-            return float(np.mean(losses))
-
-        def save(step):
-            checkpointer.save(step, state, train_iter, force=True)
-
+    def train(self) -> dict:
+        t, every = self.config.train, self.config.log
         record = {}
         pending = None  # the previous step's metrics, read after the next step is dispatched (no stall)
-        window_start, window_steps = time.perf_counter(), 0
-        bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, disable=jax.process_index() != 0)
-
-        def finish_step(step, metrics):
-            nonlocal record, window_start, window_steps
-            m = jax.device_get(metrics)
-            if m["nonfinite_in_a_row"] >= t.max_nonfinite:
-                save(int(state.step))  # the updates were skipped: these are the last good parameters
-                checkpointer.wait()
-                raise NonFiniteLossError(
-                    f"{m['nonfinite_in_a_row']} non-finite steps in a row (up to step {step}): stopped; the last good "
-                    f"state is checkpointed in {checkpointer.directory}. Lower train.learning_rate or check the data."
-                )
-            window_steps += 1
-            if step % config.log.every and step != t.steps:
-                return
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            record = {
-                "step": step, "loss": float(m["loss"]),
-                "lr": float(schedule(step - 1 - int(m["nonfinite_total"]))),
-                "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
-                "nonfinite_total": int(m["nonfinite_total"]),
-            }
-            if peak:
-                record["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
-            metrics_log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-            window_start, window_steps = time.perf_counter(), 0
-
-        for step in range(start + 1, t.steps + 1):
-            state, metrics = step_fn(state, to_device(next(train_iter)))
+        self.bar = tqdm(total=t.steps, initial=self.start, desc="train", dynamic_ncols=True,
+                        disable=jax.process_index() != 0)
+        for step in range(self.start + 1, t.steps + 1):
+            self.state, metrics = self.step_fn(self.state, self.train_batch(next(self.train_iter)))
             if pending is not None:
-                finish_step(*pending)
+                record = self.finish_step(*pending) or record
             pending = (step, metrics)
-            bar.update(1)
-            eval_now = config.log.eval_every and step % config.log.eval_every == 0
-            if eval_now or step % config.log.checkpoint_every == 0 or step == t.steps:
-                finish_step(*pending)
+            self.bar.update(1)
+            eval_now = every.eval_every and step % every.eval_every == 0
+            if eval_now or step % every.checkpoint_every == 0 or step == t.steps:
+                record = self.finish_step(*pending) or record
                 pending = None
                 if eval_now or step == t.steps:
-                    record = {"step": step, "val_loss": validation_loss()}
-                    metrics_log.write(record)
-                    bar.write(f"step {step}: validation loss {record['val_loss']:.4f}")
-                save(step)
-                window_start, window_steps = time.perf_counter(), 0
-        bar.close()
-        checkpointer.wait()
-
+                    record = {"step": step, "val_loss": self.validation_loss()}
+                    self.metrics_log.write(record)
+                    self.bar.write(f"step {step}: validation loss {record['val_loss']:.4f}")
+                self.save(step)
+                self.window_start, self.window_steps = time.perf_counter(), 0
+        self.bar.close()
+        self.checkpointer.wait()
         if jax.process_index() == 0:
-            model = nnx.merge(graphdef, jax.device_get(state.params))
-            export.save(model, workdir / "export")
-            if config.log.plot:
-                metrics_log.plot(workdir / "loss.png")
+            export.save(nnx.merge(self.graphdef, jax.device_get(self.state.params)), self.workdir / "export")
+            if self.config.log.plot:
+                self.metrics_log.plot(self.workdir / "loss.png")
         return record
-    finally:
-        metrics_log.close()
-        checkpointer.close()
+
+    def train_batch(self, batch: dict) -> dict:
+        """[per-process batch, T] -> global [accumulation, micro_batch, T] arrays."""
+        batch = {k: v.reshape(self.accumulation, -1, *v.shape[1:]) for k, v in batch.items()}
+        return sharding.global_batch(batch, self.train_sharding)
+
+    def validation_loss(self) -> float:
+        return float(np.mean([float(self.eval_fn(self.state.params, sharding.global_batch(b, self.eval_sharding)))
+                              for b in self.val_data]))
+
+    def save(self, step: int) -> None:
+        self.checkpointer.save(step, self.state, self.train_iter, force=True)
+
+    def finish_step(self, step: int, metrics) -> dict | None:
+        """Checks a finished step for non-finite losses and logs it when due; returns the record written."""
+        t = self.config.train
+        m = jax.device_get(metrics)
+        if m["nonfinite_in_a_row"] >= t.max_nonfinite:
+            self.save(int(self.state.step))  # the updates were skipped: these are the last good parameters
+            self.checkpointer.wait()
+            raise NonFiniteLossError(
+                f"{m['nonfinite_in_a_row']} non-finite steps in a row (up to step {step}): stopped; the last good "
+                f"state is checkpointed in {self.checkpointer.directory}. Lower train.learning_rate or check the data."
+            )
+        self.window_steps += 1
+        if step % self.config.log.every and step != t.steps:
+            return None
+        tokens_per_s = self.window_steps * self.tokens_per_step / (time.perf_counter() - self.window_start)
+        record = {
+            "step": step, "loss": float(m["loss"]),
+            "lr": float(self.schedule(step - 1 - int(m["nonfinite_total"]))),
+            "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
+            "nonfinite_total": int(m["nonfinite_total"]),
+        }
+        postfix = dict(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        if self.peak:
+            record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.mesh.size)
+            postfix["mfu"] = f"{record['mfu']:.1%}"
+        self.metrics_log.write(record)
+        self.bar.set_postfix(**postfix)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        return record
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics_log.close()
+        self.checkpointer.close()
 
 
 def export_only(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:

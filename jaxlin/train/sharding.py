@@ -41,7 +41,12 @@ PARAM_AXES = (
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    n = jax.device_count()
+    devices = jax.devices()
+    if mesh_config.num_devices != -1:
+        if not 1 <= mesh_config.num_devices <= len(devices):
+            raise ValueError(f"mesh.num_devices={mesh_config.num_devices}: {len(devices)} devices are present")
+        devices = devices[: mesh_config.num_devices]
+    n = len(devices)
     data, fsdp = mesh_config.data, mesh_config.fsdp
     if (data == -1) + (fsdp == -1) > 1:
         raise ValueError("only one of mesh.data and mesh.fsdp may be -1")
@@ -52,7 +57,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     if data * fsdp != n or data < 1 or fsdp < 1:
         raise ValueError(f"mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.fsdp} must multiply to the "
                          f"{n} devices present")
-    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
 def path_string(path) -> str:

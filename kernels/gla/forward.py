@@ -4,7 +4,8 @@
    records the state entering each chunk, ``hs[c]`` (``hs[NT]`` is the final state).
 2. ``chunk_outputs``: one program per (batch, head, chunk) forms
    ``o = scale * (m * (q e^b) S + A v)`` from ``hs[c]``, with ``A`` the gated causal
-   scores inside the chunk, built sub-chunk by sub-chunk (see ``kernels.common``).
+   scores inside the chunk: one product for mildly decaying chunks, else built sub-chunk
+   by sub-chunk (see ``kernels.common``).
 
 Segments (optional): ``seg`` is the running segment index (``common.segment_index``).
 A token reads the carried state only if it is in the state's segment (``m``), sees only
@@ -20,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..common import (CHUNK, NUM_SUB, causal_mask, chunk_total_gate, compiler_params,
-                      cumulative_gates, load_f32, matmul, pair_decay, tile_rows)
+                      cumulative_gates, decays_mildly, load_f32, matmul, pair_decay, tile_rows)
 
 
 def segment_bounds(seg_ref, chunk_start):
@@ -53,6 +54,29 @@ def _state_pass_kernel(k_ref, v_ref, g_ref, seg_ref, h0_ref, hs_ref, *, num_chun
 def _chunk_output_kernel(q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, *, scale, dot_dtype):
     # q/k/g_ref [CHUNK, K]; v_ref, o_ref [CHUNK, V]; seg_ref [T] | None; h_ref [V, K]
     t0 = pl.program_id(2) * CHUNK
+    b, b_last = chunk_total_gate(g_ref, 0)
+    mild = decays_mildly(b_last)
+    args = (q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, t0, scale, dot_dtype)
+    pl.when(mild)(lambda: _outputs_whole_chunk(b, *args))
+    pl.when(jnp.logical_not(mild))(lambda: _outputs_by_sub_chunk(*args))
+
+
+def _outputs_whole_chunk(b, q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, t0, scale, dot_dtype):
+    rows = pl.ds(0, CHUNK)
+    q_from_start = load_f32(q_ref, rows) * jnp.exp(b)
+    scores = matmul(q_from_start, load_f32(k_ref, rows) * jnp.exp(-b), dot_dtype, trans_b=True)
+    keep = causal_mask(CHUNK)
+    if seg_ref is not None:
+        seg = seg_ref[pl.ds(t0, CHUNK)]
+        before, _ = segment_bounds(seg_ref, t0)
+        keep &= seg[:, None] == seg[None, :]
+        q_from_start = jnp.where((seg == before)[:, None], q_from_start, 0.0)
+    out = matmul(q_from_start, h_ref[...], dot_dtype, trans_b=True)
+    out += matmul(jnp.where(keep, scores, 0.0), v_ref[rows, :], dot_dtype)
+    o_ref[rows, :] = (scale * out).astype(o_ref.dtype)
+
+
+def _outputs_by_sub_chunk(q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, t0, scale, dot_dtype):
     state = h_ref[...]
     b, bound = cumulative_gates(g_ref, 0)
     q = [load_f32(q_ref, tile_rows(0, s)) for s in range(NUM_SUB)]

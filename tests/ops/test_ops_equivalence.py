@@ -28,9 +28,10 @@ def _betas(rng, kind, shape):
 
 def _segments(T):
     """Row 0: increasing ids with length-1 documents (at 1, 64 and T-1) and a start at the chunk edge 64.
-    Row 1: ids alternating 0/1, so a restart is a *change* of id, not a new id."""
+    Row 1: ids alternating 0/1 (a restart is a *change* of id, not a new id), starts at 64 too,
+    and a last document long enough for the final state to see several tokens."""
     ids = np.zeros((B, T), np.int32)
-    for row, starts in enumerate(([1, 2, 37, 64, 65, 128, 200, T - 1], [20, 63, 64, 99, 150])):
+    for row, starts in enumerate(([1, 2, 37, 64, 65, 128, 200, T - 1], [20, 48, 64, 150])):
         for s in starts:
             if 0 < s < T:
                 ids[row, s:] += 1
@@ -86,7 +87,7 @@ def rel(a, b):
 def assert_close(got, want, tol, what):
     g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.all(np.isfinite(g)), f"{what}: non-finite values"
-    assert np.all(np.isfinite(w)), f"{what}: non-finite values in the reference"
+    assert np.all(np.isfinite(w)) and np.any(w != 0), f"{what}: degenerate reference"
     assert rel(g, w) <= tol, f"{what}: relative error {rel(g, w):.2e} > {tol}"
 
 
@@ -143,5 +144,5 @@ def test_matches_reference_bfloat16(op, opts):
     assert_close(o, o_ref, 1e-2, "o")
     assert_close(s, s_ref, 1e-2, "final_state")
     for name, g, gr in zip(names(op, case[2]), grads, g_ref):
-        assert_close(g, gr, 2e-2, f"d{name}")
+        assert_close(g, gr, 1e-2, f"d{name}")
 
