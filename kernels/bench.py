@@ -1,7 +1,7 @@
 """Time linear-attention implementations: forward and forward+backward, median ms.
 
     python -m kernels.bench gla --shape 32,1024,16,32,64 [--shape ...] [--dtype bf16]
-        [--impls reference,chunked,pallas,fla] [--json out.json]
+        [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
 
 Each JAX implementation is jitted through ``jaxlin.ops.gla(impl=...)``; forward+backward
 is one jitted ``vjp`` (forward included) with a fixed random cotangent. FLA's
@@ -10,6 +10,7 @@ Inputs are random normal, gates ``log_sigmoid(normal) / 16`` (GLA's usual range)
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -78,7 +79,35 @@ def _time_fla_gla(q, k, v, g, do):
     return fwd, bench(forward_backward)
 
 
-def bench_gla(shape, dtype, impls):
+def _pallas_gla_stages(q, k, v, g, do, configs):
+    """Median ms of each of the four Pallas kernels alone, per ``(num_warps, num_stages)``."""
+    from kernels.common import dot_dtype_for
+    from kernels.gla import _block_v, backward, forward
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    common = dict(dot_dtype=dot_dtype_for(q, k, v), interpret=jax.default_backend() != "gpu")
+    hs = jax.jit(lambda: forward.state_pass(k, v, g, None, None, block_v=_block_v(B, H, V), **common))()
+    dht = jnp.zeros((B, H, V, K), jnp.float32)
+    dhs = jax.jit(lambda: backward.state_grad_pass(q, do, g, None, dht, scale=0.1, block_v=_block_v(B, H, V),
+                                                   **common))()
+    stages = {
+        "state_pass": lambda **c: forward.state_pass(k, v, g, None, None, block_v=_block_v(B, H, V), **common, **c),
+        "chunk_outputs": lambda **c: forward.chunk_outputs(q, k, v, g, None, hs, scale=0.1, **common, **c),
+        "state_grad_pass": lambda **c: backward.state_grad_pass(q, do, g, None, dht, scale=0.1,
+                                                                block_v=_block_v(B, H, V), **common, **c),
+        "chunk_grads": lambda **c: backward.chunk_grads(q, k, v, g, do, None, hs, dhs, scale=0.1, **common, **c),
+    }
+    for name, stage in stages.items():
+        times = []
+        for warps, pipeline in configs:
+            try:
+                times.append(f"{warps}w{pipeline}s {_median_ms(jax.jit(functools.partial(stage, num_warps=warps, num_stages=pipeline))):.3f}")
+            except Exception as e:  # a config Triton cannot compile (e.g. out of shared memory)
+                times.append(f"{warps}w{pipeline}s failed ({type(e).__name__})")
+        print(f"  {name:<16}" + "  ".join(times))
+
+
+def bench_gla(shape, dtype, impls, configs=None):
     q, k, v, g, do = _gla_inputs(shape, dtype)
     rows, outputs = [], {}
     for impl in impls:
@@ -89,7 +118,11 @@ def bench_gla(shape, dtype, impls):
                 continue
             rows.append(dict(impl="fla chunk_gla", fwd_ms=timed[0], fwd_bwd_ms=timed[1]))
             continue
-        fwd, fwd_bwd, outputs[impl] = _time_jax_gla(impl, q, k, v, g, do)
+        try:
+            fwd, fwd_bwd, outputs[impl] = _time_jax_gla(impl, q, k, v, g, do)
+        except jax.errors.JaxRuntimeError as e:  # e.g. the chunked form's memory at long T
+            print(f"{impl}: failed, {str(e).splitlines()[0][:120]}")
+            continue
         rows.append(dict(impl=impl, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
     base = next((r for r in rows if r["impl"] == "reference"), rows[0])
     for r in rows:
@@ -99,6 +132,9 @@ def bench_gla(shape, dtype, impls):
         ref = np.asarray(outputs[next(i for i in outputs if i != "pallas")], np.float32)
         err = np.linalg.norm(np.asarray(outputs["pallas"], np.float32) - ref) / np.linalg.norm(ref)
         print(f"pallas vs {next(i for i in outputs if i != 'pallas')}: rel err of o = {err:.2e}")
+    if configs:
+        print("pallas kernels alone, ms by num_warps/num_stages:")
+        _pallas_gla_stages(q, k, v, g, do, configs)
     return rows, base["impl"]
 
 
@@ -109,12 +145,15 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--impls", default="reference,chunked,pallas,fla")
     parser.add_argument("--json", help="write all rows here")
+    parser.add_argument("--stages", nargs="*", metavar="WARPSxSTAGES",
+                        help="also time each Pallas kernel alone for these configs, e.g. 4x2 8x1")
     args = parser.parse_args(argv)
     records = []
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}")
     for text in args.shape:
         shape = tuple(int(x) for x in text.split(","))
-        rows, base = bench_gla(shape, DTYPES[args.dtype], args.impls.split(","))
+        configs = [tuple(int(x) for x in c.split("x")) for c in (args.stages or [])]
+        rows, base = bench_gla(shape, DTYPES[args.dtype], args.impls.split(","), configs)
         print(f"\ngla B,T,H,K,V={text} {args.dtype} (speed-up vs {base})")
         print(f"{'impl':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd x':>9}{'fwd+bwd x':>11}")
         for r in rows:

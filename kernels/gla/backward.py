@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..common import (CHUNK, NUM_SUB, causal_mask, chunk_total_gate, compiler_params,
-                      cumulative_gates, load_f32, matmul, pair_decay, tile_rows)
+                      cumulative_gates, decays_mildly, load_f32, matmul, pair_decay, tile_rows)
 from .forward import segment_bounds
 
 
@@ -53,6 +53,55 @@ def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, h_ref, h_nex
                        dq_ref, dk_ref, dv_ref, dg_ref, *, scale, dot_dtype):
     # q/k/g and dq/dk/dg refs [CHUNK, K]; v/do/dv refs [CHUNK, V]; h refs [V, K]
     t0 = pl.program_id(2) * CHUNK
+    b, b_last = chunk_total_gate(g_ref, 0)
+    mild = decays_mildly(b_last)
+    refs = (q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, h_ref, h_next_ref, dh_next_ref)
+    outs = (dq_ref, dk_ref, dv_ref, dg_ref)
+    pl.when(mild)(lambda: _grads_whole_chunk(b, b_last, t0, scale, dot_dtype, *refs, *outs))
+    pl.when(jnp.logical_not(mild))(lambda: _grads_by_sub_chunk(t0, scale, dot_dtype, *refs, *outs))
+
+
+def _store_grads(rows, q, k, dq, dk, dv, suffix, dq_ref, dk_ref, dv_ref, dg_ref):
+    """Store one row block; ``dg`` is ``suffix`` plus the reverse cumsum of ``q dq - k dk``."""
+    db = q * dq - k * dk
+    total = jnp.sum(db, axis=0, keepdims=True)
+    dg_ref[rows, :] = (suffix + total - jnp.cumsum(db, axis=0) + db).astype(dg_ref.dtype)
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    return suffix + total
+
+
+def _grads_whole_chunk(b, b_last, t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref,
+                       h_ref, h_next_ref, dh_next_ref, dq_ref, dk_ref, dv_ref, dg_ref):
+    rows = pl.ds(0, CHUNK)
+    dstate = dh_next_ref[...]
+    q, k, v = load_f32(q_ref, rows), load_f32(k_ref, rows), load_f32(v_ref, rows)
+    d_out = scale * load_f32(do_ref, rows)
+    from_start, to_start, to_end = jnp.exp(b), jnp.exp(-b), jnp.exp(b_last - b)
+    q_from_start, k_to_start = q * from_start, k * to_start
+    keep = causal_mask(CHUNK)
+    state_from_start = from_start
+    if seg_ref is not None:
+        seg = seg_ref[pl.ds(t0, CHUNK)]
+        before, last = segment_bounds(seg_ref, t0)
+        keep &= seg[:, None] == seg[None, :]
+        state_from_start = jnp.where((seg == before)[:, None], from_start, 0.0)
+        to_end = jnp.where((seg == last)[:, None], to_end, 0.0)
+    scores = jnp.where(keep, matmul(q_from_start, k_to_start, dot_dtype, trans_b=True), 0.0)
+    dscores = jnp.where(keep, matmul(d_out, v, dot_dtype, trans_b=True), 0.0)
+    dv = matmul(scores, d_out, dot_dtype, trans_a=True)
+    dv += matmul(k * to_end, dstate, dot_dtype, trans_b=True)
+    dq = state_from_start * matmul(d_out, h_ref[...], dot_dtype)
+    dq += from_start * matmul(dscores, k_to_start, dot_dtype)
+    dk = to_end * matmul(v, dstate, dot_dtype)
+    dk += to_start * matmul(dscores, q_from_start, dot_dtype, trans_a=True)
+    suffix = jnp.sum(dstate * h_next_ref[...], axis=0, keepdims=True)  # d/d b_last of S'
+    _store_grads(rows, q, k, dq, dk, dv, suffix, dq_ref, dk_ref, dv_ref, dg_ref)
+
+
+def _grads_by_sub_chunk(t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, h_ref,
+                        h_next_ref, dh_next_ref, dq_ref, dk_ref, dv_ref, dg_ref):
     state, dstate = h_ref[...], dh_next_ref[...]
     b, bound = cumulative_gates(g_ref, 0)
     b_last = bound[NUM_SUB]
@@ -102,14 +151,8 @@ def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, h_ref, h_nex
 
     suffix = jnp.sum(dstate * h_next_ref[...], axis=0, keepdims=True)  # d/d b_last of S'
     for i in reversed(range(NUM_SUB)):
-        db = q[i] * dq[i] - k[i] * dk[i]
-        total = jnp.sum(db, axis=0, keepdims=True)
-        rows = tile_rows(0, i)
-        dg_ref[rows, :] = (suffix + total - jnp.cumsum(db, axis=0) + db).astype(dg_ref.dtype)
-        suffix += total
-        dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)
-        dk_ref[rows, :] = dk[i].astype(dk_ref.dtype)
-        dv_ref[rows, :] = dv[i].astype(dv_ref.dtype)
+        suffix = _store_grads(tile_rows(0, i), q[i], k[i], dq[i], dk[i], dv[i], suffix,
+                              dq_ref, dk_ref, dv_ref, dg_ref)
 
 
 def state_grad_pass(q, do, g, seg, dht, *, scale, dot_dtype, block_v, interpret, num_warps=4,

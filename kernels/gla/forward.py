@@ -56,12 +56,12 @@ def _chunk_output_kernel(q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, *, s
     t0 = pl.program_id(2) * CHUNK
     b, b_last = chunk_total_gate(g_ref, 0)
     mild = decays_mildly(b_last)
-    args = (q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, t0, scale, dot_dtype)
+    args = (q_ref, k_ref, v_ref, seg_ref, h_ref, o_ref, t0, scale, dot_dtype)
     pl.when(mild)(lambda: _outputs_whole_chunk(b, *args))
-    pl.when(jnp.logical_not(mild))(lambda: _outputs_by_sub_chunk(*args))
+    pl.when(jnp.logical_not(mild))(lambda: _outputs_by_sub_chunk(g_ref, *args))
 
 
-def _outputs_whole_chunk(b, q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, t0, scale, dot_dtype):
+def _outputs_whole_chunk(b, q_ref, k_ref, v_ref, seg_ref, h_ref, o_ref, t0, scale, dot_dtype):
     rows = pl.ds(0, CHUNK)
     q_from_start = load_f32(q_ref, rows) * jnp.exp(b)
     scores = matmul(q_from_start, load_f32(k_ref, rows) * jnp.exp(-b), dot_dtype, trans_b=True)
@@ -76,7 +76,7 @@ def _outputs_whole_chunk(b, q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, t
     o_ref[rows, :] = (scale * out).astype(o_ref.dtype)
 
 
-def _outputs_by_sub_chunk(q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, t0, scale, dot_dtype):
+def _outputs_by_sub_chunk(g_ref, q_ref, k_ref, v_ref, seg_ref, h_ref, o_ref, t0, scale, dot_dtype):
     state = h_ref[...]
     b, bound = cumulative_gates(g_ref, 0)
     q = [load_f32(q_ref, tile_rows(0, s)) for s in range(NUM_SUB)]
