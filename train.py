@@ -4,6 +4,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file (configs/*.py).")
@@ -15,6 +16,7 @@ _EXPORT_ONLY = flags.DEFINE_bool("export_only", False, "Export the newest checkp
 
 def main(argv):
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
     from jaxlin.train import loop  # after flag parsing: keeps --help fast
 
     config = _CONFIG.value
@@ -43,6 +45,5 @@ def check_config_keys(argv):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every save step at INFO
     check_config_keys(sys.argv)
     app.run(main)

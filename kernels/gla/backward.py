@@ -26,13 +26,14 @@ from ..common import (CHUNK, NUM_SUB, causal_mask, chunk_total_gate, compiler_pa
 from .forward import segment_bounds
 
 
-def _state_grad_pass_kernel(q_ref, do_ref, g_ref, seg_ref, dht_ref, dhs_ref, *, scale, num_chunks,
-                            dot_dtype):
-    # q_ref, g_ref [T, K]; do_ref [T, BV]; seg_ref [T] | None; dht_ref, dhs_ref[c]: [BV, K]
+def _state_grad_pass_kernel(q_ref, do_ref, g_ref, seg_ref, dht_ref, dhs_ref, dh0_ref, *, scale,
+                            num_chunks, dot_dtype):
+    # q_ref, g_ref [T, K]; do_ref [T, BV]; seg_ref [T] | None; dht_ref, dhs_ref[c], dh0_ref [BV, K]
     def step(i, dstate):
         c = num_chunks - 1 - i
         t0 = pl.multiple_of(c * CHUNK, CHUNK)
         rows = pl.ds(t0, CHUNK)
+        dhs_ref[c] = dstate.astype(dhs_ref.dtype)
         b, b_last = chunk_total_gate(g_ref, t0)
         q_from_start = load_f32(q_ref, rows) * (scale * jnp.exp(b))
         dstate = dstate * jnp.exp(b_last)
@@ -40,22 +41,18 @@ def _state_grad_pass_kernel(q_ref, do_ref, g_ref, seg_ref, dht_ref, dhs_ref, *, 
             before, last = segment_bounds(seg_ref, t0)
             q_from_start = jnp.where((seg_ref[rows] == before)[:, None], q_from_start, 0.0)
             dstate = jnp.where((before == last)[:, None], dstate, 0.0)
-        dstate = dstate + matmul(do_ref[rows, :], q_from_start, dot_dtype, trans_a=True)
-        dhs_ref[c] = dstate
-        return dstate
+        return dstate + matmul(do_ref[rows, :], q_from_start, dot_dtype, trans_a=True)
 
-    dstate = dht_ref[...].astype(jnp.float32)
-    dhs_ref[num_chunks] = dstate
-    lax.fori_loop(0, num_chunks, step, dstate)
+    dh0_ref[...] = lax.fori_loop(0, num_chunks, step, dht_ref[...].astype(jnp.float32))
 
 
-def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, h_ref, h_next_ref, dh_next_ref,
+def _chunk_grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, h_ref, dh_next_ref,
                        dq_ref, dk_ref, dv_ref, dg_ref, *, scale, dot_dtype):
     # q/k/g and dq/dk/dg refs [CHUNK, K]; v/do/dv refs [CHUNK, V]; h refs [V, K]
     t0 = pl.program_id(2) * CHUNK
     b, b_last = chunk_total_gate(g_ref, 0)
     mild = decays_mildly(b_last)
-    refs = (q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, h_ref, h_next_ref, dh_next_ref)
+    refs = (q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, h_ref, dh_next_ref)
     outs = (dq_ref, dk_ref, dv_ref, dg_ref)
     pl.when(mild)(lambda: _grads_whole_chunk(b, b_last, t0, scale, dot_dtype, *refs, *outs))
     pl.when(jnp.logical_not(mild))(lambda: _grads_by_sub_chunk(t0, scale, dot_dtype, *refs, *outs))
@@ -72,45 +69,57 @@ def _store_grads(rows, q, k, dq, dk, dv, suffix, dq_ref, dk_ref, dv_ref, dg_ref)
     return suffix + total
 
 
+def _grad_last_gate(state, dstate, b_last, carried, k, dk_end):
+    """``sum_v dS' * S'`` (``[1, K]``), the gradient of the chunk's total gate through the state
+    it leaves, from ``S' = carried e^{b_last} S + (n k e^{b_last - b})^T v``: the second term's
+    share is ``sum_j k_j dk_end_j`` with ``dk_end`` the k-gradient through ``S'``."""
+    through_carried = carried * jnp.exp(b_last) * jnp.sum(state.astype(jnp.float32) * dstate, axis=0,
+                                                          keepdims=True)
+    return through_carried + jnp.sum(k * dk_end, axis=0, keepdims=True)
+
+
 def _grads_whole_chunk(b, b_last, t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref,
-                       h_ref, h_next_ref, dh_next_ref, dq_ref, dk_ref, dv_ref, dg_ref):
+                       h_ref, dh_next_ref, dq_ref, dk_ref, dv_ref, dg_ref):
     rows = pl.ds(0, CHUNK)
-    dstate = dh_next_ref[...]
+    state, dstate = h_ref[...], dh_next_ref[...]
     q, k, v = load_f32(q_ref, rows), load_f32(k_ref, rows), load_f32(v_ref, rows)
     d_out = scale * load_f32(do_ref, rows)
     from_start, to_start, to_end = jnp.exp(b), jnp.exp(-b), jnp.exp(b_last - b)
     q_from_start, k_to_start = q * from_start, k * to_start
     keep = causal_mask(CHUNK)
-    state_from_start = from_start
+    state_from_start, carried = from_start, 1.0
     if seg_ref is not None:
         seg = seg_ref[pl.ds(t0, CHUNK)]
         before, last = segment_bounds(seg_ref, t0)
         keep &= seg[:, None] == seg[None, :]
         state_from_start = jnp.where((seg == before)[:, None], from_start, 0.0)
         to_end = jnp.where((seg == last)[:, None], to_end, 0.0)
+        carried = (before == last)[:, None].astype(jnp.float32)
     scores = jnp.where(keep, matmul(q_from_start, k_to_start, dot_dtype, trans_b=True), 0.0)
     dscores = jnp.where(keep, matmul(d_out, v, dot_dtype, trans_b=True), 0.0)
     dv = matmul(scores, d_out, dot_dtype, trans_a=True)
     dv += matmul(k * to_end, dstate, dot_dtype, trans_b=True)
-    dq = state_from_start * matmul(d_out, h_ref[...], dot_dtype)
+    dq = state_from_start * matmul(d_out, state, dot_dtype)
     dq += from_start * matmul(dscores, k_to_start, dot_dtype)
-    dk = to_end * matmul(v, dstate, dot_dtype)
-    dk += to_start * matmul(dscores, q_from_start, dot_dtype, trans_a=True)
-    suffix = jnp.sum(dstate * h_next_ref[...], axis=0, keepdims=True)  # d/d b_last of S'
+    dk_end = to_end * matmul(v, dstate, dot_dtype)
+    dk = dk_end + to_start * matmul(dscores, q_from_start, dot_dtype, trans_a=True)
+    suffix = _grad_last_gate(state, dstate, b_last, carried, k, dk_end)
     _store_grads(rows, q, k, dq, dk, dv, suffix, dq_ref, dk_ref, dv_ref, dg_ref)
 
 
 def _grads_by_sub_chunk(t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, h_ref,
-                        h_next_ref, dh_next_ref, dq_ref, dk_ref, dv_ref, dg_ref):
+                        dh_next_ref, dq_ref, dk_ref, dv_ref, dg_ref):
     state, dstate = h_ref[...], dh_next_ref[...]
     b, bound = cumulative_gates(g_ref, 0)
     b_last = bound[NUM_SUB]
     tiles = lambda ref: [load_f32(ref, tile_rows(0, s)) for s in range(NUM_SUB)]
     q, k, v = tiles(q_ref), tiles(k_ref), tiles(v_ref)
     d_out = [scale * x for x in tiles(do_ref)]
+    carried = 1.0
     if seg_ref is not None:
         seg = [seg_ref[tile_rows(t0, s)] for s in range(NUM_SUB)]
         before, last = segment_bounds(seg_ref, t0)
+        carried = (before == last)[:, None].astype(jnp.float32)
 
     dq, dk, dv = [], [], []
     for i in range(NUM_SUB):  # contributions through the states entering and leaving the chunk
@@ -121,6 +130,7 @@ def _grads_by_sub_chunk(t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref
             to_end = jnp.where((seg[i] == last)[:, None], to_end, 0.0)
         dq.append(from_start * matmul(d_out[i], state, dot_dtype))
         dk.append(to_end * matmul(v[i], dstate, dot_dtype))
+    dk_end = list(dk)
         dv.append(matmul(k[i] * to_end, dstate, dot_dtype, trans_b=True))
 
     for i in range(NUM_SUB):  # intra-chunk pairs (row sub-chunk i, column sub-chunk j <= i)
@@ -149,7 +159,9 @@ def _grads_by_sub_chunk(t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref
         dq[i] += jnp.sum(dscores[:, :, None] * k[i][None, :, :] * decay, axis=1)
         dk[i] += jnp.sum(dscores[:, :, None] * q[i][:, None, :] * decay, axis=0)
 
-    suffix = jnp.sum(dstate * h_next_ref[...], axis=0, keepdims=True)  # d/d b_last of S'
+    suffix = _grad_last_gate(state, dstate, b_last, carried, 0.0, 0.0)
+    for i in range(NUM_SUB):
+        suffix += jnp.sum(k[i] * dk_end[i], axis=0, keepdims=True)
     for i in reversed(range(NUM_SUB)):
         suffix = _store_grads(tile_rows(0, i), q[i], k[i], dq[i], dk[i], dv[i], suffix,
                               dq_ref, dk_ref, dv_ref, dg_ref)
@@ -157,13 +169,15 @@ def _grads_by_sub_chunk(t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref
 
 def state_grad_pass(q, do, g, seg, dht, *, scale, dot_dtype, block_v, interpret, num_warps=4,
                     num_stages=2):
-    """Gradients of the states entering every chunk, ``dhs [B, H, NT+1, V, K]`` float32."""
+    """``(dhs [B, H, NT, V, K], dh0 [B, H, V, K])``: gradients of the states leaving each chunk
+    (matmul operand dtype) and of the initial state (float32), transposed."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     num_chunks = T // CHUNK
     kernel = functools.partial(_state_grad_pass_kernel, scale=scale, num_chunks=num_chunks,
                                dot_dtype=dot_dtype)
     seq_spec = lambda d: pl.BlockSpec((None, T, None, d), lambda b, h, iv: (b, 0, h, 0))
+    state_spec = pl.BlockSpec((None, None, block_v, K), lambda b, h, iv: (b, h, iv, 0))
     return pl.pallas_call(
         kernel,
         grid=(B, H, V // block_v),
@@ -172,11 +186,12 @@ def state_grad_pass(q, do, g, seg, dht, *, scale, dot_dtype, block_v, interpret,
             pl.BlockSpec((None, T, None, block_v), lambda b, h, iv: (b, 0, h, iv)),
             seq_spec(K),
             None if seg is None else pl.BlockSpec((None, T), lambda b, h, iv: (b, 0)),
-            pl.BlockSpec((None, None, block_v, K), lambda b, h, iv: (b, h, iv, 0)),
+            state_spec,
         ],
-        out_specs=pl.BlockSpec((None, None, num_chunks + 1, block_v, K),
-                               lambda b, h, iv: (b, h, 0, iv, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, H, num_chunks + 1, V, K), jnp.float32),
+        out_specs=[pl.BlockSpec((None, None, num_chunks, block_v, K),
+                                lambda b, h, iv: (b, h, 0, iv, 0)), state_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, H, num_chunks, V, K), dot_dtype),
+                   jax.ShapeDtypeStruct((B, H, V, K), jnp.float32)],
         compiler_params=compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="gla_state_grad_pass",
@@ -189,8 +204,7 @@ def chunk_grads(q, k, v, g, do, seg, hs, dhs, *, scale, dot_dtype, interpret, nu
     B, T, H, K = q.shape
     V = v.shape[-1]
     chunk_spec = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda b, h, c: (b, c, h, 0))
-    state_spec = lambda offset: pl.BlockSpec((None, None, None, V, K),
-                                             lambda b, h, c: (b, h, c + offset, 0, 0))
+    state_spec = pl.BlockSpec((None, None, None, V, K), lambda b, h, c: (b, h, c, 0, 0))
     kernel = functools.partial(_chunk_grad_kernel, scale=scale, dot_dtype=dot_dtype)
     return pl.pallas_call(
         kernel,
@@ -198,11 +212,11 @@ def chunk_grads(q, k, v, g, do, seg, hs, dhs, *, scale, dot_dtype, interpret, nu
         in_specs=[
             chunk_spec(K), chunk_spec(K), chunk_spec(V), chunk_spec(K), chunk_spec(V),
             None if seg is None else pl.BlockSpec((None, T), lambda b, h, c: (b, 0)),
-            state_spec(0), state_spec(1), state_spec(1),
+            state_spec, state_spec,
         ],
         out_specs=[chunk_spec(K), chunk_spec(K), chunk_spec(V), chunk_spec(K)],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g)],
         compiler_params=compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="gla_chunk_grads",
-    )(q, k, v, g, do, seg, hs, hs, dhs)
+    )(q, k, v, g, do, seg, hs, dhs)

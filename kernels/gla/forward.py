@@ -1,7 +1,7 @@
 """GLA forward: a sequential state pass over chunks, then all chunks' outputs in parallel.
 
 1. ``state_pass``: one program per (batch, head, V-block) walks the chunks in order and
-   records the state entering each chunk, ``hs[c]`` (``hs[NT]`` is the final state).
+   records the state entering each chunk, ``hs[c]``, and the final state.
 2. ``chunk_outputs``: one program per (batch, head, chunk) forms
    ``o = scale * (m * (q e^b) S + A v)`` from ``hs[c]``, with ``A`` the gated causal
    scores inside the chunk: one product for mildly decaying chunks, else built sub-chunk
@@ -31,12 +31,13 @@ def segment_bounds(seg_ref, chunk_start):
     return before, last
 
 
-def _state_pass_kernel(k_ref, v_ref, g_ref, seg_ref, h0_ref, hs_ref, *, num_chunks, dot_dtype):
-    # k_ref, g_ref [T, K]; v_ref [T, BV]; seg_ref [T] | None; h0_ref, hs_ref[c]: [BV, K]
+def _state_pass_kernel(k_ref, v_ref, g_ref, seg_ref, h0_ref, hs_ref, final_ref, *, num_chunks,
+                       dot_dtype):
+    # k_ref, g_ref [T, K]; v_ref [T, BV]; seg_ref [T] | None; h0_ref, hs_ref[c], final_ref [BV, K]
     def step(c, state):
         t0 = pl.multiple_of(c * CHUNK, CHUNK)
         rows = pl.ds(t0, CHUNK)
-        hs_ref[c] = state
+        hs_ref[c] = state.astype(hs_ref.dtype)
         b, b_last = chunk_total_gate(g_ref, t0)
         k_to_end = load_f32(k_ref, rows) * jnp.exp(b_last - b)
         state = state * jnp.exp(b_last)
@@ -46,9 +47,9 @@ def _state_pass_kernel(k_ref, v_ref, g_ref, seg_ref, h0_ref, hs_ref, *, num_chun
             state = jnp.where((before == last)[:, None], state, 0.0)
         return state + matmul(v_ref[rows, :], k_to_end, dot_dtype, trans_a=True)
 
-    state = (jnp.zeros(hs_ref.shape[1:], jnp.float32) if h0_ref is None
+    state = (jnp.zeros(final_ref.shape, jnp.float32) if h0_ref is None
              else h0_ref[...].astype(jnp.float32))
-    hs_ref[num_chunks] = lax.fori_loop(0, num_chunks, step, state)
+    final_ref[...] = lax.fori_loop(0, num_chunks, step, state)
 
 
 def _chunk_output_kernel(q_ref, k_ref, v_ref, g_ref, seg_ref, h_ref, o_ref, *, scale, dot_dtype):
@@ -105,12 +106,17 @@ def _outputs_by_sub_chunk(g_ref, q_ref, k_ref, v_ref, seg_ref, h_ref, o_ref, t0,
 
 
 def state_pass(k, v, g, seg, h0_t, *, dot_dtype, block_v, interpret, num_warps=4, num_stages=2):
-    """States entering every chunk, ``hs [B, H, NT+1, V, K]`` float32 (transposed)."""
+    """``(hs [B, H, NT, V, K], final [B, H, V, K])``: states entering each chunk and leaving the last.
+
+    Both transposed; ``hs`` in the matmul operand dtype (the only form its readers use),
+    the final state float32.
+    """
     B, T, H, K = k.shape
     V = v.shape[-1]
     num_chunks = T // CHUNK
     kernel = functools.partial(_state_pass_kernel, num_chunks=num_chunks, dot_dtype=dot_dtype)
     seq_spec = lambda d: pl.BlockSpec((None, T, None, d), lambda b, h, iv: (b, 0, h, 0))
+    state_spec = pl.BlockSpec((None, None, block_v, K), lambda b, h, iv: (b, h, iv, 0))
     return pl.pallas_call(
         kernel,
         grid=(B, H, V // block_v),
@@ -119,12 +125,12 @@ def state_pass(k, v, g, seg, h0_t, *, dot_dtype, block_v, interpret, num_warps=4
             pl.BlockSpec((None, T, None, block_v), lambda b, h, iv: (b, 0, h, iv)),
             seq_spec(K),
             None if seg is None else pl.BlockSpec((None, T), lambda b, h, iv: (b, 0)),
-            None if h0_t is None else pl.BlockSpec((None, None, block_v, K),
-                                                   lambda b, h, iv: (b, h, iv, 0)),
+            None if h0_t is None else state_spec,
         ],
-        out_specs=pl.BlockSpec((None, None, num_chunks + 1, block_v, K),
-                               lambda b, h, iv: (b, h, 0, iv, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, H, num_chunks + 1, V, K), jnp.float32),
+        out_specs=[pl.BlockSpec((None, None, num_chunks, block_v, K),
+                                lambda b, h, iv: (b, h, 0, iv, 0)), state_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, H, num_chunks, V, K), dot_dtype),
+                   jax.ShapeDtypeStruct((B, H, V, K), jnp.float32)],
         compiler_params=compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="gla_state_pass",
