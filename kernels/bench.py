@@ -86,9 +86,9 @@ def _pallas_gla_stages(q, k, v, g, do, configs):
     B, T, H, K = q.shape
     V = v.shape[-1]
     common = dict(dot_dtype=dot_dtype_for(q, k, v), interpret=jax.default_backend() != "gpu")
-    hs = jax.jit(lambda: forward.state_pass(k, v, g, None, None, block_v=_block_v(B, H, V), **common))()
+    hs, _ = jax.jit(lambda: forward.state_pass(k, v, g, None, None, block_v=_block_v(B, H, V), **common))()
     dht = jnp.zeros((B, H, V, K), jnp.float32)
-    dhs = jax.jit(lambda: backward.state_grad_pass(q, do, g, None, dht, scale=0.1, block_v=_block_v(B, H, V),
+    dhs, _ = jax.jit(lambda: backward.state_grad_pass(q, do, g, None, dht, scale=0.1, block_v=_block_v(B, H, V),
                                                    **common))()
     stages = {
         "state_pass": lambda **c: forward.state_pass(k, v, g, None, None, block_v=_block_v(B, H, V), **common, **c),

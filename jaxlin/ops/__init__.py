@@ -23,6 +23,7 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from . import chunked, reference
 from .checks import check_inputs
@@ -59,7 +60,30 @@ def _pallas(op, args, kwargs):
     if fn is None:
         raise NotImplementedError(
             f"impl='pallas': no Pallas kernel for {op} yet (expected function {op}_pallas in module kernels.{op})")
-    return fn(*args, **kwargs, interpret=jax.default_backend() != "gpu")
+    return _per_shard(fn, args, kwargs, interpret=jax.default_backend() != "gpu")
+
+
+def _per_shard(fn, args, kwargs, **static):
+    """Calls a kernel on each device's share of the batch when a mesh is current.
+
+    XLA cannot partition a Pallas custom call (it would gather the whole batch onto every device), so
+    under `jax.set_mesh` the call runs inside `shard_map`, with the batch axis split over every mesh axis:
+    the recurrence never mixes batch rows, so no communication is needed.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    arrays = {"initial_state": kwargs["initial_state"], "segment_ids": kwargs["segment_ids"]}
+    options = {k: v for k, v in kwargs.items() if k not in arrays} | static
+    if mesh.empty or mesh.size == 1:
+        return fn(*args, **arrays, **options)
+    batch = P(tuple(mesh.axis_names))
+
+    def local(args, arrays):
+        return fn(*args, **arrays, **options)
+
+    specs = jax.tree.map(lambda _: batch, (args, arrays))
+    out_specs = (batch, batch if kwargs["output_final_state"] else None)
+    # check_vma=False: pallas_call output shapes carry no varying-axes annotation.
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(args, arrays)
 
 
 def _pallas_supports(op, args, kwargs):

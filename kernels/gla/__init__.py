@@ -53,12 +53,11 @@ def _forward(q, k, v, g, initial_state, seg, scale, interpret):
     qp, kp, vp, gp = (pad_time(x, padded) for x in (q, k, v, g))
     dot_dtype = dot_dtype_for(q, k, v)
     h0_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
-    hs = state_pass(kp, vp, gp, seg, h0_t, dot_dtype=dot_dtype, block_v=_block_v(B, H, V),
-                    interpret=interpret)
+    hs, final_t = state_pass(kp, vp, gp, seg, h0_t, dot_dtype=dot_dtype, block_v=_block_v(B, H, V),
+                             interpret=interpret)
     o = chunk_outputs(qp, kp, vp, gp, seg, hs, scale=scale, dot_dtype=dot_dtype,
                       interpret=interpret)[:, :T]
-    final_state = jnp.swapaxes(hs[:, :, -1], -1, -2)
-    return (o, final_state), hs
+    return (o, jnp.swapaxes(final_t, -1, -2)), hs
 
 
 def _gla_fwd(q, k, v, g, initial_state, seg, scale, interpret):
@@ -74,11 +73,11 @@ def _gla_bwd(scale, interpret, residuals, cotangents):
     padded = seg.shape[1] if seg is not None else -(-T // CHUNK) * CHUNK
     qp, kp, vp, gp, dop = (pad_time(x, padded) for x in (q, k, v, g, do))
     dot_dtype = dot_dtype_for(q, k, v)
-    dhs = state_grad_pass(qp, dop, gp, seg, jnp.swapaxes(dfinal, -1, -2), scale=scale,
-                          dot_dtype=dot_dtype, block_v=_block_v(B, H, V), interpret=interpret)
+    dhs, dh0_t = state_grad_pass(qp, dop, gp, seg, jnp.swapaxes(dfinal, -1, -2), scale=scale,
+                                 dot_dtype=dot_dtype, block_v=_block_v(B, H, V), interpret=interpret)
     dq, dk, dv, dg = (x[:, :T] for x in chunk_grads(qp, kp, vp, gp, dop, seg, hs, dhs, scale=scale,
                                                      dot_dtype=dot_dtype, interpret=interpret))
-    dh0 = jnp.swapaxes(dhs[:, :, 0], -1, -2) if initial_state is not None else None
+    dh0 = jnp.swapaxes(dh0_t, -1, -2) if initial_state is not None else None
     return dq, dk, dv, dg, dh0, None
 
 

@@ -69,13 +69,15 @@ def _store_grads(rows, q, k, dq, dk, dv, suffix, dq_ref, dk_ref, dv_ref, dg_ref)
     return suffix + total
 
 
-def _grad_last_gate(state, dstate, b_last, carried, k, dk_end):
+def _grad_last_gate(state, dstate, b_last, carried, k_tiles, dk_end_tiles):
     """``sum_v dS' * S'`` (``[1, K]``), the gradient of the chunk's total gate through the state
-    it leaves, from ``S' = carried e^{b_last} S + (n k e^{b_last - b})^T v``: the second term's
-    share is ``sum_j k_j dk_end_j`` with ``dk_end`` the k-gradient through ``S'``."""
-    through_carried = carried * jnp.exp(b_last) * jnp.sum(state.astype(jnp.float32) * dstate, axis=0,
-                                                          keepdims=True)
-    return through_carried + jnp.sum(k * dk_end, axis=0, keepdims=True)
+    it leaves, without reading ``S'``: from ``S' = carried e^{b_last} S + (n k e^{b_last-b})^T v``,
+    the second term's share is ``sum_j k_j dk_end_j``, ``dk_end`` the k-gradient through ``S'``."""
+    f32 = lambda x: x.astype(jnp.float32)
+    grad = carried * jnp.exp(b_last) * jnp.sum(f32(state) * f32(dstate), axis=0, keepdims=True)
+    for k, dk_end in zip(k_tiles, dk_end_tiles):
+        grad += jnp.sum(k * dk_end, axis=0, keepdims=True)
+    return grad
 
 
 def _grads_whole_chunk(b, b_last, t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref,
@@ -103,7 +105,7 @@ def _grads_whole_chunk(b, b_last, t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_r
     dq += from_start * matmul(dscores, k_to_start, dot_dtype)
     dk_end = to_end * matmul(v, dstate, dot_dtype)
     dk = dk_end + to_start * matmul(dscores, q_from_start, dot_dtype, trans_a=True)
-    suffix = _grad_last_gate(state, dstate, b_last, carried, k, dk_end)
+    suffix = _grad_last_gate(state, dstate, b_last, carried, [k], [dk_end])
     _store_grads(rows, q, k, dq, dk, dv, suffix, dq_ref, dk_ref, dv_ref, dg_ref)
 
 
@@ -130,8 +132,8 @@ def _grads_by_sub_chunk(t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref
             to_end = jnp.where((seg[i] == last)[:, None], to_end, 0.0)
         dq.append(from_start * matmul(d_out[i], state, dot_dtype))
         dk.append(to_end * matmul(v[i], dstate, dot_dtype))
-    dk_end = list(dk)
         dv.append(matmul(k[i] * to_end, dstate, dot_dtype, trans_b=True))
+    suffix = _grad_last_gate(state, dstate, b_last, carried, k, dk)
 
     for i in range(NUM_SUB):  # intra-chunk pairs (row sub-chunk i, column sub-chunk j <= i)
         q_rel = q[i] * jnp.exp(b[i] - bound[i])
@@ -159,9 +161,6 @@ def _grads_by_sub_chunk(t0, scale, dot_dtype, q_ref, k_ref, v_ref, g_ref, do_ref
         dq[i] += jnp.sum(dscores[:, :, None] * k[i][None, :, :] * decay, axis=1)
         dk[i] += jnp.sum(dscores[:, :, None] * q[i][:, None, :] * decay, axis=0)
 
-    suffix = _grad_last_gate(state, dstate, b_last, carried, 0.0, 0.0)
-    for i in range(NUM_SUB):
-        suffix += jnp.sum(k[i] * dk_end[i], axis=0, keepdims=True)
     for i in reversed(range(NUM_SUB)):
         suffix = _store_grads(tile_rows(0, i), q[i], k[i], dq[i], dk[i], dv[i], suffix,
                               dq_ref, dk_ref, dv_ref, dg_ref)
