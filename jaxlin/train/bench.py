@@ -1,0 +1,100 @@
+"""Times the full train step of a config on one accelerator.
+
+    python -m jaxlin.train.bench --config configs/gpt2_medium_gla.py [--config.model.remat=dots] \
+        [--steps 20] [--sharded] [--json out.json]
+
+Random tokens at the config's micro-batch (one micro-batch per step, no accumulation); after compilation it
+reports the median step time, tokens/s, MFU, the split into forward / backward / optimizer, and peak memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from jaxlin.model import GPT
+from jaxlin.train import flops, sharding
+from jaxlin.train.config import model_config
+from jaxlin.train.optimizer import make_optimizer
+from jaxlin.train.step import create_train_state, loss_fn, train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt2_medium_gla.py", "Experiment config file.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed repetitions of each phase (median reported).")
+_SHARDED = flags.DEFINE_bool("sharded", False, "Use the mesh code path (explicit shardings) of train.loop.")
+_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+
+
+def median_ms(fn, *args, steps: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench(config, steps: int, sharded: bool) -> dict:
+    t, mcfg = config.train, model_config(config)
+    B, T = t.micro_batch_size, config.data.seq_len
+    optimizer = make_optimizer(t)
+    graphdef, state = create_train_state(GPT(mcfg, rngs=nnx.Rngs(0)), optimizer)
+    tokens = jax.random.randint(jax.random.key(1), (1, B, T + 1), 0, mcfg.vocab_size)
+    batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
+    micro = jax.tree.map(lambda x: x[0], batch)
+    step = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, loss_chunk=t.loss_chunk)
+    loss = functools.partial(loss_fn, graphdef=graphdef, loss_chunk=t.loss_chunk)
+    if sharded:
+        mesh = sharding.make_mesh(config.mesh)
+        state_sharding = sharding.state_sharding(state, mesh)
+        state = jax.device_put(state, state_sharding)
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+        step_fn = jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                          out_shardings=(state_sharding, None))
+    else:
+        step_fn = jax.jit(step)
+    fwd = jax.jit(lambda p, b: loss(p, batch=b))
+    fwd_bwd = jax.jit(jax.value_and_grad(lambda p, b: loss(p, batch=b)))
+    results = {"config": mcfg.to_dict(), "micro_batch": B, "seq_len": T, "sharded": sharded,
+               "device": jax.devices()[0].device_kind}
+    with jax.set_mesh(mesh) if sharded else contextlib.nullcontext():
+        results["step_ms"] = median_ms(step_fn, state, batch, steps=steps)
+        results["forward_ms"] = median_ms(fwd, state.params, micro, steps=steps)
+        results["forward_backward_ms"] = median_ms(fwd_bwd, state.params, micro, steps=steps)
+    stats = jax.devices()[0].memory_stats() or {}
+    results["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+    results["backward_ms"] = results["forward_backward_ms"] - results["forward_ms"]
+    results["optimizer_ms"] = results["step_ms"] - results["forward_backward_ms"]
+    results["tokens_per_s"] = B * T / (results["step_ms"] / 1e3)
+    matrix_params = flops.count_matrix_params(state.params, mcfg.uses_pos_embedding, mcfg.block_size, mcfg.n_embd)
+    results["train_flops_per_token"] = flops.train_flops_per_token(mcfg, matrix_params, T)
+    peak = flops.peak_flops(jax.devices()[0])
+    if peak:
+        results["mfu"] = results["tokens_per_s"] * results["train_flops_per_token"] / peak
+    return results
+
+
+def main(argv):
+    del argv
+    results = bench(_CONFIG.value, _STEPS.value, _SHARDED.value)
+    for key in ("device", "micro_batch", "seq_len", "sharded", "step_ms", "forward_ms", "backward_ms",
+                "optimizer_ms", "tokens_per_s", "mfu", "peak_memory_gib"):
+        value = results.get(key)
+        print(f"{key:>16}: {value:,.2f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
