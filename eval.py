@@ -12,7 +12,8 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
     parser.add_argument("--output", help="write the results to this JSON file")
     parser.add_argument("--data_dir", help="data directory (default: $JAXLIN_DATA_DIR or ../shared/data)")
-    parser.add_argument("--batch_size", type=int, default=32, help="sequences per forward pass")
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="sequences per forward pass at the full context length (more when shorter)")
     parser.add_argument("--seq_len", type=int, help="context length (default: the model's block_size)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")

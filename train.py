@@ -11,13 +11,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experime
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Run folder: checkpoints, metrics, export. Rerun to resume.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: $JAXLIN_DATA_DIR, ../shared/data, "
                                 "or the user cache filled by `python -m jaxlin.data.download`).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host run: call jax.distributed.initialize() first "
+                                  "(it reads the coordinator and process ids from the cluster's environment).")
 _EXPORT_ONLY = flags.DEFINE_bool("export_only", False, "Export the newest checkpoint to WORKDIR/export and stop.")
 
 
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
+    import jax
+
     from jaxlin.train import loop  # after flag parsing: keeps --help fast
+
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
 
     config = _CONFIG.value
     if _DATA_DIR.value:

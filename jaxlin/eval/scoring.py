@@ -6,8 +6,9 @@ positions, so an over-long context is cut on the left. Log-probabilities are nor
 `padded_vocab_size` logits, as nanoGPT's loss does and lm-eval does on the PyTorch model with its
 padded head (the padding rows are never targets, so training drives their probability towards zero).
 
-Batches have `batch_size` rows and a length from `bucket_lengths` (powers of two up to the context
-length), so jit compiles each function a handful of times whatever the data.
+Batches are padded to a length from `bucket_lengths` (powers of two up to the context length) and
+hold about `batch_size` x context length tokens (more rows when shorter), so jit compiles each function
+a handful of times whatever the data, and each batch needs about the same memory.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from jaxlin.data.tokenizer import EOT_TOKEN
 
 Pair = tuple[list[int], list[int]]
-MIN_BUCKET = 8
+MIN_BUCKET = 32
 
 
 def bucket_lengths(max_len: int) -> list[int]:
@@ -35,11 +36,6 @@ def bucket_lengths(max_len: int) -> list[int]:
 
 def _bucket(n: int, max_len: int) -> int:
     return next(b for b in bucket_lengths(max_len) if b >= n)
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _fetch_behind(jobs):
@@ -100,6 +96,15 @@ class Scorer:
         self._prefill = functools.partial(_prefill, graphdef, params)
         self._extend = functools.partial(_extend, graphdef, params)
 
+    def _batches(self, items: list, length):
+        """Splits `items`, sorted longest first, into batches; yields (batch, padded length, rows)."""
+        start = 0
+        while start < len(items):
+            padded = _bucket(length(items[start]), self.max_len)
+            rows = max(1, self.batch_size * self.max_len // padded)
+            yield items[start : start + rows], padded, rows
+            start += rows
+
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit="seq", disable=not self.progress, leave=False)
 
@@ -125,9 +130,8 @@ class Scorer:
         return results
 
     def _full_batches(self, rows: list[list[int]], order: list[int]):
-        for batch in _chunks(order, self.batch_size):
-            length = _bucket(len(rows[batch[0]]) - 1, self.max_len)
-            tokens = np.full((self.batch_size, length + 1), EOT_TOKEN, np.int32)
+        for batch, length, n_rows in self._batches(order, lambda i: len(rows[i]) - 1):
+            tokens = np.full((n_rows, length + 1), EOT_TOKEN, np.int32)
             for r, i in enumerate(batch):
                 tokens[r, : len(rows[i])] = rows[i]
             yield batch, self._full(tokens[:, :-1], tokens[:, 1:])
@@ -162,11 +166,11 @@ class Scorer:
     def _shared_context_batches(self, groups, shared: list[int]):
         """Prefills batches of contexts, then yields (chunk of (group, choice), device log-probs) for
         their continuations, each continuing its context's state."""
-        for batch in _chunks(sorted(shared, key=lambda g: -len(groups[g][0][0])), self.batch_size):
+        by_context = sorted(shared, key=lambda g: -len(groups[g][0][0]))
+        for batch, length, n_rows in self._batches(by_context, lambda g: len(groups[g][0][0])):
             # Left-pad the contexts so each ends at the last position; pads (segment -1) leave no state.
-            length = _bucket(len(groups[batch[0]][0][0]), self.max_len)
-            tokens = np.full((self.batch_size, length), EOT_TOKEN, np.int32)
-            segments = np.full((self.batch_size, length), -1, np.int32)
+            tokens = np.full((n_rows, length), EOT_TOKEN, np.int32)
+            segments = np.full((n_rows, length), -1, np.int32)
             for r, g in enumerate(batch):
                 context = groups[g][0][0]
                 tokens[r, length - len(context) :] = context
@@ -174,10 +178,9 @@ class Scorer:
             last_logits, state = self._prefill(tokens, segments)
             endings = sorted(((r, g, j) for r, g in enumerate(batch) for j in range(len(groups[g]))),
                              key=lambda e: -len(groups[e[1]][e[2]][1]))
-            for chunk in _chunks(endings, self.batch_size):
-                length = _bucket(len(groups[chunk[0][1]][chunk[0][2]][1]), self.max_len)
-                rows = np.zeros(self.batch_size, np.int32)
-                continuations = np.full((self.batch_size, length), EOT_TOKEN, np.int32)
+            for chunk, length, n_rows in self._batches(endings, lambda e: len(groups[e[1]][e[2]][1])):
+                rows = np.zeros(n_rows, np.int32)
+                continuations = np.full((n_rows, length), EOT_TOKEN, np.int32)
                 for k, (r, g, j) in enumerate(chunk):
                     rows[k], continuations[k, : len(groups[g][j][1])] = r, groups[g][j][1]
                 yield [(g, j) for _, g, j in chunk], self._extend(state, last_logits, rows, continuations)
