@@ -33,9 +33,10 @@ def run(model_dir: str | os.PathLike, tasks=DEFAULT_TASKS, limit: int | None = N
     tokenizer = get_tokenizer(data_dir)
     results = {}
     for name in tasks:
+        print(f"{name} ...", flush=True)
         start = time.perf_counter()
         results[name] = TASKS[name].evaluate(scorer, tokenizer, files[name], limit)
-        print(f"{name}: done in {time.perf_counter() - start:.1f}s", flush=True)
+        print(f"{name} done in {time.perf_counter() - start:.1f}s", flush=True)
     print(format_table(results))
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -48,5 +49,6 @@ def format_table(results: dict) -> str:
     for name, metrics in results.items():
         for metric, value in metrics.items():
             if metric != "samples":
-                lines.append(f"{name:<12} {metric:<18} {value:>12.4f} {metrics['samples']:>8}")
+                shown = f"{value:>12.4f}" if isinstance(value, float) else f"{value:>12}"
+                lines.append(f"{name:<12} {metric:<18} {shown} {metrics['samples']:>8}")
     return "\n".join(lines)

@@ -150,8 +150,9 @@ class Scorer:
             reusable = self.reuses_state and fits and all(p[0] == context for p in pairs)
             (shared if reusable else separate).append(g)
         flat = [(g, j) for g in separate for j in range(len(groups[g]))]
-        for (g, j), (ll, _) in zip(flat, self.loglikelihood([groups[g][j] for g, j in flat], desc)):
-            results[g][j] = ll
+        if flat:
+            for (g, j), (ll, _) in zip(flat, self.loglikelihood([groups[g][j] for g, j in flat], desc)):
+                results[g][j] = ll
         if shared:
             self._shared_contexts(groups, shared, results, desc)
         return results

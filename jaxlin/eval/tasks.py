@@ -315,19 +315,21 @@ def _choice_metrics(scorer: Scorer, tokenizer, questions: list[Question], normal
 
 
 def evaluate_wikitext2(scorer: Scorer, tokenizer, paths: list[Path], limit: int | None) -> dict:
+    """token_perplexity: exp(mean NLL) of the raw file's tokens in contiguous windows (the number a
+    training run's validation reports); word/byte perplexity and bits per byte: the harness's, from
+    rolling windows over each detokenised page, per word and byte of the raw pages."""
     wiki = load_wikitext(paths[0])
     pages = wiki.pages[:limit]
     tokens = tokenizer.encode_ordinary(wiki.text if limit is None else "\n".join(pages))
-    token_scores = scorer.loglikelihood(contiguous_windows(tokens, scorer.max_len))
+    token_nll = -sum(ll for ll, _ in scorer.loglikelihood(contiguous_windows(tokens, scorer.max_len)))
     n_tokens = len(tokens) - 1  # every token but the first is predicted
-    page_windows = [rolling_windows(tokenizer.encode_ordinary(detokenize_wikitext(p)), scorer.max_len) for p in pages]
-    window_scores = iter(scorer.loglikelihood([w for ws in page_windows for w in ws]))
-    page_ll = [sum(next(window_scores)[0] for _ in ws) for ws in page_windows]
-    total = sum(page_ll)
-    words = sum(len(re.split(r"\s+", p)) for p in pages)  # the harness counts words of the raw page
+    windows = [w for p in pages for w in rolling_windows(tokenizer.encode_ordinary(detokenize_wikitext(p)),
+                                                         scorer.max_len)]
+    total = sum(ll for ll, _ in scorer.loglikelihood(windows))
+    words = sum(len(re.split(r"\s+", p)) for p in pages)  # the harness's count, edge blanks included
     n_bytes = sum(len(p.encode("utf-8")) for p in pages)
     return {
-        "token_perplexity": math.exp(-sum(ll for ll, _ in token_scores) / n_tokens),
+        "token_perplexity": math.exp(token_nll / n_tokens),
         "word_perplexity": math.exp(-total / words),
         "byte_perplexity": math.exp(-total / n_bytes),
         "bits_per_byte": -total / n_bytes / math.log(2),
