@@ -30,6 +30,7 @@ from jaxlin.train.step import create_train_state, loss_fn, train_step
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt2_medium_gla.py", "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed repetitions of each phase (median reported).")
 _SHARDED = flags.DEFINE_bool("sharded", False, "Use the mesh code path (explicit shardings) of train.loop.")
+_PHASES = flags.DEFINE_bool("phases", True, "Also time forward and forward+backward alone (two more compiles).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 
 
@@ -44,7 +45,7 @@ def median_ms(fn, *args, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench(config, steps: int, sharded: bool) -> dict:
+def bench(config, steps: int, sharded: bool, phases: bool = True) -> dict:
     t, mcfg = config.train, model_config(config)
     B, T = t.micro_batch_size, config.data.seq_len
     optimizer = make_optimizer(t)
@@ -69,12 +70,13 @@ def bench(config, steps: int, sharded: bool) -> dict:
                "device": jax.devices()[0].device_kind}
     with jax.set_mesh(mesh) if sharded else contextlib.nullcontext():
         results["step_ms"] = median_ms(step_fn, state, batch, steps=steps)
-        results["forward_ms"] = median_ms(fwd, state.params, micro, steps=steps)
-        results["forward_backward_ms"] = median_ms(fwd_bwd, state.params, micro, steps=steps)
-    stats = jax.devices()[0].memory_stats() or {}
-    results["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
-    results["backward_ms"] = results["forward_backward_ms"] - results["forward_ms"]
-    results["optimizer_ms"] = results["step_ms"] - results["forward_backward_ms"]
+        stats = jax.devices()[0].memory_stats() or {}  # the peak of the train step alone
+        results["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+        if phases:
+            results["forward_ms"] = median_ms(fwd, state.params, micro, steps=steps)
+            results["forward_backward_ms"] = median_ms(fwd_bwd, state.params, micro, steps=steps)
+            results["backward_ms"] = results["forward_backward_ms"] - results["forward_ms"]
+            results["optimizer_ms"] = results["step_ms"] - results["forward_backward_ms"]
     results["tokens_per_s"] = B * T / (results["step_ms"] / 1e3)
     matrix_params = flops.count_matrix_params(state.params, mcfg.uses_pos_embedding, mcfg.block_size, mcfg.n_embd)
     results["train_flops_per_token"] = flops.train_flops_per_token(mcfg, matrix_params, T)
@@ -86,7 +88,7 @@ def bench(config, steps: int, sharded: bool) -> dict:
 
 def main(argv):
     del argv
-    results = bench(_CONFIG.value, _STEPS.value, _SHARDED.value)
+    results = bench(_CONFIG.value, _STEPS.value, _SHARDED.value, _PHASES.value)
     for key in ("device", "micro_batch", "seq_len", "sharded", "step_ms", "forward_ms", "backward_ms",
                 "optimizer_ms", "tokens_per_s", "mfu", "peak_memory_gib"):
         value = results.get(key)
