@@ -99,3 +99,15 @@ class QKVConv(nnx.Module):
             y, new_cache[name] = conv(t, segment_ids=segment_ids, cache=cache.get(name), return_cache=return_cache)
             outs.append(y)
         return tuple(outs), new_cache
+
+
+def project_qkv(layer: nnx.Module, x, *, segment_ids, state: dict, return_state: bool):
+    """q, k, v of a linear-attention layer (its q/k/v projections, then the optional short convs),
+    split into heads, and the convs' new cache."""
+    q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+    conv_cache = {}
+    if layer.conv is not None:
+        (q, k, v), conv_cache = layer.conv(
+            q, k, v, segment_ids=segment_ids, cache=state.get("conv"), return_cache=return_state
+        )
+    return tuple(split_heads(t, layer.n_head) for t in (q, k, v)), conv_cache

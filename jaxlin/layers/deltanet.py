@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
-from jaxlin.layers.common import GatedRMSNorm, QKVConv, linear, merge_heads, split_heads
+from jaxlin.layers.common import GatedRMSNorm, QKVConv, linear, merge_heads, project_qkv, split_heads
 
 
 class DeltaNet(nnx.Module):
@@ -47,13 +47,8 @@ class DeltaNet(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_cache = {}
-        if self.conv is not None:
-            (q, k, v), conv_cache = self.conv(
-                q, k, v, segment_ids=segment_ids, cache=state.get("conv"), return_cache=return_state
-            )
-        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))
+        (q, k, v), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
+                                            return_state=return_state)
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         common = dict(initial_state=state.get("recurrent"), output_final_state=return_state,
                       segment_ids=segment_ids, use_qk_l2norm=True, impl=self.impl)

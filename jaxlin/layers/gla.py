@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
-from jaxlin.layers.common import GatedRMSNorm, QKVConv, linear, merge_heads, split_heads
+from jaxlin.layers.common import GatedRMSNorm, QKVConv, linear, merge_heads, project_qkv, split_heads
 
 
 class GatedLinearAttention(nnx.Module):
@@ -40,17 +40,12 @@ class GatedLinearAttention(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_cache = {}
-        if self.conv is not None:
-            (q, k, v), conv_cache = self.conv(
-                q, k, v, segment_ids=segment_ids, cache=state.get("conv"), return_cache=return_state
-            )
+        (q, k, v), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
+                                            return_state=return_state)
         gk = self.gk_proj(x)
         gk = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / self.gate_logit_normalizer
         o, recurrent = ops.gla(
-            split_heads(q, self.n_head), split_heads(k, self.n_head), split_heads(v, self.n_head),
-            split_heads(gk, self.n_head), initial_state=state.get("recurrent"),
+            q, k, v, split_heads(gk, self.n_head), initial_state=state.get("recurrent"),
             output_final_state=return_state, segment_ids=segment_ids, impl=self.impl,
         )
         o = self.g_norm(o, split_heads(self.g_proj(x), self.n_head))
