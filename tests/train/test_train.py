@@ -149,3 +149,16 @@ def test_missing_data_names_file_and_fetch_command(tmp_path):
 def test_bad_batch_settings_name_the_keys(tmp_path):
     with pytest.raises(ValueError, match="train.batch_size=5 must be a multiple of train.micro_batch_size=2"):
         loop.run(tiny_config("unused", **{"train.batch_size": 5}), tmp_path)
+
+
+def test_export_only_writes_the_newest_checkpoint(tmp_path, shards_dir, uninterrupted):
+    import shutil
+
+    from jaxlin import export
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    out = loop.export_only(tiny_config(shards_dir), tmp_path)
+    tokens = jnp.arange(16, dtype=jnp.int32)[None]
+    again, _ = export.load(out)
+    trained, _ = export.load(uninterrupted / "export")
+    np.testing.assert_array_equal(again(tokens), trained(tokens))
