@@ -1,4 +1,4 @@
-"""Building blocks shared by the chunked linear-attention kernels (GLA now, delta rules later).
+"""Building blocks shared by the chunked linear-attention kernels (GLA and the delta rules).
 
 Layout: kernels read ``[B, T, H, D]`` arrays in place (no transposes); each program
 sees one ``(batch, head)`` slice as a ``[T, D]`` ref and loads ``SUB``-row tiles of it.
@@ -115,3 +115,16 @@ def causal_mask(size):
 def pair_decay(b):
     """``[S, S, K]``: ``exp(b_i - b_j)`` for i >= j inside one sub-chunk (clamped to <= 1 above)."""
     return jnp.exp(jnp.minimum(b[:, None, :] - b[None, :, :], 0.0))
+
+
+def segment_bounds(seg_ref, chunk_start):
+    """``[1]`` segment index of the state entering the chunk and of the chunk's last token."""
+    before = seg_ref[pl.ds(jnp.maximum(chunk_start - 1, 0), 1)]
+    last = seg_ref[pl.ds(chunk_start + CHUNK - 1, 1)]
+    return before, last
+
+
+def state_block_v(batch, heads, v_dim):
+    """V columns per program of a sequential state pass: split V only when (batch, head) pairs
+    alone would leave SMs idle."""
+    return 32 if batch * heads < 256 else v_dim

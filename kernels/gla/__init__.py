@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..common import CHUNK, dot_dtype_for, pad_time, segment_index
+from ..common import CHUNK, dot_dtype_for, pad_time, segment_index, state_block_v
 from .backward import chunk_grads, state_grad_pass
 from .forward import chunk_outputs, state_pass
 
@@ -35,12 +35,6 @@ def gla_pallas(q, k, v, g, *, scale, initial_state, output_final_state, segment_
     return o, (final_state if output_final_state else None)
 
 
-def _block_v(B, H, V):
-    # Split V across programs of the sequential passes only when (batch, head) pairs
-    # alone would leave SMs idle.
-    return 32 if B * H < 256 else V
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _gla(q, k, v, g, initial_state, seg, scale, interpret):
     return _forward(q, k, v, g, initial_state, seg, scale, interpret)[0]
@@ -53,7 +47,7 @@ def _forward(q, k, v, g, initial_state, seg, scale, interpret):
     qp, kp, vp, gp = (pad_time(x, padded) for x in (q, k, v, g))
     dot_dtype = dot_dtype_for(q, k, v)
     h0_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
-    hs, final_t = state_pass(kp, vp, gp, seg, h0_t, dot_dtype=dot_dtype, block_v=_block_v(B, H, V),
+    hs, final_t = state_pass(kp, vp, gp, seg, h0_t, dot_dtype=dot_dtype, block_v=state_block_v(B, H, V),
                              interpret=interpret)
     o = chunk_outputs(qp, kp, vp, gp, seg, hs, scale=scale, dot_dtype=dot_dtype,
                       interpret=interpret)[:, :T]
@@ -74,7 +68,7 @@ def _gla_bwd(scale, interpret, residuals, cotangents):
     qp, kp, vp, gp, dop = (pad_time(x, padded) for x in (q, k, v, g, do))
     dot_dtype = dot_dtype_for(q, k, v)
     dhs, dh0_t = state_grad_pass(qp, dop, gp, seg, jnp.swapaxes(dfinal, -1, -2), scale=scale,
-                                 dot_dtype=dot_dtype, block_v=_block_v(B, H, V), interpret=interpret)
+                                 dot_dtype=dot_dtype, block_v=state_block_v(B, H, V), interpret=interpret)
     dq, dk, dv, dg = (x[:, :T] for x in chunk_grads(qp, kp, vp, gp, dop, seg, hs, dhs, scale=scale,
                                                      dot_dtype=dot_dtype, interpret=interpret))
     dh0 = jnp.swapaxes(dh0_t, -1, -2) if initial_state is not None else None

@@ -22,8 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..common import (CHUNK, NUM_SUB, causal_mask, chunk_total_gate, compiler_params,
-                      cumulative_gates, decays_mildly, load_f32, matmul, pair_decay, tile_rows)
-from .forward import segment_bounds
+                      cumulative_gates, decays_mildly, load_f32, matmul, pair_decay, segment_bounds,
+                      tile_rows)
 
 
 def _state_grad_pass_kernel(q_ref, do_ref, g_ref, seg_ref, dht_ref, dhs_ref, dh0_ref, *, scale,

@@ -21,14 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..common import (CHUNK, NUM_SUB, causal_mask, chunk_total_gate, compiler_params,
-                      cumulative_gates, decays_mildly, load_f32, matmul, pair_decay, tile_rows)
-
-
-def segment_bounds(seg_ref, chunk_start):
-    """``[1]`` segment index of the state entering the chunk and of the chunk's last token."""
-    before = seg_ref[pl.ds(jnp.maximum(chunk_start - 1, 0), 1)]
-    last = seg_ref[pl.ds(chunk_start + CHUNK - 1, 1)]
-    return before, last
+                      cumulative_gates, decays_mildly, load_f32, matmul, pair_decay, segment_bounds,
+                      tile_rows)
 
 
 def _state_pass_kernel(k_ref, v_ref, g_ref, seg_ref, h0_ref, hs_ref, final_ref, *, num_chunks,
