@@ -18,6 +18,8 @@ stays far below float32/bf16 overflow (e^88). Typical GLA gates (about -0.05 per
 token) always qualify; gates like -20 per token never do.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -128,3 +130,37 @@ def state_block_v(batch, heads, v_dim):
     """V columns per program of a sequential state pass: split V only when (batch, head) pairs
     alone would leave SMs idle."""
     return 32 if batch * heads < 256 else v_dim
+
+
+def sequential_state_call(kernel, key_like, value_like, gate, seg, state_in, *, block_v, dot_dtype,
+                          num_warps, num_stages, interpret, name):
+    """Runs a GLA-style sequential pass over chunks, one program per (batch, head, V-block).
+
+    Inputs: ``key_like [B, T, H, K]``, ``value_like [B, T, H, V]``, ``gate [B, T, H, K]``,
+    ``seg [B, T]`` or None, ``state_in [B, H, V, K]`` (transposed) or None. Outputs the per-chunk
+    states ``[B, H, NT, V, K]`` in ``dot_dtype`` and the state after the pass ``[B, H, V, K]``
+    float32, both transposed.
+    """
+    B, T, H, K = key_like.shape
+    V = value_like.shape[-1]
+    num_chunks = T // CHUNK
+    seq_spec = pl.BlockSpec((None, T, None, K), lambda b, h, iv: (b, 0, h, 0))
+    state_spec = pl.BlockSpec((None, None, block_v, K), lambda b, h, iv: (b, h, iv, 0))
+    return pl.pallas_call(
+        functools.partial(kernel, num_chunks=num_chunks),
+        grid=(B, H, V // block_v),
+        in_specs=[
+            seq_spec,
+            pl.BlockSpec((None, T, None, block_v), lambda b, h, iv: (b, 0, h, iv)),
+            seq_spec,
+            None if seg is None else pl.BlockSpec((None, T), lambda b, h, iv: (b, 0)),
+            None if state_in is None else state_spec,
+        ],
+        out_specs=[pl.BlockSpec((None, None, num_chunks, block_v, K), lambda b, h, iv: (b, h, 0, iv, 0)),
+                   state_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, H, num_chunks, V, K), dot_dtype),
+                   jax.ShapeDtypeStruct((B, H, V, K), jnp.float32)],
+        compiler_params=compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name=name,
+    )(key_like, value_like, gate, seg, state_in)

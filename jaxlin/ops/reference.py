@@ -5,7 +5,6 @@ Everything is computed in float32 at HIGHEST matmul precision, whatever the inpu
 dtype; only the output is cast back to ``v.dtype``.
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

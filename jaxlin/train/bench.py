@@ -16,7 +16,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 
 from ..common import (CHUNK, NUM_SUB, causal_mask, chunk_total_gate, compiler_params,
                       cumulative_gates, decays_mildly, load_f32, matmul, pair_decay, segment_bounds,
-                      tile_rows)
+                      sequential_state_call, tile_rows)
 
 
 def _state_grad_pass_kernel(q_ref, do_ref, g_ref, seg_ref, dht_ref, dhs_ref, dh0_ref, *, scale,
@@ -170,31 +170,10 @@ def state_grad_pass(q, do, g, seg, dht, *, scale, dot_dtype, block_v, interpret,
                     num_stages=2):
     """``(dhs [B, H, NT, V, K], dh0 [B, H, V, K])``: gradients of the states leaving each chunk
     (matmul operand dtype) and of the initial state (float32), transposed."""
-    B, T, H, K = q.shape
-    V = do.shape[-1]
-    num_chunks = T // CHUNK
-    kernel = functools.partial(_state_grad_pass_kernel, scale=scale, num_chunks=num_chunks,
-                               dot_dtype=dot_dtype)
-    seq_spec = lambda d: pl.BlockSpec((None, T, None, d), lambda b, h, iv: (b, 0, h, 0))
-    state_spec = pl.BlockSpec((None, None, block_v, K), lambda b, h, iv: (b, h, iv, 0))
-    return pl.pallas_call(
-        kernel,
-        grid=(B, H, V // block_v),
-        in_specs=[
-            seq_spec(K),
-            pl.BlockSpec((None, T, None, block_v), lambda b, h, iv: (b, 0, h, iv)),
-            seq_spec(K),
-            None if seg is None else pl.BlockSpec((None, T), lambda b, h, iv: (b, 0)),
-            state_spec,
-        ],
-        out_specs=[pl.BlockSpec((None, None, num_chunks, block_v, K),
-                                lambda b, h, iv: (b, h, 0, iv, 0)), state_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, H, num_chunks, V, K), dot_dtype),
-                   jax.ShapeDtypeStruct((B, H, V, K), jnp.float32)],
-        compiler_params=compiler_params(num_warps, num_stages),
-        interpret=interpret,
-        name="gla_state_grad_pass",
-    )(q, do, g, seg, dht)
+    kernel = functools.partial(_state_grad_pass_kernel, scale=scale, dot_dtype=dot_dtype)
+    return sequential_state_call(kernel, q, do, g, seg, dht, block_v=block_v, dot_dtype=dot_dtype,
+                                 num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                                 name="gla_state_grad_pass")
 
 
 def chunk_grads(q, k, v, g, do, seg, hs, dhs, *, scale, dot_dtype, interpret, num_warps=4,

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 
 from ..common import (CHUNK, NUM_SUB, causal_mask, chunk_total_gate, compiler_params,
                       cumulative_gates, decays_mildly, load_f32, matmul, pair_decay, segment_bounds,
-                      tile_rows)
+                      sequential_state_call, tile_rows)
 
 
 def _state_pass_kernel(k_ref, v_ref, g_ref, seg_ref, h0_ref, hs_ref, final_ref, *, num_chunks,
@@ -105,30 +105,10 @@ def state_pass(k, v, g, seg, h0_t, *, dot_dtype, block_v, interpret, num_warps=4
     Both transposed; ``hs`` in the matmul operand dtype (the only form its readers use),
     the final state float32.
     """
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    num_chunks = T // CHUNK
-    kernel = functools.partial(_state_pass_kernel, num_chunks=num_chunks, dot_dtype=dot_dtype)
-    seq_spec = lambda d: pl.BlockSpec((None, T, None, d), lambda b, h, iv: (b, 0, h, 0))
-    state_spec = pl.BlockSpec((None, None, block_v, K), lambda b, h, iv: (b, h, iv, 0))
-    return pl.pallas_call(
-        kernel,
-        grid=(B, H, V // block_v),
-        in_specs=[
-            seq_spec(K),
-            pl.BlockSpec((None, T, None, block_v), lambda b, h, iv: (b, 0, h, iv)),
-            seq_spec(K),
-            None if seg is None else pl.BlockSpec((None, T), lambda b, h, iv: (b, 0)),
-            None if h0_t is None else state_spec,
-        ],
-        out_specs=[pl.BlockSpec((None, None, num_chunks, block_v, K),
-                                lambda b, h, iv: (b, h, 0, iv, 0)), state_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, H, num_chunks, V, K), dot_dtype),
-                   jax.ShapeDtypeStruct((B, H, V, K), jnp.float32)],
-        compiler_params=compiler_params(num_warps, num_stages),
-        interpret=interpret,
-        name="gla_state_pass",
-    )(k, v, g, seg, h0_t)
+    kernel = functools.partial(_state_pass_kernel, dot_dtype=dot_dtype)
+    return sequential_state_call(kernel, k, v, g, seg, h0_t, block_v=block_v, dot_dtype=dot_dtype,
+                                 num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                                 name="gla_state_pass")
 
 
 def chunk_outputs(q, k, v, g, seg, hs, *, scale, dot_dtype, interpret, num_warps=4, num_stages=2):
