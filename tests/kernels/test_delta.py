@@ -6,35 +6,21 @@ compiled, at full lengths:
 ``JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 python -m pytest tests/kernels -q``.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxlin import ops
 from jaxlin.ops.reference import delta_rule_reference, gated_delta_rule_reference
 from kernels.delta_rule import delta_rule_pallas
 from kernels.gated_delta_rule import gated_delta_rule_pallas, supports
+from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, packed_segments, rel_error, value_and_grads
 
-ON_GPU = os.environ.get("KERNELS_ON_GPU") == "1"
 BATCH, HEADS = (2, 4) if ON_GPU else (1, 2)  # HEADS even: see _per_head
-LONG = 1000 if ON_GPU else 130
-TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
 # dg is a small difference of O(1) terms, so it amplifies the bf16 rounding of the forward's
 # residuals: 1.04e-2 at K=128, V=32 (1.09e-2 with float32 matmuls in the gradient kernel).
 TOL_DG_BF16 = 2e-2
 SEGMENTS = (5, 64, 65, 66, 100)  # mid-chunk, on a chunk edge, just after it, a one-token segment
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quick_cpu_compiles():
-    """Interpret mode spends its time in XLA's CPU compiler; skipping its optimisations halves that."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", not ON_GPU)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _inputs(seed, T, K, V, dtype, gate_scale, beta_range):
@@ -50,48 +36,29 @@ def _inputs(seed, T, K, V, dtype, gate_scale, beta_range):
     return cast(q), cast(k), cast(v), cast(g), cast(beta), h0, keys[6]
 
 
-def _packed_segments(T, boundaries):
-    ids = np.zeros((BATCH, T), np.int32)
-    for b in boundaries:
-        if b < T:
-            ids[:, b:] += 1
-    ids[-1, T // 3:] += 5  # a different packing in the last row
-    return jnp.asarray(ids % 3)  # ids may repeat across non-adjacent segments
-
-
-def _value_and_grads(fn, gated, q, k, v, g, beta, h0, cot_key, segment_ids, use_h0):
+def _outputs_and_grads(fn, gated, q, k, v, g, beta, h0, cot_key, segment_ids, use_h0):
     def run(q, k, v, g, beta, h0):
         gates = (g, beta) if gated else (beta,)
         return fn(q, k, v, *gates, scale=q.shape[-1] ** -0.5, initial_state=h0 if use_h0 else None,
                   output_final_state=True, segment_ids=segment_ids)
 
-    (o, s), vjp = jax.vjp(run, q, k, v, g, beta, h0)
-    ko, ks = jax.random.split(cot_key)
-    do = jax.random.normal(ko, o.shape).astype(o.dtype)
-    ds = jax.random.normal(ks, s.shape)
-    return (o, s) + vjp((do, ds))
-
-
-def _rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x)), "non-finite values"
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+    return value_and_grads(run, (q, k, v, g, beta, h0), cot_key)
 
 
 def _check(T, gated=True, K=32, V=64, dtype=jnp.float32, gate_scale=0.1, beta_range=(0.0, 1.0),
            segments=None, use_h0=True, seed=0):
     q, k, v, g, beta, h0, cot_key = _inputs(seed, T, K, V, dtype, gate_scale, beta_range)
-    seg = None if segments is None else _packed_segments(T, segments)
+    seg = None if segments is None else packed_segments(BATCH, T, segments)
     kernel = gated_delta_rule_pallas if gated else delta_rule_pallas
     pallas = lambda *a, **kw: kernel(*a, **kw, interpret=not ON_GPU)
     reference = gated_delta_rule_reference if gated else delta_rule_reference
     args = (q, k, v, g, beta, h0, cot_key)
-    got = jax.jit(lambda *a: _value_and_grads(pallas, gated, *a, seg, use_h0))(*args)
-    want = jax.jit(lambda *a: _value_and_grads(reference, gated, *a, seg, use_h0))(*args)
+    got = jax.jit(lambda *a: _outputs_and_grads(pallas, gated, *a, seg, use_h0))(*args)
+    want = jax.jit(lambda *a: _outputs_and_grads(reference, gated, *a, seg, use_h0))(*args)
     names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
     skip = {"dg"} if not gated else set()
     skip |= {"dh0"} if not use_h0 else set()
-    errors = {n: _rel(x, y) for n, x, y in zip(names, got, want) if n not in skip}
+    errors = {n: rel_error(x, y) for n, x, y in zip(names, got, want) if n not in skip}
     assert got[0].dtype == v.dtype and got[0].shape == v.shape
     assert got[1].dtype == jnp.float32 and got[1].shape == h0.shape
     tol = lambda n: TOL_DG_BF16 if n == "dg" and dtype == jnp.bfloat16 else TOL[dtype]
@@ -140,10 +107,10 @@ def test_dispatch_no_initial_state_no_final_state():
     q, k, v, g, beta, _, _ = _inputs(7, 63, 32, 64, jnp.float32, 1.0, (0.0, 1.0))
     o, s = ops.gated_delta_rule(q, k, v, g, beta, scale=0.2, impl="pallas")
     want, _ = gated_delta_rule_reference(q, k, v, g, beta, scale=0.2)
-    assert s is None and _rel(o, want) <= 1e-4
+    assert s is None and rel_error(o, want) <= 1e-4
     o, s = ops.delta_rule(q, k, v, beta, scale=0.2, impl="pallas")
     want, _ = delta_rule_reference(q, k, v, beta, scale=0.2)
-    assert s is None and _rel(o, want) <= 1e-4
+    assert s is None and rel_error(o, want) <= 1e-4
 
 
 def test_supports():

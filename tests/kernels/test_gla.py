@@ -5,30 +5,16 @@ compiled, at full lengths:
 ``JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 python -m pytest tests/kernels -q``.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxlin.ops.reference import gla_reference
 from kernels.gla import gla_pallas, supports
+from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, packed_segments, rel_error, value_and_grads
 
-ON_GPU = os.environ.get("KERNELS_ON_GPU") == "1"
 BATCH, HEADS = (2, 4) if ON_GPU else (1, 1)
 LENGTHS = (1, 63, 64, 65, 1000, 4096) if ON_GPU else (1, 63, 64, 65)  # 130 below
-LONG = 1000 if ON_GPU else 130
-TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quick_cpu_compiles():
-    """Interpret mode spends its time in XLA's CPU compiler; skipping its optimisations halves that."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", not ON_GPU)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _inputs(seed, T, K, V, dtype, gate_scale):
@@ -45,41 +31,22 @@ def _inputs(seed, T, K, V, dtype, gate_scale):
     return cast(q), cast(k), cast(v), cast(g), h0, keys[5]
 
 
-def _packed_segments(T, boundaries):
-    ids = np.zeros((BATCH, T), np.int32)
-    for b in boundaries:
-        if b < T:
-            ids[:, b:] += 1
-    ids[-1, T // 3:] += 5  # a different packing in the last row (same in a batch of one)
-    return jnp.asarray(ids % 3)  # ids may repeat across non-adjacent segments
-
-
-def _value_and_grads(fn, q, k, v, g, h0, cot_key, segment_ids, use_h0):
+def _outputs_and_grads(fn, q, k, v, g, h0, cot_key, segment_ids, use_h0):
     def run(q, k, v, g, h0):
         return fn(q, k, v, g, scale=q.shape[-1] ** -0.5, initial_state=h0 if use_h0 else None,
                   output_final_state=True, segment_ids=segment_ids)
 
-    (o, s), vjp = jax.vjp(run, q, k, v, g, h0)
-    ko, ks = jax.random.split(cot_key)
-    do = jax.random.normal(ko, o.shape).astype(o.dtype)
-    ds = jax.random.normal(ks, s.shape)
-    return (o, s) + vjp((do, ds))
-
-
-def _rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x)), "non-finite values"
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+    return value_and_grads(run, (q, k, v, g, h0), cot_key)
 
 
 def _check(T, K=32, V=64, dtype=jnp.float32, gate_scale=1.0, segments=None, use_h0=True, seed=0):
     q, k, v, g, h0, cot_key = _inputs(seed, T, K, V, dtype, gate_scale)
-    seg = None if segments is None else _packed_segments(T, segments)
+    seg = None if segments is None else packed_segments(BATCH, T, segments)
     pallas = lambda *a, **kw: gla_pallas(*a, **kw, interpret=not ON_GPU)
-    got = jax.jit(lambda *a: _value_and_grads(pallas, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
-    want = jax.jit(lambda *a: _value_and_grads(gla_reference, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
+    got = jax.jit(lambda *a: _outputs_and_grads(pallas, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
+    want = jax.jit(lambda *a: _outputs_and_grads(gla_reference, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
     names = ["o", "final_state", "dq", "dk", "dv", "dg"] + (["dh0"] if use_h0 else [])
-    errors = {n: _rel(x, y) for n, x, y in zip(names, got, want)}
+    errors = {n: rel_error(x, y) for n, x, y in zip(names, got, want)}
     assert got[0].dtype == v.dtype and got[0].shape == v.shape
     assert got[1].dtype == jnp.float32 and got[1].shape == h0.shape
     bad = {n: e for n, e in errors.items() if not e <= TOL[dtype]}
@@ -118,7 +85,7 @@ def test_no_initial_state_no_final_state():
     o, s = gla_pallas(q, k, v, g, scale=0.2, initial_state=None, output_final_state=False,
                       segment_ids=None, interpret=not ON_GPU)
     want, _ = gla_reference(q, k, v, g, scale=0.2)
-    assert s is None and _rel(o, want) <= 1e-4
+    assert s is None and rel_error(o, want) <= 1e-4
 
 
 def test_supports():

@@ -1,0 +1,40 @@
+"""What the kernel tests share: where they run, tolerances, packed segments, gradients, errors.
+
+On CPU the kernels run in interpret mode at tiny shapes. On a GPU the same checks run compiled at
+full lengths: ``JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 python -m pytest tests/kernels -q``.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ON_GPU = os.environ.get("KERNELS_ON_GPU") == "1"
+LONG = 1000 if ON_GPU else 130
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+
+
+def packed_segments(batch, T, boundaries):
+    """[batch, T] ids with a new document at each boundary; the last row packs differently."""
+    ids = np.zeros((batch, T), np.int32)
+    for b in boundaries:
+        if b < T:
+            ids[:, b:] += 1
+    ids[-1, T // 3:] += 5  # a different packing in the last row (same in a batch of one)
+    return jnp.asarray(ids % 3)  # ids may repeat across non-adjacent segments
+
+
+def value_and_grads(run, args, cot_key):
+    """(o, final_state, *input gradients) of `run(*args) -> (o, final_state)` under random cotangents."""
+    (o, s), vjp = jax.vjp(run, *args)
+    ko, ks = jax.random.split(cot_key)
+    do = jax.random.normal(ko, o.shape).astype(o.dtype)
+    ds = jax.random.normal(ks, s.shape)
+    return (o, s) + vjp((do, ds))
+
+
+def rel_error(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(x)), "non-finite values"
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
