@@ -40,10 +40,11 @@ def prepare_data(config: ml_collections.ConfigDict):
     data_dir = resolve_data_dir(d.data_dir or None)
     key = hashlib.sha1(json.dumps([sorted(d.sources), d.val_fraction, str(data_dir)]).encode()).hexdigest()[:12]
     out_dir = Path(d.shards_dir) if d.shards_dir else user_cache_dir().parent / "shards" / key
-    if jax.process_index() == 0:
-        prepare_corpus(d.sources, out_dir, data_dir, d.val_fraction)
+    # One process tokenises; the others wait, then read the shards it wrote (a manifest hit).
+    first = jax.process_index() == 0
+    shards = prepare_corpus(d.sources, out_dir, data_dir, d.val_fraction) if first else None
     sharding.barrier("prepare_data")
-    return prepare_corpus(d.sources, out_dir, data_dir, d.val_fraction)
+    return shards if first else prepare_corpus(d.sources, out_dir, data_dir, d.val_fraction)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
