@@ -1,12 +1,12 @@
 """Time linear-attention implementations: forward and forward+backward, median ms.
 
-    python -m kernels.bench gla --shape 32,1024,16,32,64 [--shape ...] [--dtype bf16]
-        [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
+    python -m kernels.bench {gla,delta_rule,gated_delta_rule} --shape B,T,H,K,V [--shape ...]
+        [--dtype bf16] [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
 
-Each JAX implementation is jitted through ``jaxlin.ops.gla(impl=...)``; forward+backward
-is one jitted ``vjp`` (forward included) with a fixed random cotangent. FLA's
-``chunk_gla`` (PyTorch/Triton) is timed with ``triton.testing.do_bench`` when importable.
-Inputs are random normal, gates ``log_sigmoid(normal) / 16`` (GLA's usual range).
+Each JAX implementation is jitted through ``jaxlin.ops.<op>(impl=...)``; forward+backward
+is one jitted ``vjp`` (forward included) with a fixed random cotangent. FLA's chunk kernel
+(``chunk_gla``, ``chunk_delta_rule``, ``chunk_gated_delta_rule``; PyTorch/Triton) is timed
+with ``triton.testing.do_bench`` when importable. Inputs: see ``_inputs``.
 """
 
 import argparse
@@ -40,43 +40,72 @@ def _median_ms(fn, *args, warmup=3, min_runs=10, max_runs=200, budget_s=3.0):
     return 1e3 * statistics.median(times)
 
 
-def _gla_inputs(shape, dtype, seed=0):
+def _inputs(op, shape, dtype, seed=0):
+    """``(args, do)``: the op's positional arguments and a random cotangent of ``o``.
+
+    GLA gates are ``log_sigmoid(normal) / 16`` per key channel (GLA's usual range); delta-rule q and
+    k are L2-normalised (as the layers do), beta is ``sigmoid(normal)`` and the gated rule's scalar
+    gate ``log_sigmoid(normal + 2)`` (mostly near 0, sometimes strong).
+    """
     B, T, H, K, V = shape
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
     q = jax.random.normal(keys[0], (B, T, H, K), dtype)
     k = jax.random.normal(keys[1], (B, T, H, K), dtype)
     v = jax.random.normal(keys[2], (B, T, H, V), dtype)
-    g = (jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, K))) / 16).astype(dtype)
     do = jax.random.normal(keys[4], (B, T, H, V), dtype)
-    return q, k, v, g, do
+    if op == "gla":
+        g = (jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, K))) / 16).astype(dtype)
+        return (q, k, v, g), do
+    q, k = ops.l2norm(q), ops.l2norm(k)
+    beta = jax.nn.sigmoid(jax.random.normal(keys[5], (B, T, H))).astype(dtype)
+    if op == "delta_rule":
+        return (q, k, v, beta), do
+    g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H)) + 2).astype(dtype)
+    return (q, k, v, g, beta), do
 
 
-def _time_jax_gla(impl, q, k, v, g, do):
-    forward = jax.jit(lambda q, k, v, g: ops.gla(q, k, v, g, impl=impl)[0])
-    f = lambda q, k, v, g: ops.gla(q, k, v, g, impl=impl)[0]
-    forward_backward = jax.jit(lambda q, k, v, g, do: jax.vjp(f, q, k, v, g)[1](do))
-    out = forward(q, k, v, g)
-    return _median_ms(forward, q, k, v, g), _median_ms(forward_backward, q, k, v, g, do), out
+def _time_jax(op, impl, args, do):
+    f = lambda *args: getattr(ops, op)(*args, impl=impl)[0]
+    forward = jax.jit(f)
+    forward_backward = jax.jit(lambda args, do: jax.vjp(f, *args)[1](do))
+    out = forward(*args)
+    return _median_ms(forward, *args), _median_ms(forward_backward, args, do), out
 
 
-def _time_fla_gla(q, k, v, g, do):
-    """``(fwd_ms, fwd_bwd_ms)`` of FLA's chunk_gla, or None when FLA/torch is missing."""
+def _fla_function(op):
+    if op == "gla":
+        from fla.ops.gla import chunk_gla
+        return chunk_gla
+    if op == "delta_rule":
+        from fla.ops.delta_rule import chunk_delta_rule
+        return chunk_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    return chunk_gated_delta_rule
+
+
+def _time_fla(op, args, do):
+    """``(fwd_ms, fwd_bwd_ms or None)`` of FLA's chunk kernel for ``op``, or None when FLA/torch is
+    missing. The backward is None where FLA refuses it (its gated delta rule on Triton 3.4-3.7.0)."""
     try:
         import torch
-        from fla.ops.gla import chunk_gla
         from triton.testing import do_bench
+        fla_fn = _fla_function(op)
     except ImportError:
         return None
     to_torch = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(
         torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32)
-    tq, tk, tv, tg, tdo = (to_torch(x) for x in (q, k, v, g, do))
-    inputs = [x.requires_grad_() for x in (tq, tk, tv, tg)]
-    forward = lambda: chunk_gla(*inputs)[0]
-    forward_backward = lambda: torch.autograd.grad(chunk_gla(*inputs)[0], inputs, tdo)
+    inputs = [to_torch(x).requires_grad_() for x in args]
+    tdo = to_torch(do)
+    forward = lambda: fla_fn(*inputs)[0]
+    forward_backward = lambda: torch.autograd.grad(fla_fn(*inputs)[0], inputs, tdo)
     bench = lambda fn: do_bench(fn, warmup=100, rep=500, return_mode="median")
     with torch.no_grad():
         fwd = bench(forward)
-    return fwd, bench(forward_backward)
+    try:
+        return fwd, bench(forward_backward)
+    except Exception as e:  # noqa: BLE001 (FLA raises plain RuntimeErrors/AssertionErrors here)
+        print(f"fla backward refused: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        return fwd, None
 
 
 def _pallas_gla_stages(q, k, v, g, do, configs):
@@ -107,19 +136,19 @@ def _pallas_gla_stages(q, k, v, g, do, configs):
         print(f"  {name:<16}" + "  ".join(times))
 
 
-def bench_gla(shape, dtype, impls, configs=None):
-    q, k, v, g, do = _gla_inputs(shape, dtype)
+def bench_op(op, shape, dtype, impls, configs=None):
+    args, do = _inputs(op, shape, dtype)
     rows, outputs = [], {}
     for impl in impls:
         if impl == "fla":
-            timed = _time_fla_gla(q, k, v, g, do)
+            timed = _time_fla(op, args, do)
             if timed is None:
                 print("fla: not importable, skipped")
                 continue
-            rows.append(dict(impl="fla chunk_gla", fwd_ms=timed[0], fwd_bwd_ms=timed[1]))
+            rows.append(dict(impl="fla", fwd_ms=timed[0], fwd_bwd_ms=timed[1]))
             continue
         try:
-            fwd, fwd_bwd, outputs[impl] = _time_jax_gla(impl, q, k, v, g, do)
+            fwd, fwd_bwd, outputs[impl] = _time_jax(op, impl, args, do)
         except jax.errors.JaxRuntimeError as e:  # e.g. the chunked form's memory at long T
             print(f"{impl}: failed, {str(e).splitlines()[0][:120]}")
             continue
@@ -127,20 +156,22 @@ def bench_gla(shape, dtype, impls, configs=None):
     base = next((r for r in rows if r["impl"] == "reference"), rows[0])
     for r in rows:
         r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
-        r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        r["fwd_bwd_speedup"] = (base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+                                if r["fwd_bwd_ms"] and base["fwd_bwd_ms"] else None)
     if "pallas" in outputs and len(outputs) > 1:  # sanity: same function as the others
-        ref = np.asarray(outputs[next(i for i in outputs if i != "pallas")], np.float32)
+        other = next(i for i in outputs if i != "pallas")
+        ref = np.asarray(outputs[other], np.float32)
         err = np.linalg.norm(np.asarray(outputs["pallas"], np.float32) - ref) / np.linalg.norm(ref)
-        print(f"pallas vs {next(i for i in outputs if i != 'pallas')}: rel err of o = {err:.2e}")
-    if configs:
+        print(f"pallas vs {other}: rel err of o = {err:.2e}")
+    if configs and op == "gla":
         print("pallas kernels alone, ms by num_warps/num_stages:")
-        _pallas_gla_stages(q, k, v, g, do, configs)
+        _pallas_gla_stages(*args, do, configs)
     return rows, base["impl"]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("op", choices=["gla"])
+    parser.add_argument("op", choices=["gla", "delta_rule", "gated_delta_rule"])
     parser.add_argument("--shape", action="append", required=True, help="B,T,H,K,V (repeatable)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--impls", default="reference,chunked,pallas,fla")
@@ -153,12 +184,13 @@ def main(argv=None):
     for text in args.shape:
         shape = tuple(int(x) for x in text.split(","))
         configs = [tuple(int(x) for x in c.split("x")) for c in (args.stages or [])]
-        rows, base = bench_gla(shape, DTYPES[args.dtype], args.impls.split(","), configs)
-        print(f"\ngla B,T,H,K,V={text} {args.dtype} (speed-up vs {base})")
+        rows, base = bench_op(args.op, shape, DTYPES[args.dtype], args.impls.split(","), configs)
+        print(f"\n{args.op} B,T,H,K,V={text} {args.dtype} (speed-up vs {base})")
         print(f"{'impl':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd x':>9}{'fwd+bwd x':>11}")
         for r in rows:
-            print(f"{r['impl']:<16}{r['fwd_ms']:>10.3f}{r['fwd_bwd_ms']:>12.3f}"
-                  f"{r['fwd_speedup']:>9.1f}{r['fwd_bwd_speedup']:>11.1f}")
+            fwd_bwd = "n/a" if r["fwd_bwd_ms"] is None else f"{r['fwd_bwd_ms']:.3f}"
+            speedup = "n/a" if r["fwd_bwd_speedup"] is None else f"{r['fwd_bwd_speedup']:.1f}"
+            print(f"{r['impl']:<16}{r['fwd_ms']:>10.3f}{fwd_bwd:>12}{r['fwd_speedup']:>9.1f}{speedup:>11}")
             records.append(dict(op=args.op, shape=text, dtype=args.dtype, device=jax.devices()[0].device_kind, **r))
     if args.json:
         with open(args.json, "w") as f:

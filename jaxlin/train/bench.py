@@ -1,10 +1,11 @@
 """Times the full train step of a config on one accelerator.
 
     python -m jaxlin.train.bench --config configs/gpt2_medium_gla.py [--config.model.remat=dots] \
-        [--steps 20] [--sharded] [--json out.json]
+        [--steps 20] [--sharded] [--json out.json] [--profile DIR]
 
 Random tokens at the config's micro-batch (one micro-batch per step, no accumulation); after compilation it
 reports the median step time, tokens/s, MFU, the split into forward / backward / optimizer, and peak memory.
+With --profile it also traces a few steps and prints the device time per kernel and per category.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from jaxlin.model import GPT
-from jaxlin.train import flops, sharding
+from jaxlin.train import flops, profiling, sharding
 from jaxlin.train.config import model_config
 from jaxlin.train.optimizer import make_optimizer
 from jaxlin.train.step import create_train_state, loss_fn, train_step
@@ -31,6 +32,7 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed repetitions of each phase (med
 _SHARDED = flags.DEFINE_bool("sharded", False, "Use the mesh code path (explicit shardings) of train.loop.")
 _PHASES = flags.DEFINE_bool("phases", True, "Also time forward and forward+backward alone (two more compiles).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+_PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps into this directory and print where device time goes.")
 
 
 def median_ms(fn, *args, steps: int) -> float:
@@ -44,7 +46,7 @@ def median_ms(fn, *args, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench(config, steps: int, sharded: bool, phases: bool = True) -> dict:
+def bench(config, steps: int, sharded: bool, phases: bool = True, profile_dir: str | None = None) -> dict:
     t, mcfg = config.train, model_config(config)
     B, T = t.micro_batch_size, config.data.seq_len
     optimizer = make_optimizer(t)
@@ -71,6 +73,9 @@ def bench(config, steps: int, sharded: bool, phases: bool = True) -> dict:
         results["step_ms"] = median_ms(step_fn, state, batch, steps=steps)
         stats = jax.devices()[0].memory_stats() or {}  # the peak of the train step alone
         results["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+        if profile_dir:
+            trace = profiling.trace_steps(step_fn, state, batch, steps=3, log_dir=profile_dir)
+            results["profile"] = profiling.device_kernel_times(trace, steps=3)
         if phases:
             results["forward_ms"] = median_ms(fwd, state.params, micro, steps=steps)
             results["forward_backward_ms"] = median_ms(fwd_bwd, state.params, micro, steps=steps)
@@ -87,7 +92,9 @@ def bench(config, steps: int, sharded: bool, phases: bool = True) -> dict:
 
 def main(argv):
     del argv
-    results = bench(_CONFIG.value, _STEPS.value, _SHARDED.value, _PHASES.value)
+    results = bench(_CONFIG.value, _STEPS.value, _SHARDED.value, _PHASES.value, _PROFILE.value)
+    if "profile" in results:
+        print(profiling.format_table(results["profile"]))
     for key in ("device", "micro_batch", "seq_len", "sharded", "step_ms", "forward_ms", "backward_ms",
                 "optimizer_ms", "tokens_per_s", "mfu", "peak_memory_gib"):
         value = results.get(key)
