@@ -34,3 +34,13 @@ def test_hybrid_alternates():
 def test_reference_run_schedule():
     c = runpy.run_path(str(CONFIGS[0].parent / "gpt2_medium_gla.py"))["get_config"]()
     assert (c.train.steps, c.train.batch_size * c.data.seq_len, c.train.micro_batch_size) == (13_535, 512 * 1024, 32)
+
+
+def test_small_real_run_size():
+    from flax import nnx
+
+    from jaxlin.model import GPT, count_params
+    gla, softmax = load("small_gla"), load("small_softmax")
+    n = count_params(nnx.eval_shape(lambda: GPT(gla, rngs=nnx.Rngs(0))))
+    assert 20e6 <= n <= 50e6  # issue 8: a 20-50M parameter model
+    assert (softmax.attn, softmax.n_layer, softmax.n_embd) == ("softmax", gla.n_layer, gla.n_embd)

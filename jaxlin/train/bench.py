@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import pathlib
 import statistics
 import time
 
@@ -75,6 +76,9 @@ def bench(config, steps: int, sharded: bool, phases: bool = True, profile_dir: s
         results["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
         if profile_dir:
             trace = profiling.trace_steps(step_fn, state, batch, steps=3, log_dir=profile_dir)
+            # The optimised HLO names the fusions that the trace lists.
+            hlo = step_fn.lower(state, batch).compile().as_text()
+            (pathlib.Path(profile_dir) / "train_step.hlo.txt").write_text(hlo)
             results["profile"] = profiling.device_kernel_times(trace, steps=3)
         if phases:
             results["forward_ms"] = median_ms(fwd, state.params, micro, steps=steps)

@@ -1,39 +1,79 @@
-"""Next-token cross-entropy that never holds the full [tokens, vocab] logits at once."""
+"""Next-token cross-entropy that never holds the full [tokens, vocab] logits at once.
+
+The token axis is cut into slices of `chunk` tokens. Each slice's logits are computed in float32
+accumulation from the compute-dtype hidden states and embedding, reduced to a log-sum-exp and dropped.
+Under differentiation the same pass also forms the gradients (the softmax minus the one-hot target is
+known as soon as a slice's logits are), so the backward pass only scales them: three matrix products
+over the vocabulary per token instead of four (forward, recomputed forward, two gradients), all in the
+compute dtype with float32 accumulation, as PyTorch autocast runs the reference's head.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 
 def chunked_cross_entropy(hidden, embedding, targets, *, chunk: int):
-    """Mean NLL of `targets` [B, T] under logits = hidden [B, T, D] @ embedding[V, D]^T.
-
-    The token axis is cut into slices of `chunk` tokens; each slice's logits are computed in float32
-    accumulation, reduced to a log-sum-exp and dropped, and recomputed in the backward pass
-    (jax.checkpoint), so peak memory holds one slice of logits instead of all of them.
-    """
+    """Mean NLL of `targets` [B, T] under logits = hidden [B, T, D] @ embedding[V, D]^T."""
     B, T, D = hidden.shape
     n = B * T
-    h = hidden.reshape(n, D)
-    y = targets.reshape(n)
     chunk = min(chunk, n)
     pad = (-n) % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    y = jnp.pad(y, (0, pad))
-    valid = jnp.arange(n + pad) < n
-    w = embedding.astype(hidden.dtype)
+    h = jnp.pad(hidden.reshape(n, D), ((0, pad), (0, 0))).reshape(-1, chunk, D)
+    y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
+    valid = (jnp.arange(n + pad) < n).reshape(-1, chunk)
+    total = _nll_sum(h, embedding, y, valid)
+    return total / n
 
-    @jax.checkpoint
-    def slice_nll(h_s, y_s):
-        logits = jnp.einsum("nd,vd->nv", h_s, w, preferred_element_type=jnp.float32)
-        picked = jnp.take_along_axis(logits, y_s[:, None], axis=1)[:, 0]
-        return jax.nn.logsumexp(logits, axis=1) - picked
+
+def _slice_logits(h_s, w):
+    return jnp.einsum("nd,vd->nv", h_s, w.astype(h_s.dtype), preferred_element_type=jnp.float32)
+
+
+def _slice_nll(logits, y_s, valid_s):
+    picked = jnp.take_along_axis(logits, y_s[:, None], axis=1)[:, 0]
+    return jnp.where(valid_s, jax.nn.logsumexp(logits, axis=1) - picked, 0.0)
+
+
+@jax.custom_vjp
+def _nll_sum(h, embedding, y, valid):
+    """Summed NLL over slices: h [S, C, D], y and valid [S, C]."""
 
     def body(total, xs):
-        h_s, y_s, m_s = xs
-        return total + jnp.sum(jnp.where(m_s, slice_nll(h_s, y_s), 0.0)), None
+        h_s, y_s, valid_s = xs
+        return total + jnp.sum(_slice_nll(_slice_logits(h_s, embedding), y_s, valid_s)), None
 
-    xs = (h.reshape(-1, chunk, D), y.reshape(-1, chunk), valid.reshape(-1, chunk))
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total / n
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, valid))[0]
+
+
+def _nll_sum_fwd(h, embedding, y, valid):
+    w = embedding.astype(h.dtype)
+
+    def body(carry, xs):
+        total, dw = carry
+        h_s, y_s, valid_s = xs
+        logits = _slice_logits(h_s, w)
+        total += jnp.sum(_slice_nll(logits, y_s, valid_s))
+        # d(sum NLL)/d logits = softmax - one_hot, zero on padding; the products run in the compute dtype.
+        dlogits = jax.nn.softmax(logits, axis=1)
+        dlogits = dlogits.at[jnp.arange(y_s.shape[0]), y_s].add(-1.0)
+        dlogits = jnp.where(valid_s[:, None], dlogits, 0.0).astype(h.dtype)
+        dh_s = jnp.einsum("nv,vd->nd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
+        dw += jnp.einsum("nv,nd->vd", dlogits, h_s, preferred_element_type=jnp.float32)
+        return (total, dw), dh_s
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(embedding.shape, jnp.float32))
+    (total, dw), dh = jax.lax.scan(body, init, (h, y, valid))
+    return total, (dh, dw.astype(embedding.dtype))
+
+
+def _nll_sum_bwd(residuals, cotangent):
+    dh, dw = residuals
+    scale = functools.partial(jnp.multiply, cotangent)
+    return (scale(dh.astype(jnp.float32)).astype(dh.dtype), scale(dw).astype(dw.dtype), None, None)
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
