@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 INIT_STD = 0.02  # nanoGPT's initialisation for every Linear and Embedding
@@ -22,43 +23,44 @@ def extend_segments(segment_ids: jax.Array, n_past: int) -> jax.Array:
     return jnp.concatenate([first, segment_ids], axis=1)
 
 
-class ShortConv(nnx.Module):
-    """Depthwise causal 1-D convolution followed by SiLU (FLA's ShortConvolution, no bias).
+def causal_conv(x, kernel, *, segment_ids=None, cache=None, return_cache=False):
+    """Depthwise causal convolution + SiLU of x [B, T, C] with kernel [width, C], in float32.
 
-    The kernel is stored as [width, channels]; positions that belong to another document
-    (by `segment_ids`) are masked, so packed documents never see each other.
+    cache [B, width-1, C] holds the inputs that precede x; taps reaching into another document (by
+    `segment_ids`) read zero. Returns (y in x's dtype, the new cache or None).
+    """
+    B, T, C = x.shape
+    width = kernel.shape[0]
+    past = jnp.zeros((B, width - 1, C), x.dtype) if cache is None else cache.astype(x.dtype)
+    xp = jnp.concatenate([past, x], axis=1)  # [B, width-1+T, C]
+    seg = None if segment_ids is None else extend_segments(segment_ids, width - 1)
+    y = jnp.zeros((B, T, C), jnp.float32)
+    for j in range(width):
+        shift = width - 1 - j  # tap j reads token t - shift
+        tap = jax.lax.dynamic_slice_in_dim(xp, j, T, axis=1)
+        if seg is not None and shift > 0:
+            tap = jnp.where((seg[:, j : j + T] == segment_ids)[..., None], tap, 0)
+        y = y + tap.astype(jnp.float32) * kernel[j].astype(jnp.float32)
+    y = jax.nn.silu(y).astype(x.dtype)
+    if not return_cache:
+        return y, None
+    new_cache = xp[:, -(width - 1):]
+    if segment_ids is not None:
+        # Keep only inputs from the last token's document: a continuation belongs to it.
+        same_doc = seg[:, -(width - 1):] == segment_ids[:, -1:]
+        new_cache = jnp.where(same_doc[..., None], new_cache, 0)
+    return y, new_cache
+
+
+class ShortConv(nnx.Module):
+    """The parameter of FLA's ShortConvolution (depthwise, no bias, SiLU after), stored as [width, channels].
+
+    PyTorch's default Conv1d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = width for depthwise.
     """
 
-    def __init__(self, channels: int, width: int, *, dtype, rngs: nnx.Rngs):
-        # PyTorch's default Conv1d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = width for depthwise.
+    def __init__(self, channels: int, width: int, *, rngs: nnx.Rngs):
         bound = width ** -0.5
         self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound))
-        self.width = width
-        self.dtype = dtype
-
-    def __call__(self, x, *, segment_ids=None, cache=None, return_cache=False):
-        """x [B, T, C]; cache [B, width-1, C] holds the inputs that precede x. Returns (y, new_cache)."""
-        B, T, C = x.shape
-        w = self.kernel[...].astype(self.dtype)
-        past = jnp.zeros((B, self.width - 1, C), x.dtype) if cache is None else cache.astype(x.dtype)
-        xp = jnp.concatenate([past, x], axis=1)  # [B, width-1+T, C]
-        seg = None if segment_ids is None else extend_segments(segment_ids, self.width - 1)
-        y = jnp.zeros((B, T, C), jnp.float32)
-        for j in range(self.width):
-            shift = self.width - 1 - j  # tap j reads token t - shift
-            tap = jax.lax.dynamic_slice_in_dim(xp, j, T, axis=1)
-            if seg is not None and shift > 0:
-                tap = jnp.where((seg[:, j : j + T] == segment_ids)[..., None], tap, 0)
-            y = y + tap.astype(jnp.float32) * w[j].astype(jnp.float32)
-        y = jax.nn.silu(y).astype(x.dtype)
-        if not return_cache:
-            return y, None
-        new_cache = xp[:, -(self.width - 1):]
-        if segment_ids is not None:
-            # Keep only inputs from the last token's document: a continuation belongs to it.
-            same_doc = seg[:, -(self.width - 1):] == segment_ids[:, -1:]
-            new_cache = jnp.where(same_doc[..., None], new_cache, 0)
-        return y, new_cache
 
 
 class GatedRMSNorm(nnx.Module):
@@ -85,29 +87,46 @@ def merge_heads(x):
 
 
 class QKVConv(nnx.Module):
-    """The three short convolutions FLA puts on q, k and v; state carries each one's cache."""
+    """The three short convolutions FLA puts on q, k and v, run as one convolution over the
+    concatenated channels (one fused kernel forward and backward instead of three); state carries
+    each one's cache under "q", "k" and "v"."""
 
     def __init__(self, key_dim: int, value_dim: int, width: int, *, dtype, rngs: nnx.Rngs):
-        self.q = ShortConv(key_dim, width, dtype=dtype, rngs=rngs)
-        self.k = ShortConv(key_dim, width, dtype=dtype, rngs=rngs)
-        self.v = ShortConv(value_dim, width, dtype=dtype, rngs=rngs)
+        self.q = ShortConv(key_dim, width, rngs=rngs)
+        self.k = ShortConv(key_dim, width, rngs=rngs)
+        self.v = ShortConv(value_dim, width, rngs=rngs)
+        self.dtype = dtype
 
-    def __call__(self, q, k, v, *, segment_ids=None, cache=None, return_cache=False):
-        cache = cache or {}
-        outs, new_cache = [], {}
-        for name, conv, t in (("q", self.q, q), ("k", self.k, k), ("v", self.v, v)):
-            y, new_cache[name] = conv(t, segment_ids=segment_ids, cache=cache.get(name), return_cache=return_cache)
-            outs.append(y)
-        return tuple(outs), new_cache
+    def __call__(self, qkv, *, segment_ids=None, cache=None, return_cache=False):
+        """qkv [B, T, 2 key_dim + value_dim] -> ((q, k, v), new cache)."""
+        convs = {"q": self.q, "k": self.k, "v": self.v}
+        kernel = jnp.concatenate([c.kernel[...] for c in convs.values()], axis=1).astype(self.dtype)
+        joined_cache = jnp.concatenate([cache[n] for n in convs], axis=-1) if cache else None
+        y, new_cache = causal_conv(qkv, kernel, segment_ids=segment_ids, cache=joined_cache,
+                                   return_cache=return_cache)
+        bounds = np.cumsum([c.kernel.shape[1] for c in convs.values()])[:-1]
+        caches = jnp.split(new_cache, bounds, axis=-1) if return_cache else [None] * 3
+        return tuple(jnp.split(y, bounds, axis=-1)), dict(zip(convs, caches))
 
 
-def project_qkv(layer: nnx.Module, x, *, segment_ids, state: dict, return_state: bool):
-    """q, k, v of a linear-attention layer (its q/k/v projections, then the optional short convs),
-    split into heads, and the convs' new cache."""
-    q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+def fused_linear(x, *layers: nnx.Linear):
+    """Several bias-free projections of one input as one matrix product, split back per layer: one
+    kernel, and one product for the input's gradient, instead of one per projection."""
+    dtype = layers[0].dtype
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1).astype(dtype)
+    y = jnp.dot(x.astype(dtype), kernel)
+    return jnp.split(y, np.cumsum([layer.out_features for layer in layers])[:-1], axis=-1)
+
+
+def project_qkv(layer: nnx.Module, x, *extra: nnx.Linear, segment_ids, state: dict, return_state: bool):
+    """q, k, v of a linear-attention layer (its q/k/v projections, then the optional short convs)
+    split into heads, the outputs of the `extra` bias-free projections of x (computed in the same
+    matrix product), and the convs' new cache."""
+    q, k, v, *extra_out = fused_linear(x, layer.q_proj, layer.k_proj, layer.v_proj, *extra)
     conv_cache = {}
     if layer.conv is not None:
         (q, k, v), conv_cache = layer.conv(
-            q, k, v, segment_ids=segment_ids, cache=state.get("conv"), return_cache=return_state
+            jnp.concatenate([q, k, v], axis=-1), segment_ids=segment_ids, cache=state.get("conv"),
+            return_cache=return_state,
         )
-    return tuple(split_heads(t, layer.n_head) for t in (q, k, v)), conv_cache
+    return tuple(split_heads(t, layer.n_head) for t in (q, k, v)), extra_out, conv_cache

@@ -47,18 +47,19 @@ class DeltaNet(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        (q, k, v), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
-                                            return_state=return_state)
-        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+        extra = [self.b_proj] + [p for p in (self.a_proj if self.gated else None, self.g_proj) if p is not None]
+        (q, k, v), (b, *rest), conv_cache = project_qkv(self, x, *extra, segment_ids=segment_ids, state=state,
+                                                         return_state=return_state)
+        beta = jax.nn.sigmoid(b.astype(jnp.float32))
         common = dict(initial_state=state.get("recurrent"), output_final_state=return_state,
                       segment_ids=segment_ids, use_qk_l2norm=True, impl=self.impl)
         if self.gated:
-            a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
+            a = rest.pop(0).astype(jnp.float32) + self.dt_bias[...]
             g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
             o, recurrent = ops.gated_delta_rule(q, k, v, g, beta, **common)
         else:
             o, recurrent = ops.delta_rule(q, k, v, beta, **common)
-        gate = None if self.g_proj is None else split_heads(self.g_proj(x), self.n_head)
+        gate = split_heads(rest.pop(0), self.n_head) if rest else None
         y = self.o_proj(merge_heads(self.o_norm(o, gate)))
         return y, ({"recurrent": recurrent, "conv": conv_cache} if return_state else None)
 

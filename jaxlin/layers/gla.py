@@ -40,14 +40,14 @@ class GatedLinearAttention(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        (q, k, v), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
-                                            return_state=return_state)
-        gk = self.gk_proj(x)
-        gk = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / self.gate_logit_normalizer
+        (q, k, v), (g, gk), conv_cache = project_qkv(
+            self, x, self.g_proj, self.gk_proj.layers[0], segment_ids=segment_ids, state=state,
+            return_state=return_state)
+        gk = jax.nn.log_sigmoid(self.gk_proj.layers[1](gk).astype(jnp.float32)) / self.gate_logit_normalizer
         o, recurrent = ops.gla(
             q, k, v, split_heads(gk, self.n_head), initial_state=state.get("recurrent"),
             output_final_state=return_state, segment_ids=segment_ids, impl=self.impl,
         )
-        o = self.g_norm(o, split_heads(self.g_proj(x), self.n_head))
+        o = self.g_norm(o, split_heads(g, self.n_head))
         y = self.o_proj(merge_heads(o))
         return y, ({"recurrent": recurrent, "conv": conv_cache} if return_state else None)

@@ -9,6 +9,7 @@ from safetensors.numpy import load_file, save_file
 
 from eval_helpers import reference_log_probs, tiny_config, tiny_model
 from jaxlin import export
+from jaxlin.layers.common import causal_conv
 
 
 @pytest.mark.parametrize("attn", ["gla", "deltanet", "gated_deltanet", "softmax"])
@@ -43,7 +44,7 @@ def test_torch_names_and_layouts(tmp_path):
     weight = tensors[attn + "v_conv1d.weight"]  # torch: y[t] = sum_j w[:, 0, j] * x_padded[t + j]
     padded = np.concatenate([np.zeros((1, 3, 64), np.float32), x], axis=1)
     torch_conv = sum(weight[:, 0, j] * padded[:, j : j + 9] for j in range(4))
-    np.testing.assert_allclose(jax.nn.silu(torch_conv), layer.conv.v(x)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.nn.silu(torch_conv), causal_conv(x, layer.conv.v.kernel[...])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_softmax_and_gated_deltanet_names(tmp_path):
