@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlin import ops
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS
 from jaxlin.layers.common import INIT_STD, linear
 
@@ -18,7 +19,11 @@ PER_LAYER_FIELDS = ("attn", "expand_k", "expand_v", "conv_size")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Matrix products, plus the recurrence's outputs and the kernels' saved chunk states, so the backward
+    # pass re-runs only element-wise work, never a recurrence forward.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*ops.SAVEABLE_NAMES)),
 }
 
 

@@ -23,8 +23,17 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
+
+# The `jax.checkpoint` name of the tensors a forward kernel saves for its backward (chunk states and the
+# like): jaxlin.model's "dots" remat policy keeps them, so the backward never re-runs a forward kernel.
+RESIDUAL_NAME = "linear_attention_residual"
+
+
+def saved_for_backward(*residuals):
+    return tuple(None if r is None else checkpoint_name(r, RESIDUAL_NAME) for r in residuals)
 
 CHUNK = 64  # tokens per chunk: the unit of the sequential state pass
 SUB = 16  # tokens per sub-chunk: the unit of the intra-chunk gate references

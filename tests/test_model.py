@@ -109,3 +109,18 @@ def test_bad_inputs():
         model(jnp.ones((1, 65), jnp.int32))
     with pytest.raises(ValueError, match="state reuse"):
         model(jnp.ones((1, 8), jnp.int32), return_state=True)
+
+
+@pytest.mark.parametrize("attn", ["gla", "gated_deltanet"])
+def test_dots_remat_keeps_recurrence_outputs_and_kernel_states(attn, capsys):
+    """The backward pass must not re-run a forward kernel: the "dots" policy saves the op's output and
+    the Pallas kernels' chunk states (XLA then drops the dead recomputation)."""
+    cfg = ModelConfig(vocab_size=256, n_layer=1, n_head=2, n_embd=64, block_size=64, attn=attn,
+                      dtype="float32", impl="pallas", remat="dots")
+    graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    tokens = jnp.zeros((1, 64), jnp.int32)
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: jnp.sum(nnx.merge(graphdef, p).hidden(tokens)), params)
+    saved = capsys.readouterr().out
+    assert "named 'linear_attention_output'" in saved
+    assert "named 'linear_attention_residual'" in saved

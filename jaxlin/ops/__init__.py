@@ -23,12 +23,19 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from . import chunked, reference
 from .checks import check_inputs
 
-__all__ = ["gla", "delta_rule", "gated_delta_rule", "l2norm"]
+__all__ = ["gla", "delta_rule", "gated_delta_rule", "l2norm", "SAVEABLE_NAMES"]
+
+# `jax.checkpoint` names: every op's output, and the Pallas kernels' backward residuals (chunk states;
+# `kernels.common.RESIDUAL_NAME`, not imported here so that jaxlin runs without the kernels package).
+OUTPUT_NAME = "linear_attention_output"
+RESIDUAL_NAME = "linear_attention_residual"
+SAVEABLE_NAMES = (OUTPUT_NAME, RESIDUAL_NAME)
 
 _IMPLS = {
     "gla": (reference.gla_reference, chunked.gla_chunked),
@@ -102,8 +109,10 @@ def _dispatch(op, impl, args, kwargs):
         else:
             impl = "reference" if args[0].shape[1] < chunked.CHUNK else "chunked"
     if impl == "pallas":
-        return _pallas(op, args, kwargs)
-    return (ref_fn if impl == "reference" else chunk_fn)(*args, **kwargs)
+        o, final_state = _pallas(op, args, kwargs)
+    else:
+        o, final_state = (ref_fn if impl == "reference" else chunk_fn)(*args, **kwargs)
+    return checkpoint_name(o, OUTPUT_NAME), final_state
 
 
 def _kwargs(q, scale, initial_state, output_final_state, segment_ids):

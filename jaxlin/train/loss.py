@@ -56,10 +56,12 @@ def _nll_sum_fwd(h, embedding, y, valid):
         total, dw = carry
         h_s, y_s, valid_s = xs
         logits = _slice_logits(h_s, w)
-        total += jnp.sum(_slice_nll(logits, y_s, valid_s))
-        # d(sum NLL)/d logits = softmax - one_hot, zero on padding; the products run in the compute dtype.
-        dlogits = jax.nn.softmax(logits, axis=1)
-        dlogits = dlogits.at[jnp.arange(y_s.shape[0]), y_s].add(-1.0)
+        lse = jax.nn.logsumexp(logits, axis=1, keepdims=True)
+        is_target = jnp.arange(logits.shape[1])[None, :] == y_s[:, None]
+        total += jnp.sum(jnp.where(valid_s, lse[:, 0] - jnp.sum(jnp.where(is_target, logits, 0.0), axis=1), 0.0))
+        # d(sum NLL)/d logits = softmax - one_hot, zero on padding: one element-wise pass over the logits
+        # straight into the compute dtype, in which the two products below run.
+        dlogits = jnp.exp(logits - lse) - is_target
         dlogits = jnp.where(valid_s[:, None], dlogits, 0.0).astype(h.dtype)
         dh_s = jnp.einsum("nv,vd->nd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
         dw += jnp.einsum("nv,nd->vd", dlogits, h_s, preferred_element_type=jnp.float32)

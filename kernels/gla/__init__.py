@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..common import CHUNK, dot_dtype_for, pad_time, segment_index, state_block_v
+from ..common import CHUNK, dot_dtype_for, pad_time, saved_for_backward, segment_index, state_block_v
 from .backward import chunk_grads, state_grad_pass
 from .forward import chunk_outputs, state_pass
 
@@ -56,7 +56,7 @@ def _forward(q, k, v, g, initial_state, seg, scale, interpret):
 
 def _gla_fwd(q, k, v, g, initial_state, seg, scale, interpret):
     out, hs = _forward(q, k, v, g, initial_state, seg, scale, interpret)
-    return out, (q, k, v, g, initial_state, seg, hs)
+    return out, (q, k, v, g, initial_state, seg, *saved_for_backward(hs))
 
 
 def _gla_bwd(scale, interpret, residuals, cotangents):
