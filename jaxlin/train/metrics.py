@@ -1,7 +1,11 @@
-"""Where a run reports: metrics.jsonl, TensorBoard events, a loss-curve PNG."""
+"""Where a run reports: metrics.jsonl, TensorBoard events, a loss-curve PNG.
+
+Several runs on one plot: python -m jaxlin.train.metrics --out cmp.png gla=runs/a/metrics.jsonl softmax=...
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -47,29 +51,52 @@ class MetricsLog:
         self.tb.flush()
 
     def plot(self, out: Path) -> None:
-        if not self.enabled:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        records = self.read(self.path)
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train), label="train loss", lw=1)
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
+        if self.enabled:
+            plot_runs({"": self.read(self.path)}, out)
 
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
+
+
+def plot_runs(runs: dict[str, list[dict]], out: Path) -> None:
+    """Train (thin line) and validation (dots) loss against step for each labelled run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, records in runs.items():
+        prefix = f"{label} " if label else ""
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        if train:
+            (line,) = ax.plot(*zip(*train), label=f"{prefix}train loss", lw=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label=f"{prefix}validation loss", color=line.get_color() if train else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Plot the loss curves of several runs on one figure.")
+    parser.add_argument("runs", nargs="+", metavar="LABEL=METRICS_JSONL")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    runs = {}
+    for item in args.runs:
+        label, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            parser.error(f"{item!r}: expected LABEL=PATH to an existing metrics.jsonl")
+        runs[label] = MetricsLog.read(Path(path))
+    plot_runs(runs, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
