@@ -22,8 +22,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
 
 from ..common import CHUNK, causal_mask, compiler_params, load_f32, matmul, segment_bounds
+
+BLOCK = 16  # ``unit_lower_inverse`` solves its BLOCK x BLOCK diagonal blocks element-wise
 
 
 def load_gates(g_ref, rows):
@@ -64,16 +67,40 @@ def strictly_lower(x):
 
 
 def unit_lower_inverse(a):
-    """``(I + a)^-1`` for strictly lower-triangular ``a`` ``[C, C]`` by forward substitution:
-    row r of the inverse is ``e_r - a[r] X``, which only reads the finished rows above it."""
+    """``(I + a)^-1`` for strictly lower-triangular ``a`` ``[C, C]``, float32.
+
+    Plain forward substitution is C - 1 serial steps of [C, C] masked reductions (on an H100,
+    0.9 ms of the 2.2 ms forward at B, T, H = 32, 1024, 16). Instead:
+
+    1. the BLOCK x BLOCK diagonal blocks are inverted together, row s of every block in one
+       step (BLOCK - 1 steps): ``v`` holds those rows side by side (row s of column j's block
+       at column j) and ``x`` stays block-diagonal, so ``v x`` gives each block its own row;
+    2. neighbouring blocks are merged, 16 -> 32 -> 64, by
+       ``inv([[L1, 0], [M, L2]]) = [[X1, 0], [-X2 M X1, X2]]``: ``x <- x - x (m x)`` with ``m``
+       the blocks ``M`` of ``a``, two matmuls a level.
+
+    Both only regroup substitution (no series in powers of ``a``). The matmuls take three bf16
+    passes on the tensor cores (about 3e-7 relative error): Precision.HIGHEST makes Triton fall
+    back to FMA dots, 4x slower than the loop this replaces, and one tf32 pass errs 2e-5.
+    """
     rows = lax.broadcasted_iota(jnp.int32, a.shape, 0)
     cols = lax.broadcasted_iota(jnp.int32, a.shape, 1)
+    same_block = rows // BLOCK == cols // BLOCK
+    a_diag = jnp.where(same_block, a, 0.0)
 
-    def step(r, x):
-        a_r = jnp.sum(jnp.where(rows == r, a, 0.0), axis=0)
-        return x - jnp.where(rows == r, jnp.sum(a_r[:, None] * x, axis=0)[None, :], 0.0)
+    def step(s, x):
+        v = jnp.sum(jnp.where(rows % BLOCK == s, a_diag, 0.0), axis=0)
+        row_s = jnp.sum(v[:, None] * x, axis=0)[None, :]  # a[r] x, r = row s of each block (x[r] = e_r)
+        return x - jnp.where((rows % BLOCK == s) & same_block, row_s, 0.0)
 
-    return lax.fori_loop(1, a.shape[0], step, (rows == cols).astype(jnp.float32))
+    x = lax.fori_loop(1, BLOCK, step, (rows == cols).astype(jnp.float32))
+    mm = functools.partial(plgpu_triton.dot, precision=lax.DotAlgorithmPreset.BF16_BF16_F32_X3)
+    width = BLOCK
+    while width < a.shape[0]:
+        pairs = (rows // width == cols // width + 1) & (rows // (2 * width) == cols // (2 * width))
+        x = x - mm(x, mm(jnp.where(pairs, a, 0.0), x))
+        width *= 2
+    return x
 
 
 def _transform_kernel(k_ref, v_ref, beta_ref, g_ref, seg_ref, w_ref, u_ref, x_ref, *, dot_dtype):

@@ -9,9 +9,12 @@ compiled, at full lengths:
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental import pallas as pl
 
 from jaxlin import ops
 from jaxlin.ops.reference import delta_rule_reference, gated_delta_rule_reference
+from kernels.common import CHUNK
+from kernels.delta.forward import unit_lower_inverse
 from kernels.delta_rule import delta_rule_pallas
 from kernels.gated_delta_rule import gated_delta_rule_pallas, supports
 from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, packed_segments, rel_error, value_and_grads
@@ -103,6 +106,30 @@ def test_head_dims_bf16(K, V):
     _check(64 if not ON_GPU else LONG, K=K, V=V, dtype=jnp.bfloat16, use_h0=False, seed=6)
 
 
+def test_unit_lower_inverse():
+    """The chunk transform's ``(I + A)^-1`` on its own, float32, inside a kernel: ``A`` as the delta
+    rule builds it (beta k_t.k_s under mild decay), once from random keys and once from nearly
+    parallel ones (entries of A up to 0.95)."""
+    keys = jax.random.split(jax.random.PRNGKey(8), 4)
+    k = ops.l2norm(jax.random.normal(keys[0], (2, CHUNK, 32)))
+    k = k.at[1].set(ops.l2norm(k[1, :1] + 0.1 * k[1]))
+    beta = jax.random.uniform(keys[1], (2, CHUNK, 1), minval=0.5, maxval=1.0)
+    b = jnp.cumsum(-jax.random.uniform(keys[2], (2, CHUNK), maxval=0.05), axis=1)
+    decay = jnp.exp(jnp.minimum(b[:, :, None] - b[:, None, :], 0.0))
+    a = jnp.tril(beta * (k @ jnp.swapaxes(k, 1, 2)) * decay, -1)
+
+    def kernel(a_ref, x_ref):
+        x_ref[...] = unit_lower_inverse(a_ref[...])
+
+    spec = pl.BlockSpec((None, CHUNK, CHUNK), lambda i: (i, 0, 0))
+    got = pl.pallas_call(kernel, grid=(2,), in_specs=[spec], out_specs=spec,
+                         out_shape=jax.ShapeDtypeStruct(a.shape, jnp.float32), interpret=not ON_GPU)(a)
+    assert float(jnp.max(jnp.abs(a[1]))) > 0.9
+    for i in range(2):
+        want = jnp.linalg.inv(jnp.eye(CHUNK) + a[i])
+        assert rel_error(got[i], want) <= 1e-5, (i, rel_error(got[i], want))
+
+
 def test_dispatch_no_initial_state_no_final_state():
     q, k, v, g, beta, _, _ = _inputs(7, 63, 32, 64, jnp.float32, 1.0, (0.0, 1.0))
     o, s = ops.gated_delta_rule(q, k, v, g, beta, scale=0.2, impl="pallas")
@@ -116,7 +143,6 @@ def test_dispatch_no_initial_state_no_final_state():
 def test_supports():
     x = lambda d, dt=jnp.bfloat16: jnp.zeros((1, 8, 1, d), dt)
     gate = jnp.zeros((1, 8, 1))
-    on_gpu = jax.default_backend() == "gpu"  # awaiting GPU validation and timing (issue 5)
-    assert supports(x(32), x(32), x(64), gate, gate) == (not on_gpu)
+    assert supports(x(32), x(32), x(64), gate, gate)
     assert not supports(x(48), x(48), x(64), gate, gate)
     assert not supports(x(32, jnp.float16), x(32, jnp.float16), x(64, jnp.float16), gate, gate)
