@@ -14,10 +14,26 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def chunked_cross_entropy(hidden, embedding, targets, *, chunk: int):
-    """Mean NLL of `targets` [B, T] under logits = hidden [B, T, D] @ embedding[V, D]^T."""
+    """Mean NLL of `targets` [B, T] under logits = hidden [B, T, D] @ embedding[V, D]^T.
+
+    Under a mesh each device runs the slice loop over its own rows (`shard_map`; the batch axis split
+    over every mesh axis): left to the partitioner, a loop over slices of the sharded token axis moves
+    hidden states between devices and all-reduces the embedding gradient at every slice.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _nll_total(hidden, embedding, targets, chunk) / targets.size
+    rows = P(tuple(mesh.axis_names))
+    per_device = jax.shard_map(lambda h, w, y: _nll_total(h, w, y, chunk)[None], mesh=mesh,
+                               in_specs=(rows, P(), rows), out_specs=rows, check_vma=False)
+    return jnp.sum(per_device(hidden, embedding, targets)) / targets.size
+
+
+def _nll_total(hidden, embedding, targets, chunk):
     B, T, D = hidden.shape
     n = B * T
     chunk = min(chunk, n)
@@ -25,8 +41,7 @@ def chunked_cross_entropy(hidden, embedding, targets, *, chunk: int):
     h = jnp.pad(hidden.reshape(n, D), ((0, pad), (0, 0))).reshape(-1, chunk, D)
     y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
     valid = (jnp.arange(n + pad) < n).reshape(-1, chunk)
-    total = _nll_sum(h, embedding, y, valid)
-    return total / n
+    return _nll_sum(h, embedding, y, valid)
 
 
 def _slice_logits(h_s, w):

@@ -40,3 +40,21 @@ def test_bf16_hidden_gets_bf16_gradient_and_float32_embedding_gradient():
     assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(dh, np.float32), want_dh, rtol=2e-2, atol=2e-3)
     np.testing.assert_allclose(dw, want_dw, rtol=2e-2, atol=2e-3)
+
+
+def test_under_a_two_device_mesh_matches_one_device():
+    """Each device loops over its own rows; the embedding gradient is summed over devices once."""
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py emulates them on CPU)")
+    hidden, embedding, targets = inputs(jnp.float32, B=4)
+    loss_fn = lambda h, w: chunked_cross_entropy(h, w, targets, chunk=8)
+    want, want_grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(hidden, embedding)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        h, y = jax.device_put(hidden, rows), jax.device_put(targets, rows)
+        fn = jax.jit(jax.value_and_grad(lambda h, w: chunked_cross_entropy(h, w, y, chunk=8), argnums=(0, 1)))
+        loss, grads = fn(h, embedding)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    for got, ref in zip(grads, want_grads):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
