@@ -40,10 +40,14 @@ def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, loss_chun
         loss, grads = grad_fn(state.params, graphdef, micro_batch, loss_chunk)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grad_sum, losses = jax.lax.scan(micro_step, zeros, batch)
-    accum = losses.shape[0]
-    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    accum = jax.tree.leaves(batch)[0].shape[0]
+    if accum == 1:  # no loop: saves a zero-filled gradient buffer and a pass adding into it
+        loss, grads = grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], batch), loss_chunk)
+        losses = loss[None]
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_sum, losses = jax.lax.scan(micro_step, zeros, batch)
+        grads = jax.tree.map(lambda g: g / accum, grad_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

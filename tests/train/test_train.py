@@ -162,3 +162,19 @@ def test_export_only_writes_the_newest_checkpoint(tmp_path, shards_dir, uninterr
     again, _ = export.load(out)
     trained, _ = export.load(uninterrupted / "export")
     np.testing.assert_array_equal(again(tokens), trained(tokens))
+
+
+def test_accumulated_micro_batches_equal_one_batch():
+    """[2, B/2, T] (the scan path) and [1, B, T] (no loop) take the same optimizer step."""
+    config = tiny_config("unused")
+    optimizer = make_optimizer(config.train)
+    graphdef, state = create_train_state(GPT(model_config(config), rngs=nnx.Rngs(0)), optimizer)
+    tokens = jax.random.randint(jax.random.key(3), (4, 17), 0, 50257)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, optimizer=optimizer, loss_chunk=64))
+    one, m_one = step(state, jax.tree.map(lambda x: x[None], batch))
+    two, m_two = step(state, jax.tree.map(lambda x: x.reshape(2, 2, -1), batch))
+    np.testing.assert_allclose(m_one["loss"], m_two["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_one["grad_norm"], m_two["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
