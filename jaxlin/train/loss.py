@@ -10,8 +10,6 @@ compute dtype with float32 accumulation, as PyTorch autocast runs the reference'
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -48,9 +46,13 @@ def _slice_logits(h_s, w):
     return jnp.einsum("nd,vd->nv", h_s, w.astype(h_s.dtype), preferred_element_type=jnp.float32)
 
 
-def _slice_nll(logits, y_s, valid_s):
-    picked = jnp.take_along_axis(logits, y_s[:, None], axis=1)[:, 0]
-    return jnp.where(valid_s, jax.nn.logsumexp(logits, axis=1) - picked, 0.0)
+def _slice_terms(h_s, w, y_s, valid_s):
+    """(the slice's summed NLL, its logits, their log-sum-exp [C, 1], the one-hot targets [C, V])."""
+    logits = _slice_logits(h_s, w)
+    lse = jax.nn.logsumexp(logits, axis=1, keepdims=True)
+    is_target = jnp.arange(logits.shape[1])[None, :] == y_s[:, None]
+    picked = jnp.sum(jnp.where(is_target, logits, 0.0), axis=1)
+    return jnp.sum(jnp.where(valid_s, lse[:, 0] - picked, 0.0)), logits, lse, is_target
 
 
 @jax.custom_vjp
@@ -58,8 +60,7 @@ def _nll_sum(h, embedding, y, valid):
     """Summed NLL over slices: h [S, C, D], y and valid [S, C]."""
 
     def body(total, xs):
-        h_s, y_s, valid_s = xs
-        return total + jnp.sum(_slice_nll(_slice_logits(h_s, embedding), y_s, valid_s)), None
+        return total + _slice_terms(xs[0], embedding, *xs[1:])[0], None
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, valid))[0]
 
@@ -70,17 +71,13 @@ def _nll_sum_fwd(h, embedding, y, valid):
     def body(carry, xs):
         total, dw = carry
         h_s, y_s, valid_s = xs
-        logits = _slice_logits(h_s, w)
-        lse = jax.nn.logsumexp(logits, axis=1, keepdims=True)
-        is_target = jnp.arange(logits.shape[1])[None, :] == y_s[:, None]
-        total += jnp.sum(jnp.where(valid_s, lse[:, 0] - jnp.sum(jnp.where(is_target, logits, 0.0), axis=1), 0.0))
+        nll, logits, lse, is_target = _slice_terms(h_s, w, y_s, valid_s)
         # d(sum NLL)/d logits = softmax - one_hot, zero on padding: one element-wise pass over the logits
         # straight into the compute dtype, in which the two products below run.
-        dlogits = jnp.exp(logits - lse) - is_target
-        dlogits = jnp.where(valid_s[:, None], dlogits, 0.0).astype(h.dtype)
+        dlogits = jnp.where(valid_s[:, None], jnp.exp(logits - lse) - is_target, 0.0).astype(h.dtype)
         dh_s = jnp.einsum("nv,vd->nd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
         dw += jnp.einsum("nv,nd->vd", dlogits, h_s, preferred_element_type=jnp.float32)
-        return (total, dw), dh_s
+        return (total + nll, dw), dh_s
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(embedding.shape, jnp.float32))
     (total, dw), dh = jax.lax.scan(body, init, (h, y, valid))
@@ -89,8 +86,7 @@ def _nll_sum_fwd(h, embedding, y, valid):
 
 def _nll_sum_bwd(residuals, cotangent):
     dh, dw = residuals
-    scale = functools.partial(jnp.multiply, cotangent)
-    return (scale(dh.astype(jnp.float32)).astype(dh.dtype), scale(dw).astype(dw.dtype), None, None)
+    return (dh * cotangent).astype(dh.dtype), (dw * cotangent).astype(dw.dtype), None, None
 
 
 _nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
