@@ -110,20 +110,19 @@ def _time_fla(op, args, do):
 
 def _pallas_gla_stages(q, k, v, g, do, configs):
     """Median ms of each of the four Pallas kernels alone, per ``(num_warps, num_stages)``."""
-    from kernels.common import dot_dtype_for
-    from kernels.gla import _block_v, backward, forward
+    from kernels.common import dot_dtype_for, state_block_v
+    from kernels.gla import backward, forward
     B, T, H, K = q.shape
     V = v.shape[-1]
     common = dict(dot_dtype=dot_dtype_for(q, k, v), interpret=jax.default_backend() != "gpu")
-    hs, _ = jax.jit(lambda: forward.state_pass(k, v, g, None, None, block_v=_block_v(B, H, V), **common))()
+    sequential = dict(common, block_v=state_block_v(B, H, V))
+    hs, _ = jax.jit(lambda: forward.state_pass(k, v, g, None, None, **sequential))()
     dht = jnp.zeros((B, H, V, K), jnp.float32)
-    dhs, _ = jax.jit(lambda: backward.state_grad_pass(q, do, g, None, dht, scale=0.1, block_v=_block_v(B, H, V),
-                                                   **common))()
+    dhs, _ = jax.jit(lambda: backward.state_grad_pass(q, do, g, None, dht, scale=0.1, **sequential))()
     stages = {
-        "state_pass": lambda **c: forward.state_pass(k, v, g, None, None, block_v=_block_v(B, H, V), **common, **c),
+        "state_pass": lambda **c: forward.state_pass(k, v, g, None, None, **sequential, **c),
         "chunk_outputs": lambda **c: forward.chunk_outputs(q, k, v, g, None, hs, scale=0.1, **common, **c),
-        "state_grad_pass": lambda **c: backward.state_grad_pass(q, do, g, None, dht, scale=0.1,
-                                                                block_v=_block_v(B, H, V), **common, **c),
+        "state_grad_pass": lambda **c: backward.state_grad_pass(q, do, g, None, dht, scale=0.1, **sequential, **c),
         "chunk_grads": lambda **c: backward.chunk_grads(q, k, v, g, do, None, hs, dhs, scale=0.1, **common, **c),
     }
     for name, stage in stages.items():

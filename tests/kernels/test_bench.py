@@ -13,3 +13,11 @@ def test_bench_writes_a_row_per_impl(op, tmp_path, capsys):
     assert [r["impl"] for r in rows] == ["reference", "chunked"]
     assert all(r["op"] == op and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
     assert f"{op} B,T,H,K,V=1,64,1,32,32" in capsys.readouterr().out
+
+
+def test_gla_stages_time_each_kernel(capsys):
+    bench.main(["gla", "--shape", "1,64,1,32,32", "--impls", "pallas", "--stages", "4x1"])
+    out = capsys.readouterr().out
+    for kernel in ("state_pass", "chunk_outputs", "state_grad_pass", "chunk_grads"):
+        line = next(l for l in out.splitlines() if l.strip().startswith(kernel))
+        assert "4w1s" in line and "failed" not in line
