@@ -100,33 +100,42 @@ class QKVConv(nnx.Module):
     def __call__(self, qkv, *, segment_ids=None, cache=None, return_cache=False):
         """qkv [B, T, 2 key_dim + value_dim] -> ((q, k, v), new cache)."""
         convs = {"q": self.q, "k": self.k, "v": self.v}
+        widths = [c.kernel.shape[1] for c in convs.values()]
         kernel = jnp.concatenate([c.kernel[...] for c in convs.values()], axis=1).astype(self.dtype)
         joined_cache = jnp.concatenate([cache[n] for n in convs], axis=-1) if cache else None
         y, new_cache = causal_conv(qkv, kernel, segment_ids=segment_ids, cache=joined_cache,
                                    return_cache=return_cache)
-        bounds = np.cumsum([c.kernel.shape[1] for c in convs.values()])[:-1]
-        caches = jnp.split(new_cache, bounds, axis=-1) if return_cache else [None] * 3
-        return tuple(jnp.split(y, bounds, axis=-1)), dict(zip(convs, caches))
+        caches = split_channels(new_cache, widths) if return_cache else [None] * 3
+        return tuple(split_channels(y, widths)), dict(zip(convs, caches))
+
+
+def split_channels(y, widths):
+    """y [..., sum(widths)] -> one array per width, in order."""
+    return jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
 
 
 def fused_linear(x, *layers: nnx.Linear):
-    """Several bias-free projections of one input as one matrix product, split back per layer: one
-    kernel, and one product for the input's gradient, instead of one per projection."""
-    dtype = layers[0].dtype
-    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1).astype(dtype)
-    y = jnp.dot(x.astype(dtype), kernel)
-    return jnp.split(y, np.cumsum([layer.out_features for layer in layers])[:-1], axis=-1)
+    """Several bias-free projections of one input as one matrix product, their outputs joined along the
+    last axis: one kernel, and one product for the input's gradient, instead of one per projection."""
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1).astype(layers[0].dtype)
+    return jnp.dot(x.astype(layers[0].dtype), kernel)
 
 
-def project_qkv(layer: nnx.Module, x, *extra: nnx.Linear, segment_ids, state: dict, return_state: bool):
+def project_qkv(layer: nnx.Module, x, *extra: nnx.Linear | None, segment_ids, state: dict, return_state: bool):
     """q, k, v of a linear-attention layer (its q/k/v projections, then the optional short convs)
     split into heads, the outputs of the `extra` bias-free projections of x (computed in the same
-    matrix product), and the convs' new cache."""
-    q, k, v, *extra_out = fused_linear(x, layer.q_proj, layer.k_proj, layer.v_proj, *extra)
+    matrix product; None for a None entry), and the convs' new cache."""
+    qkv_layers = (layer.q_proj, layer.k_proj, layer.v_proj)
+    present = [p for p in extra if p is not None]
+    qkv_width = sum(p.out_features for p in qkv_layers)
+    qkv, *present_out = split_channels(fused_linear(x, *qkv_layers, *present),
+                                       [qkv_width] + [p.out_features for p in present])
     conv_cache = {}
-    if layer.conv is not None:
-        (q, k, v), conv_cache = layer.conv(
-            jnp.concatenate([q, k, v], axis=-1), segment_ids=segment_ids, cache=state.get("conv"),
-            return_cache=return_state,
-        )
+    if layer.conv is not None:  # the conv reads q|k|v joined, as the product left them
+        (q, k, v), conv_cache = layer.conv(qkv, segment_ids=segment_ids, cache=state.get("conv"),
+                                           return_cache=return_state)
+    else:
+        q, k, v = split_channels(qkv, [p.out_features for p in qkv_layers])
+    outputs = iter(present_out)
+    extra_out = [None if p is None else next(outputs) for p in extra]
     return tuple(split_heads(t, layer.n_head) for t in (q, k, v)), extra_out, conv_cache

@@ -32,8 +32,8 @@ class DeltaNet(nnx.Module):
         self.k_proj = linear(d_model, key_dim, dtype=dtype, rngs=rngs)
         self.v_proj = linear(d_model, value_dim, dtype=dtype, rngs=rngs)
         self.b_proj = linear(d_model, n_head, dtype=dtype, rngs=rngs)
+        self.a_proj = linear(d_model, n_head, dtype=dtype, rngs=rngs) if self.gated else None
         if self.gated:
-            self.a_proj = linear(d_model, n_head, dtype=dtype, rngs=rngs)
             # Mamba-2's gate parameters, as FLA initialises them: A in (0, 16], dt log-uniform in [1e-3, 0.1].
             key_a, key_dt = jax.random.split(rngs.params())
             self.A_log = nnx.Param(jnp.log(jax.random.uniform(key_a, (n_head,), jnp.float32, 1e-4, 16.0)))
@@ -47,19 +47,19 @@ class DeltaNet(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        extra = [self.b_proj] + [p for p in (self.a_proj if self.gated else None, self.g_proj) if p is not None]
-        (q, k, v), (b, *rest), conv_cache = project_qkv(self, x, *extra, segment_ids=segment_ids, state=state,
-                                                         return_state=return_state)
+        (q, k, v), (b, a, gate), conv_cache = project_qkv(
+            self, x, self.b_proj, self.a_proj, self.g_proj, segment_ids=segment_ids, state=state,
+            return_state=return_state)
         beta = jax.nn.sigmoid(b.astype(jnp.float32))
         common = dict(initial_state=state.get("recurrent"), output_final_state=return_state,
                       segment_ids=segment_ids, use_qk_l2norm=True, impl=self.impl)
         if self.gated:
-            a = rest.pop(0).astype(jnp.float32) + self.dt_bias[...]
+            a = a.astype(jnp.float32) + self.dt_bias[...]
             g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
             o, recurrent = ops.gated_delta_rule(q, k, v, g, beta, **common)
         else:
             o, recurrent = ops.delta_rule(q, k, v, beta, **common)
-        gate = split_heads(rest.pop(0), self.n_head) if rest else None
+        gate = None if gate is None else split_heads(gate, self.n_head)
         y = self.o_proj(merge_heads(self.o_norm(o, gate)))
         return y, ({"recurrent": recurrent, "conv": conv_cache} if return_state else None)
 
