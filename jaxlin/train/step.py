@@ -52,7 +52,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, loss_chun
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": jnp.mean(losses),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": opt_state.grad_norm,
         "nonfinite_in_a_row": opt_state.notfinite_count,
         "nonfinite_total": opt_state.total_notfinite,
     }
