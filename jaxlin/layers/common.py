@@ -32,24 +32,64 @@ def causal_conv(x, kernel, *, segment_ids=None, cache=None, return_cache=False):
     B, T, C = x.shape
     width = kernel.shape[0]
     past = jnp.zeros((B, width - 1, C), x.dtype) if cache is None else cache.astype(x.dtype)
-    xp = jnp.concatenate([past, x], axis=1)  # [B, width-1+T, C]
     seg = None if segment_ids is None else extend_segments(segment_ids, width - 1)
-    y = jnp.zeros((B, T, C), jnp.float32)
-    for j in range(width):
-        shift = width - 1 - j  # tap j reads token t - shift
-        tap = jax.lax.dynamic_slice_in_dim(xp, j, T, axis=1)
-        if seg is not None and shift > 0:
-            tap = jnp.where((seg[:, j : j + T] == segment_ids)[..., None], tap, 0)
-        y = y + tap.astype(jnp.float32) * kernel[j].astype(jnp.float32)
-    y = jax.nn.silu(y).astype(x.dtype)
+    # keep[j]: tap j (reading token t - (width-1-j)) lies in token t's document
+    keep = None if seg is None else jnp.stack([seg[:, j : j + T] == segment_ids for j in range(width)])
+    y = _conv_silu(x, past, kernel, keep)
     if not return_cache:
         return y, None
-    new_cache = xp[:, -(width - 1):]
+    new_cache = jnp.concatenate([past, x], axis=1)[:, -(width - 1):]
     if segment_ids is not None:
         # Keep only inputs from the last token's document: a continuation belongs to it.
         same_doc = seg[:, -(width - 1):] == segment_ids[:, -1:]
         new_cache = jnp.where(same_doc[..., None], new_cache, 0)
     return y, new_cache
+
+
+def _taps(x, past, keep, width):
+    """The width shifted views of [past, x] (float32), each masked by its `keep` row."""
+    xp = jnp.concatenate([past, x], axis=1)
+    T = x.shape[1]
+    for j in range(width):
+        tap = xp[:, j : j + T].astype(jnp.float32)
+        yield tap if keep is None else jnp.where(keep[j][..., None], tap, 0.0)
+
+
+def _pre_activation(x, past, kernel, keep):
+    width = kernel.shape[0]
+    return sum(tap * kernel[j].astype(jnp.float32) for j, tap in enumerate(_taps(x, past, keep, width)))
+
+
+@jax.custom_vjp
+def _conv_silu(x, past, kernel, keep):
+    return jax.nn.silu(_pre_activation(x, past, kernel, keep)).astype(x.dtype)
+
+
+def _conv_silu_fwd(x, past, kernel, keep):
+    return _conv_silu(x, past, kernel, keep), (x, past, kernel, keep)
+
+
+def _conv_silu_bwd(residuals, dy):
+    """Autodiff of the float32 formula would store the pre-activation's gradient in float32 for its
+    two readers (the input's and the kernel's gradient); it is stored in x's dtype instead, as autocast
+    does in the reference, which halves the traffic of this, the layer's largest element-wise step."""
+    x, past, kernel, keep = residuals
+    width, T = kernel.shape[0], x.shape[1]
+    pre = _pre_activation(x, past, kernel, keep)
+    s = jax.nn.sigmoid(pre)
+    dpre = (dy.astype(jnp.float32) * s * (1.0 + pre * (1.0 - s))).astype(x.dtype)
+    # The barrier stops XLA from dropping the rounding (excess precision) and storing float32 again.
+    dpre = jax.lax.optimization_barrier(dpre).astype(jnp.float32)
+    dxp, dkernel = 0.0, []
+    for j, tap in enumerate(_taps(x, past, keep, width)):
+        d = dpre if keep is None else jnp.where(keep[j][..., None], dpre, 0.0)
+        dxp = dxp + jnp.pad(d * kernel[j].astype(jnp.float32), ((0, 0), (j, width - 1 - j), (0, 0)))
+        dkernel.append(jnp.sum(d * tap, axis=(0, 1)))
+    dxp = dxp.astype(x.dtype)
+    return dxp[:, width - 1:], dxp[:, :width - 1], jnp.stack(dkernel).astype(kernel.dtype), None
+
+
+_conv_silu.defvjp(_conv_silu_fwd, _conv_silu_bwd)
 
 
 class ShortConv(nnx.Module):
@@ -87,26 +127,25 @@ def merge_heads(x):
 
 
 class QKVConv(nnx.Module):
-    """The three short convolutions FLA puts on q, k and v, run as one convolution over the
-    concatenated channels (one fused kernel forward and backward instead of three); state carries
-    each one's cache under "q", "k" and "v"."""
+    """The three short convolutions FLA puts on q, k and v; state carries each one's cache under "q",
+    "k" and "v". Each reads its columns of the joined q|k|v product and writes its own output, which
+    the kernels take as they are (one convolution over the joined channels would need a copy to split)."""
 
-    def __init__(self, key_dim: int, value_dim: int, width: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, key_dim: int, value_dim: int, width: int, *, rngs: nnx.Rngs):
         self.q = ShortConv(key_dim, width, rngs=rngs)
         self.k = ShortConv(key_dim, width, rngs=rngs)
         self.v = ShortConv(value_dim, width, rngs=rngs)
-        self.dtype = dtype
 
     def __call__(self, qkv, *, segment_ids=None, cache=None, return_cache=False):
         """qkv [B, T, 2 key_dim + value_dim] -> ((q, k, v), new cache)."""
         convs = {"q": self.q, "k": self.k, "v": self.v}
-        widths = [c.kernel.shape[1] for c in convs.values()]
-        kernel = jnp.concatenate([c.kernel[...] for c in convs.values()], axis=1).astype(self.dtype)
-        joined_cache = jnp.concatenate([cache[n] for n in convs], axis=-1) if cache else None
-        y, new_cache = causal_conv(qkv, kernel, segment_ids=segment_ids, cache=joined_cache,
-                                   return_cache=return_cache)
-        caches = split_channels(new_cache, widths) if return_cache else [None] * 3
-        return tuple(split_channels(y, widths)), dict(zip(convs, caches))
+        inputs = split_channels(qkv, [c.kernel.shape[1] for c in convs.values()])
+        outputs, new_cache = [], {}
+        for (name, conv), x in zip(convs.items(), inputs):
+            y, new_cache[name] = causal_conv(x, conv.kernel[...], segment_ids=segment_ids,
+                                             cache=cache[name] if cache else None, return_cache=return_cache)
+            outputs.append(y)
+        return tuple(outputs), new_cache if return_cache else {}
 
 
 def split_channels(y, widths):

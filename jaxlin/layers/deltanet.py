@@ -40,7 +40,7 @@ class DeltaNet(nnx.Module):
             dt = jnp.exp(jax.random.uniform(key_dt, (n_head,), jnp.float32, math.log(1e-3), math.log(0.1)))
             dt = jnp.maximum(dt, 1e-4)
             self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))  # inverse softplus
-        self.conv = QKVConv(key_dim, value_dim, conv_size, dtype=dtype, rngs=rngs) if conv_size else None
+        self.conv = QKVConv(key_dim, value_dim, conv_size, rngs=rngs) if conv_size else None
         self.g_proj = linear(d_model, value_dim, dtype=dtype, rngs=rngs) if use_gate else None
         self.o_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps)
         self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)

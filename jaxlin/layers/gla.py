@@ -34,7 +34,7 @@ class GatedLinearAttention(nnx.Module):
             linear(d_model, gate_low_rank, dtype=dtype, rngs=rngs),
             linear(gate_low_rank, key_dim, dtype=dtype, rngs=rngs, bias=True),
         )
-        self.conv = QKVConv(key_dim, value_dim, conv_size, dtype=dtype, rngs=rngs) if conv_size else None
+        self.conv = QKVConv(key_dim, value_dim, conv_size, rngs=rngs) if conv_size else None
         self.g_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps)
         self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
 

@@ -1,7 +1,8 @@
 """Next-token cross-entropy that never holds the full [tokens, vocab] logits at once.
 
-The token axis is cut into slices of `chunk` tokens. Each slice's logits are computed in float32
-accumulation from the compute-dtype hidden states and embedding, reduced to a log-sum-exp and dropped.
+The token axis is cut into slices of `chunk` tokens. Each slice's logits are computed in the compute
+dtype (float32 accumulation) from the hidden states and embedding, reduced to a log-sum-exp in float32
+and dropped.
 Under differentiation the same pass also forms the gradients (the softmax minus the one-hot target is
 known as soon as a slice's logits are), so the backward pass only scales them: three matrix products
 over the vocabulary per token instead of four (forward, recomputed forward, two gradients), all in the
@@ -43,12 +44,17 @@ def _nll_total(hidden, embedding, targets, chunk):
 
 
 def _slice_logits(h_s, w):
-    return jnp.einsum("nd,vd->nv", h_s, w.astype(h_s.dtype), preferred_element_type=jnp.float32)
+    """In the compute dtype (float32 accumulation), as autocast gives the reference's logits: the three
+    passes over them (max, sum of exponentials, gradient) then move half the bytes of float32 logits.
+    The log-sum-exp and the gradient are still formed in float32."""
+    logits = jnp.einsum("nd,vd->nv", h_s, w.astype(h_s.dtype), preferred_element_type=h_s.dtype)
+    # Without the barrier XLA may fold the readers' upcast into the product and store float32 after all.
+    return jax.lax.optimization_barrier(logits)
 
 
 def _slice_terms(h_s, w, y_s, valid_s):
     """(the slice's summed NLL, its logits, their log-sum-exp [C, 1], the one-hot targets [C, V])."""
-    logits = _slice_logits(h_s, w)
+    logits = _slice_logits(h_s, w).astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=1, keepdims=True)
     is_target = jnp.arange(logits.shape[1])[None, :] == y_s[:, None]
     picked = jnp.sum(jnp.where(is_target, logits, 0.0), axis=1)
