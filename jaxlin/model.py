@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxlin import ops
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS
-from jaxlin.layers.common import INIT_STD, linear
+from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
 
 # Attention settings that may be given per layer: a scalar applies to every layer, a tuple lists one per layer.
 PER_LAYER_FIELDS = ("attn", "expand_k", "expand_v", "conv_size")
@@ -24,6 +24,11 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(*ops.SAVEABLE_NAMES)),
+    # Also the element-wise results that feed matrix products (LayerNorm, GELU, short convs, gated norm):
+    # the backward pass then recomputes none of them.
+    "dots_and_activations": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*ops.SAVEABLE_NAMES, ACTIVATION_NAME)),
 }
 
 
@@ -43,7 +48,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "bfloat16"  # compute dtype; parameters are always float32
     impl: str = "auto"  # linear-attention implementation, see jaxlin.ops
-    remat: str = "none"  # "none" | "full" | "dots": what each block saves for the backward pass
+    remat: str = "none"  # a key of REMAT_POLICIES: what each block saves for the backward pass
 
     def __post_init__(self):
         for name in PER_LAYER_FIELDS:
@@ -96,7 +101,7 @@ class MLP(nnx.Module):
         self.c_proj = linear(4 * d_model, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
     def __call__(self, x):
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+        return self.c_proj(activation(jax.nn.gelu(self.c_fc(x), approximate=True)))
 
 
 def layer_norm(d: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -121,9 +126,10 @@ class Block(nnx.Module):
         self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, segment_ids=None, state=None, return_state=False):
-        y, new_state = self.attn(self.ln_1(x), segment_ids=segment_ids, state=state, return_state=return_state)
+        y, new_state = self.attn(activation(self.ln_1(x)), segment_ids=segment_ids, state=state,
+                                 return_state=return_state)
         x = x + y
-        return x + self.mlp(self.ln_2(x)), new_state
+        return x + self.mlp(activation(self.ln_2(x))), new_state
 
 
 def _block_forward(block: Block, x, segment_ids):

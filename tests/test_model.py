@@ -112,12 +112,14 @@ def test_bad_inputs():
         model(jnp.ones((1, 8), jnp.int32), return_state=True)
 
 
+@pytest.mark.parametrize("remat", ["dots", "dots_and_activations"])
 @pytest.mark.parametrize("attn", ["gla", "gated_deltanet"])
-def test_dots_remat_keeps_recurrence_outputs_and_kernel_states(attn, capsys):
-    """The backward pass must not re-run a forward kernel: the "dots" policy saves the op's output and
-    the Pallas kernels' chunk states (XLA then drops the dead recomputation)."""
+def test_remat_policies_keep_what_they_name(attn, remat, capsys):
+    """The backward pass must not re-run a forward kernel: both policies save the op's output and the
+    Pallas kernels' chunk states (XLA then drops the dead recomputation); the second also the
+    element-wise activations."""
     cfg = ModelConfig(vocab_size=256, n_layer=1, n_head=2, n_embd=64, block_size=64, attn=attn,
-                      dtype="float32", impl="pallas", remat="dots")
+                      dtype="float32", impl="pallas", remat=remat)
     graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     tokens = jnp.zeros((1, 64), jnp.int32)
     jax.ad_checkpoint.print_saved_residuals(
@@ -125,6 +127,19 @@ def test_dots_remat_keeps_recurrence_outputs_and_kernel_states(attn, capsys):
     saved = capsys.readouterr().out
     assert "named 'linear_attention_output'" in saved
     assert "named 'linear_attention_residual'" in saved
+    assert ("named 'activation'" in saved) == (remat == "dots_and_activations")
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_and_activations"])
+def test_remat_policies_give_the_same_gradients(remat):
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 256)
+
+    def grads(policy):
+        graphdef, params = nnx.split(GPT(tiny(vocab_size=256, remat=policy), rngs=nnx.Rngs(0)), nnx.Param)
+        return jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p).hidden(tokens) ** 2))(params)
+
+    for got, want in zip(jax.tree.leaves(grads(remat)), jax.tree.leaves(grads("none"))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_short_conv_gradients_match_autodiff_of_the_formula():

@@ -6,8 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 INIT_STD = 0.02  # nanoGPT's initialisation for every Linear and Embedding
+# Element-wise results that feed a matrix product (norm outputs, the MLP activation, the short convs'
+# outputs): the "dots_and_activations" remat policy (jaxlin.model) stores them instead of recomputing.
+ACTIVATION_NAME = "activation"
+
+
+def activation(x):
+    return checkpoint_name(x, ACTIVATION_NAME)
 
 
 def linear(d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs, std: float = INIT_STD, bias: bool = False) -> nnx.Linear:
@@ -115,7 +123,7 @@ class GatedRMSNorm(nnx.Module):
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps) * self.weight[...]
         if gate is not None:
             y = y * jax.nn.silu(gate.astype(jnp.float32))
-        return y.astype(x.dtype)
+        return activation(y.astype(x.dtype))
 
 
 def split_heads(x, n_head: int):
@@ -144,7 +152,7 @@ class QKVConv(nnx.Module):
         for (name, conv), x in zip(convs.items(), inputs):
             y, new_cache[name] = causal_conv(x, conv.kernel[...], segment_ids=segment_ids,
                                              cache=cache[name] if cache else None, return_cache=return_cache)
-            outputs.append(y)
+            outputs.append(activation(y))
         return tuple(outputs), new_cache if return_cache else {}
 
 
