@@ -4,7 +4,7 @@
         [--dtype bf16] [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
 
 Each JAX implementation is jitted through ``jaxlin.ops.<op>(impl=...)``; forward+backward
-is one jitted ``vjp`` (forward included) with a fixed random cotangent. FLA's chunk kernel
+is one jitted ``vjp`` with a fixed random cotangent that returns the output and the gradients. FLA's chunk kernel
 (``chunk_gla``, ``chunk_delta_rule``, ``chunk_gated_delta_rule``; PyTorch/Triton) is timed
 with ``triton.testing.do_bench`` when importable. Inputs: see ``_inputs``.
 """
@@ -67,7 +67,11 @@ def _inputs(op, shape, dtype, seed=0):
 def _time_jax(op, impl, args, do):
     f = lambda *args: getattr(ops, op)(*args, impl=impl)[0]
     forward = jax.jit(f)
-    forward_backward = jax.jit(lambda args, do: jax.vjp(f, *args)[1](do))
+    def forward_backward(args, do):  # returns o too: otherwise XLA drops the forward's output kernel
+        o, vjp = jax.vjp(f, *args)
+        return o, vjp(do)
+
+    forward_backward = jax.jit(forward_backward)
     out = forward(*args)
     return _median_ms(forward, *args), _median_ms(forward_backward, args, do), out
 

@@ -39,7 +39,7 @@ def _state_grad_kernel(q_ref, k_ref, g_ref, seg_ref, w_ref, do_ref, dht_ref, dhs
         scores = matmul(q, k, dot_dtype, trans_b=True) * pair_decays(g, seg_ref, t0)
         dv_new = matmul(scores, d_out, dot_dtype, trans_a=True)
         dv_new += matmul(k * to_end[:, None], dstate, dot_dtype)
-        dv_new_ref[rows, :] = dv_new
+        dv_new_ref[rows, :] = dv_new.astype(dv_new_ref.dtype)
         dstate = carry * dstate + matmul(q * from_start[:, None], d_out, dot_dtype, trans_a=True)
         return dstate - matmul(w_ref[rows, :], dv_new, dot_dtype, trans_a=True)
 
@@ -58,7 +58,7 @@ def _chunk_grad_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, seg_ref, x_ref, h_r
     q, k, v = load_f32(q_ref, rows), load_f32(k_ref, rows), load_f32(v_ref, rows)
     beta = beta_ref[rows].astype(jnp.float32)
     x, state, dstate = x_ref[...], h_ref[...].astype(jnp.float32), dh_ref[...].astype(jnp.float32)
-    v_new, dv_new = load_f32(v_new_ref, rows), dv_new_ref[...]
+    v_new, dv_new = load_f32(v_new_ref, rows), load_f32(dv_new_ref, rows)
     d_out = scale * load_f32(do_ref, rows)
     from_start, to_end, carry = boundary_factors(g, seg_ref, t0)
     decay = pair_decays(g, seg_ref, t0)
@@ -114,7 +114,8 @@ def _gate_grad(q, k, qk, kk, dqk, dkk, dq_state, dk_end, kb, dkb, from_start, to
 
 def state_grad_pass(q, k, g, seg, w, do, dht, *, scale, dot_dtype, block_v, interpret):
     """``(dhs [B, H, NT, K, V], dv_new [B, T, H, V], dh0 [B, H, K, V])``: gradients of the states
-    leaving each chunk (matmul dtype), of the written values and of the initial state (float32)."""
+    leaving each chunk and of the written values (matmul dtype: the chunk kernel reads both only as
+    matmul operands), and of the initial state (float32)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     num_chunks = T // CHUNK
@@ -127,7 +128,7 @@ def state_grad_pass(q, k, g, seg, w, do, dht, *, scale, dot_dtype, block_v, inte
         [pl.BlockSpec((None, None, num_chunks, K, block_v), lambda b, h, iv: (b, h, 0, 0, iv)),
          sequence_spec(T, V, block_v), state_spec],
         [jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dot_dtype),
-         jax.ShapeDtypeStruct((B, T, H, V), jnp.float32), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+         jax.ShapeDtypeStruct((B, T, H, V), dot_dtype), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
         (q, k, g, seg, w, do, dht), name="delta_state_grad_pass", interpret=interpret)
 
 

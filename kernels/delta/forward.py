@@ -112,7 +112,7 @@ def _transform_kernel(k_ref, v_ref, beta_ref, g_ref, seg_ref, w_ref, u_ref, x_re
     from_start, _, _ = boundary_factors(g, seg_ref, t0)
     a = strictly_lower(beta[:, None] * matmul(k, k, dot_dtype, trans_b=True) * pair_decays(g, seg_ref, t0))
     x = unit_lower_inverse(a)
-    x_ref[...] = x
+    x_ref[...] = x.astype(x_ref.dtype)
     w_ref[...] = matmul(x, (beta * from_start)[:, None] * k, dot_dtype).astype(w_ref.dtype)
     u_ref[...] = matmul(x, beta[:, None] * load_f32(v_ref, rows), dot_dtype).astype(u_ref.dtype)
 
@@ -178,8 +178,8 @@ def call(kernel, grid, in_specs, out_specs, out_shape, args, *, name, interpret)
 
 
 def chunk_transform(k, v, beta, g, seg, *, dot_dtype, interpret):
-    """``(w [B, T, H, K], u [B, T, H, V])`` in the matmul dtype and ``x [B, T, H, C]`` float32
-    (each chunk's ``(I + A)^-1``, kept for the backward)."""
+    """``(w [B, T, H, K], u [B, T, H, V], x [B, T, H, C])`` in the matmul dtype; x is each chunk's
+    ``(I + A)^-1``, kept for the backward, which only reads it as a matmul operand."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     return call(
@@ -189,7 +189,7 @@ def chunk_transform(k, v, beta, g, seg, *, dot_dtype, interpret):
          if_given(seg, segment_spec(T))],
         [chunk_spec(K), chunk_spec(V), chunk_spec(CHUNK)],
         [jax.ShapeDtypeStruct((B, T, H, K), dot_dtype), jax.ShapeDtypeStruct((B, T, H, V), dot_dtype),
-         jax.ShapeDtypeStruct((B, T, H, CHUNK), jnp.float32)],
+         jax.ShapeDtypeStruct((B, T, H, CHUNK), dot_dtype)],
         (k, v, beta, g, seg), name="delta_chunk_transform", interpret=interpret)
 
 
