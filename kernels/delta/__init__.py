@@ -2,7 +2,7 @@
 
 ``kernels.delta_rule`` and ``kernels.gated_delta_rule`` are the thin entry points
 ``jaxlin.ops`` dispatches to; both run the kernels here, the plain rule without gates.
-Forward: three kernels (``forward.py``); backward: two (``backward.py``).
+Forward: three kernels (``forward.py``); backward: three (``backward.py``).
 """
 
 import functools

@@ -5,11 +5,18 @@ Per chunk (notation of ``forward.py``; ``dS'`` the gradient of the state leaving
 
 - ``state_grad_pass`` (chunks in reverse): ``dv' = P^T D_o + (n e^{b_last-b} k) dS'`` and
   ``dS = (m e^b q)^T D_o + gamma dS' - W^T dv'``;
-- ``chunk_grads`` (one program per chunk), through ``[W | U] = X [kb | vb]`` with
-  ``kb = diag(beta m e^b) K``, ``vb = diag(beta) V``: ``d vb = X^T dv'``,
-  ``d kb = -X^T dv' S^T``, ``dX = dv' (vb - kb S)^T``, ``dA = -X^T dX X^T``; then q, k, v,
-  beta directly, and the gates through every factor they enter (``_gate_grad``): each pair
-  factor ``D[t, s]`` sends ``dD D`` to ``b_t`` and minus that to ``b_s``.
+- ``chunk_grads``: two kernels, one program per chunk each, one per path from the chunk's inputs
+  to the loss (in one kernel, about ten live ``[C, C]`` float32 tiles spilled registers at 4 warps):
+
+  - the output path, ``o = (m e^b q) S + P v'`` and ``S' = gamma S + (n e^{b_last-b} k)^T v'``:
+    ``dq``, and its terms of ``dk`` and ``dg``;
+  - the WY path, through ``[W | U] = X [kb | vb]`` with ``kb = diag(beta m e^b) K``,
+    ``vb = diag(beta) V``: ``d vb = X^T dv'``, ``d kb = -X^T dv' S^T``, ``dX = dv' (vb - kb S)^T``,
+    ``dA = -X^T dX X^T``, then ``A``'s factors: ``dv``, ``dbeta``, and its terms of ``dk`` and ``dg``.
+
+  Both kernels write their ``dk`` and ``dg`` terms in float32, summed in JAX. The gates get a
+  gradient through every factor they enter (``_gate_grad``): each pair factor ``D[t, s]`` sends
+  ``dD D`` to ``b_t`` and minus that to ``b_s``.
 """
 
 import functools
@@ -46,32 +53,47 @@ def _state_grad_kernel(q_ref, k_ref, g_ref, seg_ref, w_ref, do_ref, dht_ref, dhs
     dh0_ref[...] = lax.fori_loop(0, num_chunks, step, dht_ref[...].astype(jnp.float32))
 
 
-def _chunk_grad_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, seg_ref, x_ref, h_ref, dh_ref, v_new_ref,
-                       dv_new_ref, do_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, *, scale,
-                       dot_dtype):
-    # [C, K]: q, k, dq, dk; [C, V]: v, v_new, dv_new, do, dv; [C]: beta, g, dbeta, dg;
-    # x_ref [C, C]; h_ref, dh_ref [K, V] (states entering and gradient of the state leaving)
+def _output_path_kernel(q_ref, k_ref, g_ref, seg_ref, h_ref, dh_ref, v_new_ref, do_ref, dq_ref, dk_ref,
+                        dg_ref, *, scale, dot_dtype):
+    # [C, K]: q, k, dq, dk (partial); [C, V]: v_new, do; [C]: g, dg (partial);
+    # h_ref, dh_ref [K, V] (state entering and gradient of the state leaving)
     t0 = pl.program_id(2) * CHUNK
     rows = pl.ds(0, CHUNK)
     mm = functools.partial(matmul, dot_dtype=dot_dtype)
     g = load_gates(g_ref, rows)
-    q, k, v = load_f32(q_ref, rows), load_f32(k_ref, rows), load_f32(v_ref, rows)
-    beta = beta_ref[rows].astype(jnp.float32)
-    x, state, dstate = x_ref[...], h_ref[...].astype(jnp.float32), dh_ref[...].astype(jnp.float32)
-    v_new, dv_new = load_f32(v_new_ref, rows), load_f32(dv_new_ref, rows)
+    q, k, v_new = load_f32(q_ref, rows), load_f32(k_ref, rows), load_f32(v_new_ref, rows)
+    state, dstate = h_ref[...].astype(jnp.float32), dh_ref[...].astype(jnp.float32)
     d_out = scale * load_f32(do_ref, rows)
     from_start, to_end, carry = boundary_factors(g, seg_ref, t0)
-    decay = pair_decays(g, seg_ref, t0)
 
     # o = (m e^b q) S + (q k^T * D) v'
-    qk = mm(q, k, trans_b=True)
-    dqk = mm(d_out, v_new, trans_b=True) * decay
+    dqk = mm(d_out, v_new, trans_b=True) * pair_decays(g, seg_ref, t0)
     dq_state = mm(d_out, state, trans_b=True)
-    dq = from_start[:, None] * dq_state + mm(dqk, k)
-    dk = mm(dqk, q, trans_a=True)
+    dq_ref[rows, :] = (from_start[:, None] * dq_state + mm(dqk, k)).astype(dq_ref.dtype)
     # S' = gamma S + (n e^{b_last - b} k)^T v'
     dk_end = mm(v_new, dstate, trans_b=True)
-    dk += to_end[:, None] * dk_end
+    dk_ref[rows, :] = mm(dqk, q, trans_a=True) + to_end[:, None] * dk_end
+    if dg_ref is not None:
+        dg_ref[rows] = _gate_grad(dqk * mm(q, k, trans_b=True),
+                                  jnp.sum(q * dq_state, axis=1) * from_start,
+                                  to_end_grad=jnp.sum(k * dk_end, axis=1) * to_end,
+                                  carried=jnp.sum(carry) * jnp.sum(state * dstate))
+
+
+def _wy_path_kernel(k_ref, v_ref, beta_ref, g_ref, seg_ref, x_ref, h_ref, dv_new_ref, dv_ref, dbeta_ref,
+                    dk_ref, dg_ref, *, dot_dtype):
+    # [C, K]: k, dk (partial); [C, V]: v, dv_new, dv; [C]: beta, g, dbeta, dg (partial);
+    # x_ref [C, C]; h_ref [K, V] (state entering)
+    t0 = pl.program_id(2) * CHUNK
+    rows = pl.ds(0, CHUNK)
+    mm = functools.partial(matmul, dot_dtype=dot_dtype)
+    g = load_gates(g_ref, rows)
+    k, v, dv_new = load_f32(k_ref, rows), load_f32(v_ref, rows), load_f32(dv_new_ref, rows)
+    beta = beta_ref[rows].astype(jnp.float32)
+    x, state = x_ref[...], h_ref[...].astype(jnp.float32)
+    from_start, _, _ = boundary_factors(g, seg_ref, t0)
+    decay = pair_decays(g, seg_ref, t0)
+
     # v' = X vb - X kb S
     kb = (beta * from_start)[:, None] * k
     dvb = mm(x, dv_new, trans_a=True)
@@ -80,41 +102,37 @@ def _chunk_grad_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, seg_ref, x_ref, h_r
     da = -mm(x, mm(dx, x, trans_b=True), trans_a=True)
     # A = strict_lower(beta_t (k_t.k_s) D[t, s])
     kk = mm(k, k, trans_b=True)
-    kk_decay = strictly_lower(kk * decay)
     dkk = da * beta[:, None] * strictly_lower(decay)
-    dk += mm(dkk, k) + mm(dkk, k, trans_a=True) + (beta * from_start)[:, None] * dkb
     dv_ref[rows, :] = (beta[:, None] * dvb).astype(dv_ref.dtype)
-    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dbeta_ref[rows] = (jnp.sum(dvb * v, axis=1) + jnp.sum(dkb * k, axis=1) * from_start
-                       + jnp.sum(da * kk_decay, axis=1)).astype(dbeta_ref.dtype)
+                       + jnp.sum(da * strictly_lower(kk * decay), axis=1)).astype(dbeta_ref.dtype)
+    dk_ref[rows, :] = mm(dkk, k) + mm(dkk, k, trans_a=True) + (beta * from_start)[:, None] * dkb
     if dg_ref is not None:
-        dg_ref[rows] = _gate_grad(q, k, qk, kk, dqk, dkk, dq_state, dk_end, kb, dkb, from_start,
-                                  to_end, carry, state, dstate).astype(dg_ref.dtype)
+        dg_ref[rows] = _gate_grad(dkk * kk, jnp.sum(kb * dkb, axis=1))
 
 
-def _gate_grad(q, k, qk, kk, dqk, dkk, dq_state, dk_end, kb, dkb, from_start, to_end, carry, state,
-               dstate):
-    """``dg [C]`` from ``db``, the gradient of each token's cumulative gate ``b_t``: token j's gate
-    enters every ``b_t`` with ``t >= j``, and ``e^{b_last - b_s}`` for every ``s < j``.
+def _gate_grad(pair_grads, db, *, to_end_grad=0.0, carried=0.0):
+    """``dg [C]`` from the gradients of the factors the gates enter: ``pair_grads [C, C]`` (``dD * D``
+    of each pair factor; only ``s < t`` is read), ``db [C]`` (of each token's cumulative gate ``b_t``
+    through its other factors), ``to_end_grad [C]`` (``dF * F`` of ``F = e^{b_last - b_s}``) and
+    ``carried`` (of ``gamma``). Token j's gate enters every ``b_t`` with ``t >= j``, and
+    ``e^{b_last - b_s}`` for every ``s < j``. Linear in its pieces: each kernel passes its own, and
+    the partial ``dg`` add up.
 
     Factors that are exactly 1 must add nothing, not ``+x - x`` (float32 noise far above the true
     gradient under strong decay): so the diagonal pairs are left out, the ``e^{b_last - b_s}``
     gradients enter as a prefix sum of their own, and both sums are masked sums, not differences
     of cumulative sums.
     """
-    pairs = strictly_lower(dqk * qk + dkk * kk)  # dD * D for every pair factor s < t
-    db = (jnp.sum(pairs, axis=1) - jnp.sum(pairs, axis=0) + jnp.sum(q * dq_state, axis=1) * from_start
-          + jnp.sum(kb * dkb, axis=1))
-    to_end_grad = jnp.sum(k * dk_end, axis=1) * to_end
-    carried = jnp.sum(carry) * jnp.sum(state * dstate)
+    pairs = strictly_lower(pair_grads)  # each pair factor D[t, s] sends dD D to b_t, minus it to b_s
+    db = db + jnp.sum(pairs, axis=1) - jnp.sum(pairs, axis=0)
     gate, token = (lax.broadcasted_iota(jnp.int32, pairs.shape, d) for d in (0, 1))
-    return carried + jnp.sum(jnp.where(token >= gate, db[None, :], to_end_grad[None, :]), axis=1)
+    return carried + jnp.sum(jnp.where(token >= gate, db, to_end_grad), axis=1)
 
 
 def state_grad_pass(q, k, g, seg, w, do, dht, *, scale, dot_dtype, block_v, interpret):
     """``(dhs [B, H, NT, K, V], dv_new [B, T, H, V], dh0 [B, H, K, V])``: gradients of the states
-    leaving each chunk and of the written values (matmul dtype: the chunk kernel reads both only as
+    leaving each chunk and of the written values (matmul dtype: the chunk kernels read both only as
     matmul operands), and of the initial state (float32)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
@@ -133,16 +151,27 @@ def state_grad_pass(q, k, g, seg, w, do, dht, *, scale, dot_dtype, block_v, inte
 
 
 def chunk_grads(q, k, v, beta, g, seg, x, hs, dhs, v_new, dv_new, do, *, scale, dot_dtype, interpret):
-    """``(dq, dk, dv, dbeta, dg)`` in the inputs' dtypes (``dg`` None without gates)."""
+    """``(dq, dk, dv, dbeta, dg)`` in the inputs' dtypes (``dg`` None without gates); ``dk`` and
+    ``dg`` sum both kernels' float32 terms."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    return call(
-        functools.partial(_chunk_grad_kernel, scale=scale, dot_dtype=dot_dtype),
-        (B, H, T // CHUNK),
-        [chunk_spec(K), chunk_spec(K), chunk_spec(V), chunk_spec(), if_given(g, chunk_spec()),
-         if_given(seg, segment_spec(T)), chunk_spec(CHUNK), chunk_state_spec(K, V),
-         chunk_state_spec(K, V), chunk_spec(V), chunk_spec(V), chunk_spec(V)],
-        [chunk_spec(K), chunk_spec(K), chunk_spec(V), chunk_spec(), if_given(g, chunk_spec())],
-        [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, beta, g)],
-        (q, k, v, beta, g, seg, x, hs, dhs, v_new, dv_new, do), name="delta_chunk_grads",
-        interpret=interpret)
+    grid = (B, H, T // CHUNK)
+    gate_spec, seg_spec = if_given(g, chunk_spec()), if_given(seg, segment_spec(T))
+    state_spec = chunk_state_spec(K, V)
+    like = lambda a, dtype: None if a is None else jax.ShapeDtypeStruct(a.shape, dtype)
+    dq, dk_output, dg_output = call(
+        functools.partial(_output_path_kernel, scale=scale, dot_dtype=dot_dtype), grid,
+        [chunk_spec(K), chunk_spec(K), gate_spec, seg_spec, state_spec, state_spec, chunk_spec(V),
+         chunk_spec(V)],
+        [chunk_spec(K), chunk_spec(K), gate_spec],
+        [like(q, q.dtype), like(k, jnp.float32), like(g, jnp.float32)],
+        (q, k, g, seg, hs, dhs, v_new, do), name="delta_chunk_grads_output_path", interpret=interpret)
+    dv, dbeta, dk_wy, dg_wy = call(
+        functools.partial(_wy_path_kernel, dot_dtype=dot_dtype), grid,
+        [chunk_spec(K), chunk_spec(V), chunk_spec(), gate_spec, seg_spec, chunk_spec(CHUNK), state_spec,
+         chunk_spec(V)],
+        [chunk_spec(V), chunk_spec(), chunk_spec(K), gate_spec],
+        [like(v, v.dtype), like(beta, beta.dtype), like(k, jnp.float32), like(g, jnp.float32)],
+        (k, v, beta, g, seg, x, hs, dv_new), name="delta_chunk_grads_wy_path", interpret=interpret)
+    dg = None if g is None else (dg_output + dg_wy).astype(g.dtype)
+    return dq, (dk_output + dk_wy).astype(k.dtype), dv, dbeta, dg
