@@ -14,11 +14,16 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(ValueError):
+    """The newest checkpoint holds a train state of another shape than this config's."""
+
+
 class Checkpointer:
     """Saves {state, data iterator} every so often, keeps the newest `keep`, restores the newest readable one.
 
     A checkpoint that fails to restore is reported and moved aside to `<dir>/../checkpoints_unreadable/`
-    (never deleted), and the previous one is used.
+    (never deleted), and the previous one is used. One that reads but holds another tree of arrays (another
+    model or optimizer config, or an older jaxlin) is left in place and stops the run: it is not broken.
     """
 
     def __init__(self, directory: Path, keep: int):
@@ -47,6 +52,12 @@ class Checkpointer:
                                             data=grain.checkpoint.CheckpointRestore(data_iterator)),
                 )
             except Exception as error:  # any unreadable file: report, set aside, fall back
+                if "tree structures do not match" in str(error):  # Orbax's words for a readable mismatch
+                    raise CheckpointMismatchError(
+                        f"checkpoint {step} in {self.directory} holds a different train state from this config's "
+                        f"(another model or optimizer setting, or an older jaxlin); nothing was moved. Resume it "
+                        f"with the config and version that wrote it, or train in a new --workdir. Orbax: "
+                        f"{str(error)[:600]}") from error
                 self._set_aside(step, error)
                 continue
             return restored["state"], step

@@ -105,6 +105,18 @@ def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, shards_di
     assert len(list((tmp_path / "checkpoints_unreadable").iterdir())) == 1
 
 
+def test_checkpoint_of_another_state_stops_the_run_and_is_kept(tmp_path, shards_dir, uninterrupted):
+    import shutil
+
+    from jaxlin.train.checkpoint import CheckpointMismatchError
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    with pytest.raises(CheckpointMismatchError, match="holds a different train state.*nothing was moved"):
+        loop.run(tiny_config(shards_dir, **{"model.n_layer": 2}), tmp_path)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6, 8]
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+
+
 def test_nonfinite_steps_are_skipped_then_stop_training(tmp_path, shards_dir, monkeypatch):
     real = loop.create_train_state
 
