@@ -2,6 +2,7 @@
 
     python -m kernels.bench {gla,delta_rule,gated_delta_rule} --shape B,T,H,K,V [--shape ...]
         [--dtype bf16] [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
+        [--profile DIR]
 
 Each JAX implementation is jitted through ``jaxlin.ops.<op>(impl=...)``; forward+backward
 is one jitted ``vjp`` with a fixed random cotangent that returns the output and the gradients. FLA's chunk kernel
@@ -64,16 +65,32 @@ def _inputs(op, shape, dtype, seed=0):
     return (q, k, v, g, beta), do
 
 
-def _time_jax(op, impl, args, do):
+def _jitted(op, impl):
+    """``(forward(*args), forward_backward(args, do))``, jitted."""
     f = lambda *args: getattr(ops, op)(*args, impl=impl)[0]
-    forward = jax.jit(f)
+
     def forward_backward(args, do):  # returns o too: otherwise XLA drops the forward's output kernel
         o, vjp = jax.vjp(f, *args)
         return o, vjp(do)
 
-    forward_backward = jax.jit(forward_backward)
+    return jax.jit(f), jax.jit(forward_backward)
+
+
+def _time_jax(op, impl, args, do):
+    forward, forward_backward = _jitted(op, impl)
     out = forward(*args)
     return _median_ms(forward, *args), _median_ms(forward_backward, args, do), out
+
+
+def _pallas_kernel_profile(op, args, do, log_dir, runs=5):
+    """Prints the device ms of each kernel in one Pallas forward+backward, from a profile of ``runs``."""
+    from jaxlin.train import profiling
+    _, forward_backward = _jitted(op, "pallas")
+    jax.block_until_ready(forward_backward(args, do))
+    trace = profiling.trace(lambda: [forward_backward(args, do) for _ in range(runs)], log_dir)
+    print("pallas fwd+bwd, device ms per kernel:")
+    for name, _, ms, calls in profiling.device_kernel_times(trace, steps=runs)["kernels"][:10]:
+        print(f"  {ms:8.3f}  x{calls:.0f}  {name[:80]}")
 
 
 def _fla_function(op):
@@ -139,7 +156,7 @@ def _pallas_gla_stages(q, k, v, g, do, configs):
         print(f"  {name:<16}" + "  ".join(times))
 
 
-def bench_op(op, shape, dtype, impls, configs=None):
+def bench_op(op, shape, dtype, impls, configs=None, profile_dir=None):
     args, do = _inputs(op, shape, dtype)
     rows, outputs = [], {}
     for impl in impls:
@@ -169,6 +186,8 @@ def bench_op(op, shape, dtype, impls, configs=None):
     if configs and op == "gla":
         print("pallas kernels alone, ms by num_warps/num_stages:")
         _pallas_gla_stages(*args, do, configs)
+    if profile_dir:
+        _pallas_kernel_profile(op, args, do, profile_dir)
     return rows, base["impl"]
 
 
@@ -181,13 +200,15 @@ def main(argv=None):
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--stages", nargs="*", metavar="WARPSxSTAGES",
                         help="also time each Pallas kernel alone for these configs, e.g. 4x2 8x1")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also trace the Pallas forward+backward into DIR and print each kernel's device ms")
     args = parser.parse_args(argv)
     records = []
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}")
     for text in args.shape:
         shape = tuple(int(x) for x in text.split(","))
         configs = [tuple(int(x) for x in c.split("x")) for c in (args.stages or [])]
-        rows, base = bench_op(args.op, shape, DTYPES[args.dtype], args.impls.split(","), configs)
+        rows, base = bench_op(args.op, shape, DTYPES[args.dtype], args.impls.split(","), configs, args.profile)
         print(f"\n{args.op} B,T,H,K,V={text} {args.dtype} (speed-up vs {base})")
         print(f"{'impl':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd x':>9}{'fwd+bwd x':>11}")
         for r in rows:

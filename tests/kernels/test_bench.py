@@ -21,3 +21,10 @@ def test_gla_stages_time_each_kernel(capsys):
     for kernel in ("state_pass", "chunk_outputs", "state_grad_pass", "chunk_grads"):
         line = next(l for l in out.splitlines() if l.strip().startswith(kernel))
         assert "4w1s" in line and "failed" not in line
+
+
+def test_profile_traces_the_pallas_forward_backward(tmp_path, capsys):
+    """On CPU the trace has no device kernels to list; on a GPU the same call lists them (docs/benchmarks.md)."""
+    bench.main(["delta_rule", "--shape", "1,64,1,32,32", "--impls", "pallas", "--profile", str(tmp_path)])
+    assert "pallas fwd+bwd, device ms per kernel:" in capsys.readouterr().out
+    assert list(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))
