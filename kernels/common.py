@@ -80,6 +80,16 @@ def segment_index(segment_ids, batch, length, padded_length):
     return jnp.pad(index, ((0, 0), (0, padded_length - length)), mode="edge")
 
 
+def chunk_relative_segments(seg):
+    """``[B, T_pad]`` int32: each token's segment index minus that of the state entering its chunk.
+
+    0 marks tokens of the carried state's document; the index is non-decreasing, so a chunk's
+    last segment is its maximum. ``seg`` is ``segment_index``'s output.
+    """
+    before = jnp.concatenate([seg[:, :1], seg[:, CHUNK - 1:-1:CHUNK]], axis=1)
+    return seg - jnp.repeat(before, CHUNK, axis=1)
+
+
 def load_f32(ref, rows):
     return ref[rows, :].astype(jnp.float32)
 

@@ -1,9 +1,10 @@
-"""Chunked gated linear attention on Pallas (Triton lowering), differentiable via custom_vjp.
+"""Chunked gated linear attention on Pallas, differentiable via custom_vjp.
 
 ``gla_pallas`` is the entry point ``jaxlin.ops.gla(..., impl="pallas")`` calls; inputs
-arrive validated. Forward and backward each run two kernels (``forward.py``,
-``backward.py``): a sequential pass over chunks for the states (or their gradients),
-then one program per chunk for everything else.
+arrive validated. The forward is one fused Mosaic GPU kernel (``mosaic_forward.py``: TMA,
+wgmma) where it applies, else two Triton kernels (``forward.py``): a sequential pass over
+chunks for the states, then one program per chunk for the outputs. The backward runs two
+Triton kernels (``backward.py``) the same way on the states either forward saved.
 """
 
 import functools
@@ -11,11 +12,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..common import CHUNK, dot_dtype_for, pad_time, saved_for_backward, segment_index, state_block_v
+from ..common import (CHUNK, chunk_relative_segments, dot_dtype_for, pad_time, saved_for_backward,
+                      segment_index, state_block_v)
 from .backward import chunk_grads, state_grad_pass
 from .forward import chunk_outputs, state_pass
+from .mosaic_forward import gla_forward_mosaic
 
 HEAD_DIMS = (32, 64, 128)
+FORWARD_BACKENDS = ("auto", "mosaic", "triton")
+
+
+def mosaic_forward_supports(q, v):
+    """The fused Mosaic forward: bf16 (wgmma operands), V a multiple of 64 (the state ``[V, K]`` is
+    a wgmma accumulator) and K <= 64 (its SMEM tiles fit at V = 128)."""
+    return (q.dtype == v.dtype == jnp.bfloat16 and v.shape[-1] in (64, 128) and q.shape[-1] in (32, 64))
 
 
 def supports(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
@@ -26,40 +36,58 @@ def supports(q, k, v, g, *, scale=None, initial_state=None, output_final_state=F
 
 
 def gla_pallas(q, k, v, g, *, scale, initial_state, output_final_state, segment_ids,
-               interpret=False):
-    """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``."""
+               interpret=False, forward_backend="auto"):
+    """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``.
+
+    ``forward_backend``: "mosaic" or "triton"; "auto" takes Mosaic where it applies
+    (``mosaic_forward_supports``).
+    """
+    if forward_backend not in FORWARD_BACKENDS:
+        raise ValueError(f"forward_backend={forward_backend!r}: expected one of {FORWARD_BACKENDS}")
+    mosaic_ok = mosaic_forward_supports(q, v) and g.dtype == jnp.bfloat16
+    if forward_backend == "mosaic" and not mosaic_ok:
+        raise ValueError(f"forward_backend='mosaic' needs bf16 q, k, v, g, V in (64, 128) and K in (32, 64); "
+                         f"got {q.dtype}, K={q.shape[-1]}, V={v.shape[-1]}. Use 'auto' or 'triton'.")
+    use_mosaic = forward_backend == "mosaic" or (forward_backend == "auto" and mosaic_ok)
     B, T = q.shape[:2]
     padded = -(-T // CHUNK) * CHUNK
     seg = segment_index(segment_ids, B, T, padded)
-    o, final_state = _gla(q, k, v, g, initial_state, seg, float(scale), bool(interpret))
+    o, final_state = _gla(q, k, v, g, initial_state, seg, float(scale), bool(interpret), use_mosaic)
     return o, (final_state if output_final_state else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _gla(q, k, v, g, initial_state, seg, scale, interpret):
-    return _forward(q, k, v, g, initial_state, seg, scale, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _gla(q, k, v, g, initial_state, seg, scale, interpret, use_mosaic):
+    return _forward(q, k, v, g, initial_state, seg, scale, interpret, use_mosaic)[0]
 
 
-def _forward(q, k, v, g, initial_state, seg, scale, interpret):
+def _forward(q, k, v, g, initial_state, seg, scale, interpret, use_mosaic):
     B, T, H, _ = q.shape
     V = v.shape[-1]
     padded = -(-T // CHUNK) * CHUNK
     qp, kp, vp, gp = (pad_time(x, padded) for x in (q, k, v, g))
     dot_dtype = dot_dtype_for(q, k, v)
     h0_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
-    hs, final_t = state_pass(kp, vp, gp, seg, h0_t, dot_dtype=dot_dtype, block_v=state_block_v(B, H, V),
-                             interpret=interpret)
-    o = chunk_outputs(qp, kp, vp, gp, seg, hs, scale=scale, dot_dtype=dot_dtype,
-                      interpret=interpret)[:, :T]
+    if use_mosaic:
+        rel = None if seg is None else chunk_relative_segments(seg)
+        h0_t = None if h0_t is None else h0_t.astype(jnp.float32)
+        o, hs, final_t = gla_forward_mosaic(qp, kp, vp, gp, rel, h0_t, scale=scale, interpret=interpret)
+        o = o[:, :T]
+    else:
+        hs, final_t = state_pass(kp, vp, gp, seg, h0_t, dot_dtype=dot_dtype,
+                                 block_v=state_block_v(B, H, V), interpret=interpret)
+        o = chunk_outputs(qp, kp, vp, gp, seg, hs, scale=scale, dot_dtype=dot_dtype,
+                          interpret=interpret)[:, :T]
     return (o, jnp.swapaxes(final_t, -1, -2)), hs
 
 
-def _gla_fwd(q, k, v, g, initial_state, seg, scale, interpret):
-    out, hs = _forward(q, k, v, g, initial_state, seg, scale, interpret)
+def _gla_fwd(q, k, v, g, initial_state, seg, scale, interpret, use_mosaic):
+    out, hs = _forward(q, k, v, g, initial_state, seg, scale, interpret, use_mosaic)
     return out, (q, k, v, g, initial_state, seg, *saved_for_backward(hs))
 
 
-def _gla_bwd(scale, interpret, residuals, cotangents):
+def _gla_bwd(scale, interpret, use_mosaic, residuals, cotangents):
+    del use_mosaic  # both forwards save the same states
     q, k, v, g, initial_state, seg, hs = residuals
     do, dfinal = cotangents
     B, T, H, _ = q.shape
