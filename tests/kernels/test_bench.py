@@ -28,3 +28,11 @@ def test_profile_traces_the_pallas_forward_backward(tmp_path, capsys):
     bench.main(["delta_rule", "--shape", "1,64,1,32,32", "--impls", "pallas", "--profile", str(tmp_path)])
     assert "pallas fwd+bwd, device ms per kernel:" in capsys.readouterr().out
     assert list(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))
+
+
+def test_gla_forward_backends_get_rows_of_their_own(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["gla", "--shape", "1,64,1,32,64", "--impls", "pallas:triton,pallas:mosaic", "--json", str(out)])
+    assert [r["impl"] for r in json.loads(out.read_text())] == ["pallas:triton", "pallas:mosaic"]
+    with pytest.raises(SystemExit, match="only gla"):
+        bench.main(["delta_rule", "--shape", "1,64,1,32,64", "--impls", "pallas:mosaic"])
