@@ -4,7 +4,7 @@
         [--dtype bf16] [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
         [--profile DIR]
 
-``pallas:triton`` and ``pallas:mosaic`` (GLA) pin the Pallas forward's backend (``pallas`` is "auto").
+``pallas:triton`` and ``pallas:mosaic`` (GLA) pin the Pallas backend (``pallas`` is "auto").
 
 Each JAX implementation is jitted through ``jaxlin.ops.<op>(impl=...)``; forward+backward
 is one jitted ``vjp`` with a fixed random cotangent that returns the output and the gradients. FLA's chunk kernel
@@ -70,12 +70,12 @@ def _inputs(op, shape, dtype, seed=0):
 def _op_function(op, impl):
     if impl.startswith("pallas:"):
         if op != "gla":
-            raise SystemExit(f"--impls {impl}: only gla has a choice of forward backend")
+            raise SystemExit(f"--impls {impl}: only gla has a choice of backend")
         from kernels.gla import gla_pallas
         return lambda q, k, v, g: gla_pallas(q, k, v, g, scale=q.shape[-1] ** -0.5, initial_state=None,
                                              output_final_state=False, segment_ids=None,
                                              interpret=jax.default_backend() != "gpu",
-                                             forward_backend=impl.split(":", 1)[1])[0]
+                                             backend=impl.split(":", 1)[1])[0]
     return lambda *args: getattr(ops, op)(*args, impl=impl)[0]
 
 
@@ -180,23 +180,28 @@ def bench_op(op, shape, dtype, impls, configs=None, profile_dir=None):
                 print("fla: not importable, skipped")
                 continue
             rows.append(dict(impl="fla", fwd_ms=timed[0], fwd_bwd_ms=timed[1]))
+            print(f"fla: fwd {timed[0]:.3f} ms, fwd+bwd {timed[1]} ms", flush=True)
             continue
         try:
             fwd, fwd_bwd, outputs[impl] = _time_jax(op, impl, args, do)
-        except jax.errors.JaxRuntimeError as e:  # e.g. the chunked form's memory at long T
-            print(f"{impl}: failed, {str(e).splitlines()[0][:120]}")
+        except Exception as e:  # noqa: BLE001 (the chunked form's memory at long T, a kernel that fails to
+            # compile): the other rows still count
+            print(f"{impl}: failed, {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             continue
+        print(f"{impl}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms", flush=True)  # before a slow next row
         rows.append(dict(impl=impl, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+    if not rows:
+        raise SystemExit(f"{op} {shape}: no implementation ran")
     base = next((r for r in rows if r["impl"] == "reference"), rows[0])
     for r in rows:
         r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
         r["fwd_bwd_speedup"] = (base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
                                 if r["fwd_bwd_ms"] and base["fwd_bwd_ms"] else None)
-    if "pallas" in outputs and len(outputs) > 1:  # sanity: same function as the others
-        other = next(i for i in outputs if i != "pallas")
-        ref = np.asarray(outputs[other], np.float32)
-        err = np.linalg.norm(np.asarray(outputs["pallas"], np.float32) - ref) / np.linalg.norm(ref)
-        print(f"pallas vs {other}: rel err of o = {err:.2e}")
+    first = next(iter(outputs), None)
+    for impl in list(outputs)[1:]:  # sanity: every implementation computes the same function
+        ref = np.asarray(outputs[first], np.float32)
+        err = np.linalg.norm(np.asarray(outputs[impl], np.float32) - ref) / np.linalg.norm(ref)
+        print(f"{impl} vs {first}: rel err of o = {err:.2e}")
     if configs and op == "gla":
         print("pallas kernels alone, ms by num_warps/num_stages:")
         _pallas_gla_stages(*args, do, configs)

@@ -30,7 +30,7 @@ def test_profile_traces_the_pallas_forward_backward(tmp_path, capsys):
     assert list(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))
 
 
-def test_gla_forward_backends_get_rows_of_their_own(tmp_path):
+def test_gla_backends_get_rows_of_their_own(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["gla", "--shape", "1,64,1,32,64", "--impls", "pallas:triton,pallas:mosaic", "--json", str(out)])
     assert [r["impl"] for r in json.loads(out.read_text())] == ["pallas:triton", "pallas:mosaic"]
