@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a GPU machine, in one call: the kernels' compiled tests, the kernel benchmarks and the train-step
+# benchmark, each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
+# ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
+#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, gla, delta, train (default: all four)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_logs}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "error: installing the carried wheels in .whl/ failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+
+stage() {  # name, seconds, command...: the log keeps everything, the terminal the last lines
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name (at most ${seconds}s)"
+  timeout "$seconds" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  grep -v -i "deprecat\|return rule" "$out/$name.log" | tail -n 14
+  [ "$rc" -eq 124 ] && echo "   $name: stopped after ${seconds}s"
+}
+
+shapes="--shape 32,1024,16,32,64 --shape 32,1024,16,64,64 --shape 8,4096,16,64,64"
+for s in "${@:-tests gla delta train}"; do
+  for name in $s; do
+    case $name in
+      tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage tests 240 python3 -m pytest tests/kernels -q -x -p no:cacheprovider -W ignore ;;
+      gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
+      delta) stage delta 150 python3 -m kernels.bench gated_delta_rule --shape 32,1024,16,64,64 --impls pallas --json "$out/delta.json" ;;
+      train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
+      *) echo "error: unknown stage '$name' (expected tests, gla, delta or train)" >&2; exit 2 ;;
+    esac
+  done
+done
