@@ -179,17 +179,17 @@ def bench_op(op, shape, dtype, impls, configs=None, profile_dir=None):
             if timed is None:
                 print("fla: not importable, skipped")
                 continue
-            rows.append(dict(impl="fla", fwd_ms=timed[0], fwd_bwd_ms=timed[1]))
-            print(f"fla: fwd {timed[0]:.3f} ms, fwd+bwd {timed[1]} ms", flush=True)
-            continue
-        try:
-            fwd, fwd_bwd, outputs[impl] = _time_jax(op, impl, args, do)
-        except Exception as e:  # noqa: BLE001 (the chunked form's memory at long T, a kernel that fails to
-            # compile): the other rows still count
-            print(f"{impl}: failed, {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-            continue
-        print(f"{impl}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms", flush=True)  # before a slow next row
+            fwd, fwd_bwd = timed
+        else:
+            try:
+                fwd, fwd_bwd, outputs[impl] = _time_jax(op, impl, args, do)
+            except Exception as e:  # noqa: BLE001 (the chunked form's memory at long T, a kernel that fails
+                # to compile): the other rows still count
+                print(f"{impl}: failed, {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                continue
         rows.append(dict(impl=impl, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+        fwd_bwd_text = "n/a" if fwd_bwd is None else f"{fwd_bwd:.3f} ms"
+        print(f"{impl}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd_text}", flush=True)  # before a slow next row
     if not rows:
         raise SystemExit(f"{op} {shape}: no implementation ran")
     base = next((r for r in rows if r["impl"] == "reference"), rows[0])
@@ -198,8 +198,8 @@ def bench_op(op, shape, dtype, impls, configs=None, profile_dir=None):
         r["fwd_bwd_speedup"] = (base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
                                 if r["fwd_bwd_ms"] and base["fwd_bwd_ms"] else None)
     first = next(iter(outputs), None)
+    ref = None if first is None else np.asarray(outputs[first], np.float32)
     for impl in list(outputs)[1:]:  # sanity: every implementation computes the same function
-        ref = np.asarray(outputs[first], np.float32)
         err = np.linalg.norm(np.asarray(outputs[impl], np.float32) - ref) / np.linalg.norm(ref)
         print(f"{impl} vs {first}: rel err of o = {err:.2e}")
     if configs and op == "gla":
