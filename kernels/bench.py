@@ -4,7 +4,7 @@
         [--dtype bf16] [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
         [--profile DIR]
 
-``pallas:triton`` and ``pallas:mosaic`` (GLA) pin the Pallas forward's backend (``pallas`` is "auto").
+``pallas:triton`` and ``pallas:mosaic`` (GLA) pin the Pallas backend (``pallas`` is "auto").
 
 Each JAX implementation is jitted through ``jaxlin.ops.<op>(impl=...)``; forward+backward
 is one jitted ``vjp`` with a fixed random cotangent that returns the output and the gradients. FLA's chunk kernel
@@ -70,12 +70,12 @@ def _inputs(op, shape, dtype, seed=0):
 def _op_function(op, impl):
     if impl.startswith("pallas:"):
         if op != "gla":
-            raise SystemExit(f"--impls {impl}: only gla has a choice of forward backend")
+            raise SystemExit(f"--impls {impl}: only gla has a choice of backend")
         from kernels.gla import gla_pallas
         return lambda q, k, v, g: gla_pallas(q, k, v, g, scale=q.shape[-1] ** -0.5, initial_state=None,
                                              output_final_state=False, segment_ids=None,
                                              interpret=jax.default_backend() != "gpu",
-                                             forward_backend=impl.split(":", 1)[1])[0]
+                                             backend=impl.split(":", 1)[1])[0]
     return lambda *args: getattr(ops, op)(*args, impl=impl)[0]
 
 

@@ -1,33 +1,38 @@
 """Chunked gated linear attention on Pallas, differentiable via custom_vjp.
 
 ``gla_pallas`` is the entry point ``jaxlin.ops.gla(..., impl="pallas")`` calls; inputs arrive
-validated. The forward has two backends:
+validated. Two backends:
 
-- Mosaic GPU (the Hopper path: TMA, wgmma), bf16 only: one fused kernel (``mosaic_forward.py``), a
-  pass over the chunks with the state in registers;
-- Triton (bf16 or float32): a sequential state pass, then one program per chunk (``forward.py``).
-
-Both save the states entering each chunk, from which the Triton backward (``backward.py``) runs a
-reverse state-gradient pass and then all chunks' gradients in parallel.
+- Mosaic GPU (the Hopper path: TMA, wgmma), bf16 only: one fused forward kernel
+  (``mosaic_forward.py``) and one fused backward kernel (``mosaic_backward.py``), each a pass over
+  the chunks with the state, or its gradient, in registers. The backward has only the whole-chunk
+  form, so a call in which some chunk decays by more than ``common.MAX_WHOLE_CHUNK_DECAY`` (gates
+  averaging below about -0.6 per token over 64 tokens) takes the Triton backward instead, as do
+  head dims whose backward tiles overflow shared memory (K=64 with V=128).
+- Triton (any supported dtype, float32 included): a sequential state pass then one program per
+  chunk, forward (``forward.py``) and backward (``backward.py``).
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ..common import (CHUNK, chunk_relative_segments, dot_dtype_for, pad_time, saved_for_backward,
                       segment_index, state_block_v)
+from . import mosaic_backward
 from .backward import chunk_grads, state_grad_pass
 from .forward import chunk_outputs, state_pass
+from .mosaic_backward import all_chunks_mild, final_state_gate_grad, gla_backward_mosaic
 from .mosaic_forward import gla_forward_mosaic
 
 HEAD_DIMS = (32, 64, 128)
-FORWARD_BACKENDS = ("auto", "mosaic", "triton")
+BACKENDS = ("auto", "mosaic", "triton")
 
 
-def mosaic_forward_supports(q, k, v, g):
-    """The Mosaic forward: bf16 (wgmma operands), V a multiple of 64 (the state ``[V, K]`` is a wgmma
+def mosaic_supports(q, k, v, g):
+    """The Mosaic kernels: bf16 (wgmma operands), V a multiple of 64 (the state ``[V, K]`` is a wgmma
     accumulator) and K <= 64 (the forward's SMEM tiles fit at V = 128)."""
     bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v, g))
     return bf16 and v.shape[-1] in (64, 128) and q.shape[-1] in (32, 64)
@@ -41,19 +46,18 @@ def supports(q, k, v, g, *, scale=None, initial_state=None, output_final_state=F
 
 
 def gla_pallas(q, k, v, g, *, scale, initial_state, output_final_state, segment_ids,
-               interpret=False, forward_backend="auto"):
+               interpret=False, backend="auto"):
     """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``.
 
-    ``forward_backend``: "mosaic" or "triton"; "auto" takes Mosaic where it applies
-    (``mosaic_forward_supports``).
+    ``backend``: "mosaic" or "triton"; "auto" takes Mosaic where it applies (``mosaic_supports``).
     """
-    if forward_backend not in FORWARD_BACKENDS:
-        raise ValueError(f"forward_backend={forward_backend!r}: expected one of {FORWARD_BACKENDS}")
-    mosaic_ok = mosaic_forward_supports(q, k, v, g)
-    if forward_backend == "mosaic" and not mosaic_ok:
-        raise ValueError(f"forward_backend='mosaic' needs bf16 q, k, v, g, V in (64, 128) and K in (32, 64); got "
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    mosaic_ok = mosaic_supports(q, k, v, g)
+    if backend == "mosaic" and not mosaic_ok:
+        raise ValueError(f"backend='mosaic' needs bf16 q, k, v, g, V in (64, 128) and K in (32, 64); got "
                          f"{q.dtype}/{g.dtype}, K={q.shape[-1]}, V={v.shape[-1]}. Use 'auto' or 'triton'.")
-    use_mosaic = forward_backend == "mosaic" or (forward_backend == "auto" and mosaic_ok)
+    use_mosaic = backend == "mosaic" or (backend == "auto" and mosaic_ok)
     B, T = q.shape[:2]
     padded = -(-T // CHUNK) * CHUNK
     seg = segment_index(segment_ids, B, T, padded)
@@ -89,20 +93,40 @@ def _gla_fwd(q, k, v, g, initial_state, seg, scale, interpret, use_mosaic):
     return out, (q, k, v, g, initial_state, seg, *saved_for_backward(hs))
 
 
+def _triton_backward(qp, kp, vp, gp, dop, seg, hs, dht, *, scale, interpret):
+    B, _, H, _ = qp.shape
+    V = vp.shape[-1]
+    dot_dtype = dot_dtype_for(qp, kp, vp)
+    dhs, dh0_t = state_grad_pass(qp, dop, gp, seg, dht, scale=scale, dot_dtype=dot_dtype,
+                                 block_v=state_block_v(B, H, V), interpret=interpret)
+    grads = chunk_grads(qp, kp, vp, gp, dop, seg, hs, dhs, scale=scale, dot_dtype=dot_dtype, interpret=interpret)
+    return (*grads, dh0_t)
+
+
 def _gla_bwd(scale, interpret, use_mosaic, residuals, cotangents):
-    del use_mosaic  # both forwards save the same states
     q, k, v, g, initial_state, seg, hs = residuals
     do, dfinal = cotangents
-    B, T, H, _ = q.shape
-    V = v.shape[-1]
+    T, K, V = q.shape[1], q.shape[-1], v.shape[-1]
     padded = seg.shape[1] if seg is not None else -(-T // CHUNK) * CHUNK
-    qp, kp, vp, gp, dop = (pad_time(x, padded) for x in (q, k, v, g, do))
-    dot_dtype = dot_dtype_for(q, k, v)
-    dhs, dh0_t = state_grad_pass(qp, dop, gp, seg, jnp.swapaxes(dfinal, -1, -2), scale=scale,
-                                 dot_dtype=dot_dtype, block_v=state_block_v(B, H, V), interpret=interpret)
-    dq, dk, dv, dg = (x[:, :T] for x in chunk_grads(qp, kp, vp, gp, dop, seg, hs, dhs, scale=scale,
-                                                     dot_dtype=dot_dtype, interpret=interpret))
-    dh0 = jnp.swapaxes(dh0_t, -1, -2) if initial_state is not None else None
+    qp, kp, vp, gp, dop = (pad_time(x, padded) for x in (q, k, v, g, do.astype(v.dtype)))
+    dht = jnp.swapaxes(dfinal, -1, -2).astype(jnp.float32)
+    inputs = (qp, kp, vp, gp, dop, hs, dht)
+
+    def triton(q, k, v, g, do, hs, dht):
+        return _triton_backward(q, k, v, g, do, seg, hs, dht, scale=scale, interpret=interpret)
+
+    if use_mosaic and mosaic_backward.supports(K, V):
+        rel = None if seg is None else chunk_relative_segments(seg)
+
+        def mosaic(q, k, v, g, do, hs, dht):
+            later = final_state_gate_grad(k, v, g, rel, hs[:, :, -1], dht)
+            return gla_backward_mosaic(q, k, v, g, do, rel, hs, dht, later, scale=scale, interpret=interpret)
+
+        grads = lax.cond(all_chunks_mild(gp), mosaic, triton, *inputs)
+    else:
+        grads = triton(*inputs)
+    dq, dk, dv, dg = (x[:, :T] for x in grads[:4])
+    dh0 = jnp.swapaxes(grads[4], -1, -2) if initial_state is not None else None
     return dq, dk, dv, dg, dh0, None
 
 

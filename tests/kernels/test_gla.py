@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxlin.ops.reference import gla_reference
-from kernels.gla import gla_pallas, mosaic_forward_supports, supports
+from kernels.gla import gla_pallas, mosaic_backward, mosaic_supports, supports
 from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, packed_segments, rel_error, value_and_grads
 
 BATCH, HEADS = (2, 4) if ON_GPU else (1, 1)
@@ -40,10 +40,10 @@ def _outputs_and_grads(fn, q, k, v, g, h0, cot_key, segment_ids, use_h0):
 
 
 def _check(T, K=32, V=64, dtype=jnp.float32, gate_scale=1.0, segments=None, use_h0=True, seed=0,
-           forward="auto"):
+           backend="auto"):
     q, k, v, g, h0, cot_key = _inputs(seed, T, K, V, dtype, gate_scale)
     seg = None if segments is None else packed_segments(BATCH, T, segments)
-    pallas = lambda *a, **kw: gla_pallas(*a, **kw, interpret=not ON_GPU, forward_backend=forward)
+    pallas = lambda *a, **kw: gla_pallas(*a, **kw, interpret=not ON_GPU, backend=backend)
     got = jax.jit(lambda *a: _outputs_and_grads(pallas, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
     want = jax.jit(lambda *a: _outputs_and_grads(gla_reference, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
     names = ["o", "final_state", "dq", "dk", "dv", "dg"] + (["dh0"] if use_h0 else [])
@@ -71,38 +71,46 @@ def test_gates_below_minus_20_f32():
     _check(LONG, gate_scale=30.0, segments=(70,), seed=2)
 
 
-@pytest.mark.parametrize("forward", ["mosaic", "triton"])
-def test_bf16_segments(forward):
-    _check(LONG, dtype=jnp.bfloat16, segments=(17, 64), seed=3, forward=forward)
+@pytest.mark.parametrize("backend", ["mosaic", "triton"])
+def test_bf16_segments(backend):
+    _check(LONG, dtype=jnp.bfloat16, gate_scale=0.1, segments=(17, 64), seed=3, backend=backend)
 
 
-# The fused Mosaic GPU forward (bf16 only; the backward is the Triton one either way).
+# The fused Mosaic GPU kernels (bf16 only).
 @pytest.mark.parametrize("T", LENGTHS)
-def test_mosaic_forward_lengths(T):
-    _check(T, dtype=jnp.bfloat16, gate_scale=0.1, forward="mosaic")
+def test_mosaic_lengths(T):
+    _check(T, dtype=jnp.bfloat16, gate_scale=0.1, backend="mosaic")
 
 
-def test_mosaic_forward_gates_below_minus_20():
-    # strongly decaying chunks take the key-by-key form; a reset mid-chunk as well
-    _check(LONG, dtype=jnp.bfloat16, gate_scale=30.0, segments=(70,), seed=2, forward="mosaic")
+def test_mosaic_gates_below_minus_20():
+    # strongly decaying chunks: the forward's key-by-key form and the Triton backward; a reset mid-chunk
+    _check(LONG, dtype=jnp.bfloat16, gate_scale=30.0, segments=(70,), seed=2, backend="mosaic")
 
 
-def test_mosaic_forward_no_initial_state_k64_v128():
-    _check(LONG if ON_GPU else 64, K=64, V=128, dtype=jnp.bfloat16, gate_scale=0.1, use_h0=False, seed=6,
-           forward="mosaic")
+@pytest.mark.parametrize("K,V", [(32, 128), (64, 64)])  # (64, 64): the Triton backward
+def test_mosaic_head_dims_no_initial_state(K, V):
+    _check(LONG if ON_GPU else 64, K=K, V=V, dtype=jnp.bfloat16, gate_scale=0.1, use_h0=False, seed=6,
+           backend="mosaic")
 
 
-def test_mosaic_forward_refuses_what_it_cannot_run():
+def test_mosaic_backward_fits_shared_memory():
+    assert [mosaic_backward.supports(K, V) for K, V in [(32, 64), (64, 64), (32, 128), (64, 128)]] == [
+        True, False, True, False]
+    g = jnp.full((1, 128, 1, 4), -0.5)
+    assert bool(mosaic_backward.all_chunks_mild(g))
+    assert not bool(mosaic_backward.all_chunks_mild(g.at[0, 64:, 0, 2].set(-0.7)))
+
+
+def test_mosaic_refuses_what_it_cannot_run():
     x = lambda d, dt=jnp.bfloat16: jnp.ones((1, 8, 1, d), dt)
-    assert mosaic_forward_supports(x(32), x(32), x(64), x(32))
-    assert not mosaic_forward_supports(x(32), x(32), x(32), x(32))
-    assert not mosaic_forward_supports(x(32), x(32), x(64), x(32, jnp.float32))  # float32 gates
-    with pytest.raises(ValueError, match="forward_backend='mosaic' needs bf16"):
+    assert mosaic_supports(x(32), x(32), x(64), x(32)) and not mosaic_supports(x(32), x(32), x(32), x(32))
+    assert not mosaic_supports(x(32), x(32), x(64), x(32, jnp.float32))
+    with pytest.raises(ValueError, match="backend='mosaic' needs bf16"):
         gla_pallas(x(32), x(32), x(32), -x(32), scale=1.0, initial_state=None, output_final_state=False,
-                   segment_ids=None, forward_backend="mosaic")
+                   segment_ids=None, backend="mosaic")
     with pytest.raises(ValueError, match="expected one of"):
         gla_pallas(x(32), x(32), x(64), -x(32), scale=1.0, initial_state=None, output_final_state=False,
-                   segment_ids=None, forward_backend="cuda")
+                   segment_ids=None, backend="cuda")
 
 
 @pytest.mark.parametrize("K,V", [(128, 32), (64, 128)])
