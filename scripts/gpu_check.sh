@@ -32,7 +32,7 @@ shapes="--shape 32,1024,16,32,64 --shape 32,1024,16,64,64 --shape 8,4096,16,64,6
 for name in "${stages[@]}"; do
   case $name in
     tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage tests 240 python3 -m pytest tests/kernels/test_gla.py \
-             -k "mosaic or bf16" -q -p no:cacheprovider -W ignore ;;
+             -k "mosaic or bf16" -v -p no:cacheprovider -W ignore ;;
     gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
     delta) stage delta 150 python3 -m kernels.bench gated_delta_rule --shape 32,1024,16,64,64 --impls pallas --json "$out/delta.json" ;;
     train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
