@@ -7,8 +7,8 @@ validated. Two backends:
   (``mosaic_forward.py``) and one fused backward kernel (``mosaic_backward.py``), each a pass over
   the chunks with the state, or its gradient, in registers. The backward has only the whole-chunk
   form, so a call in which some chunk decays by more than ``common.MAX_WHOLE_CHUNK_DECAY`` (gates
-  averaging below about -0.6 per token over 64 tokens) takes the Triton backward instead, as do
-  head dims whose backward tiles overflow shared memory (K=64 with V=128).
+  averaging below about -0.6 per token over 64 tokens) takes the Triton backward instead, as does
+  K = 64 (``mosaic_backward.supports``: slower there than the Triton backward).
 - Triton (any supported dtype, float32 included): a sequential state pass then one program per
   chunk, forward (``forward.py``) and backward (``backward.py``).
 """
