@@ -17,15 +17,21 @@ The gate gradient needs no state at all: with ``G`` the running gate sum, ``q e^
 make the loss depend on ``G_t`` through ``q_t dq_t - k_t dk_t``, and on the last ``G`` also through
 the final state, so ``dg_t`` is the sum of ``q_s dq_s - k_s dk_s`` over the tokens ``s >= t`` of
 t's document, plus ``sum_v(S_T dS_T)`` in the last document. The kernel keeps that suffix sum for
-the chunks already done as a ``[CHUNK, K]`` tile whose rows are all equal (``later``); both the
-within-chunk suffix sums and the tile's update are products with 0/1 matrices, on ``q dq - k dk``
-split into two bf16 parts (about 1e-5 relative error). Column sums by product rather than by
-reduction keep every cross-warp exchange inside wgmma.
+the chunks already done as a ``[CHUNK, K]`` tile whose rows are all equal (``later``). The
+within-chunk suffix sums are a product with a 0/1 matrix, on ``q dq - k dk`` split into two bf16
+parts (about 1e-5 relative error); the first row of the result is what the earlier chunks need.
+
+Shared memory decides the speed: each program is a chain of small dependent products, so the SM
+needs two programs at once to hide their latency, and two fit only under about 113 KiB each. The
+float32 tiles that carry ``dS`` in and out therefore live in scopes of their own before and after
+the chunk loop, and ``q dq - k dk`` reuses the tiles of ``q e^b`` and ``k e^{-b}``.
 
 ``m``, ``n`` and ``carried`` are the segment masks of the fused forward (``mosaic_forward.py``).
 Only the whole-chunk form is here: the caller runs this kernel when every chunk decays mildly
 (``all_chunks_mild``) and the Triton backward otherwise.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,24 +41,24 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK, MAX_WHOLE_CHUNK_DECAY
 from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, compiler_params, interpret_params, matmul,
-                      smem_tile)
+                      pick_row, smem_tile)
 
 SMEM_LIMIT = 220 * 1024  # of Hopper's 227 KiB per block, with room for barriers and alignment
+TWO_PER_SM = 110 * 1024  # two programs per SM fit below this (with the reduction scratch and barriers)
 
 
 def smem_bytes(K, V):
-    """Shared memory the kernel allocates for head dims ``K`` and ``V``."""
+    """Shared memory the chunk loop allocates for head dims ``K`` and ``V``."""
     bf16 = 2 * (3 * CHUNK * K + 2 * CHUNK * V + V * K)  # double-buffered q, k, g, v, do, hs
-    bf16 += 3 * CHUNK * K + V * K + 2 * CHUNK * K  # q e^b, k e^-b, scale m q e^b; dS; db halves
-    bf16 += 2 * CHUNK * CHUNK  # the suffix-sum and column-sum matrices
+    bf16 += 3 * CHUNK * K + V * K  # q e^b (then db's high part), k e^-b (its low part), scale m q e^b; dS
+    bf16 += CHUNK * CHUNK  # the suffix-sum matrix
     bf16 += 3 * CHUNK * K + CHUNK * V  # dq, dk, dg, dv on their way out
-    return 2 * bf16 + 4 * (V * K + CHUNK * K) + 2 * 4 * CHUNK  # float32 dS and later; segments
+    return 2 * bf16 + 2 * 4 * CHUNK  # and the segments
 
 
 def supports(K, V):
-    """K = 32 only: at K = 64 an earlier form of this kernel (one block per SM in shared memory, a long
-    chain of dependent products per chunk) took 2.1 ms against the Triton backward's 1.3
-    (docs/benchmarks.md)."""
+    """K = 32 only: at K = 64 (one program per SM) the fwd+bwd took 1.96 ms with this kernel against
+    1.83 with the Triton backward (H200, docs/benchmarks.md)."""
     return K == 32 and V in (64, 128) and smem_bytes(K, V) <= SMEM_LIMIT
 
 
@@ -106,8 +112,23 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
         hs_ref, dht_ref, later_ref, dq_ref, dk_ref, dv_ref, dg_ref, dh0_ref = refs[5 + has_seg:]
         bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
 
-        def scoped(q_s, k_s, g_s, v_s, do_s, h_s, seg_s, qg_s, kg_s, qm_s, dstate_s, db_s, suffix_s, cols_s,
-                   out_s, dv_s, f32_s, later_s, bars):
+        def load_initial(f32_s, later_s, bars):
+            plgpu.copy_gmem_to_smem(dht_ref.at[bi, hi], f32_s, bars.at[0])
+            plgpu.copy_gmem_to_smem(later_ref.at[bi, hi], later_s, bars.at[1])
+            plgpu.barrier_wait(bars.at[0])
+            plgpu.barrier_wait(bars.at[1])
+            dstate, later = f32_s[...], later_s[...]
+            plgpu.commit_smem()  # every thread has read the tiles before the loop's loads reuse the memory
+            return dstate, later
+
+        def store_final(dstate, f32_s):
+            f32_s[...] = dstate
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(f32_s, dh0_ref.at[bi, hi])
+            plgpu.wait_smem_to_gmem(0)
+
+        def chunk_loop(dstate, later, q_s, k_s, g_s, v_s, do_s, h_s, seg_s, qg_s, kg_s, qm_s, dstate_s, suffix_s,
+                       out_s, dv_s, bars):
             sources = [(q_ref, q_s), (k_ref, k_s), (g_ref, g_s), (v_ref, v_s), (do_ref, do_s), (hs_ref, h_s)]
             if has_seg:
                 sources.append((seg_ref, seg_s))
@@ -124,13 +145,6 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                     plgpu.copy_gmem_to_smem(window, dst.at[slot], bars.at[2 * i + slot])
 
             fetch(num_chunks - 1, 0)
-            first_bar = 2 * len(sources)
-            plgpu.copy_gmem_to_smem(dht_ref.at[bi, hi], f32_s, bars.at[first_bar])
-            plgpu.copy_gmem_to_smem(later_ref.at[bi, hi], later_s, bars.at[first_bar + 1])
-            plgpu.barrier_wait(bars.at[first_bar])
-            plgpu.barrier_wait(bars.at[first_bar + 1])
-            dstate = f32_s[...]
-            later = later_s[...]
 
             row_k = plgpu.broadcasted_iota(jnp.int32, (CHUNK, K), 0, layout=WGMMA)
             row_a = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
@@ -138,9 +152,8 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
             ones_lower = jnp.where(row_a >= col_a, 1.0, 0.0).astype(dtype)  # cumsum
             causal = row_a >= col_a  # rows: queries, columns: keys
             causal_t = row_a <= col_a  # rows: keys, columns: queries
-            if not has_seg:  # the 0/1 matrices of the gate gradient are the same for every chunk
+            if not has_seg:  # the suffix-sum matrix is the same for every chunk
                 suffix_s[...] = jnp.where(causal_t, 1.0, 0.0).astype(dtype)
-                cols_s[...] = plgpu.layout_cast(jnp.ones((CHUNK, CHUNK), dtype), WGMMA)
                 plgpu.commit_smem()
 
             def step(i, carry):
@@ -160,11 +173,12 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                 b_last = jnp.sum(jnp.where(row_k == CHUNK - 1, bf, 0.0), axis=0)
                 from_start, to_start = jnp.exp(bf), jnp.exp(-bf)
                 to_end = jnp.exp(bcast_cols(b_last, CHUNK) - bf)
-                state_from_start, keep, keep_t, carried, in_last_doc = from_start, causal, causal_t, None, None
+                state_from_start, keep, keep_t, starts_in_doc, in_last_doc = from_start, causal, causal_t, None, None
                 if has_seg:
                     rel = plgpu.load(seg_s.at[slot], layout=ROWS)
                     rel_last = jnp.max(rel)
                     carried = rel_last == 0
+                    starts_in_doc = jnp.min(rel) == 0  # the first token continues the entering state's document
                     in_last_doc = bcast_rows(rel == rel_last, K)
                     state_from_start = jnp.where(bcast_rows(rel == 0, K), from_start, 0.0)
                     to_end = jnp.where(in_last_doc, to_end, 0.0)
@@ -174,7 +188,6 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                     same_doc = rel_by_row == rel_by_col
                     keep, keep_t = keep & same_doc, keep_t & same_doc
                     suffix_s[...] = jnp.where(keep_t, 1.0, 0.0).astype(dtype)
-                    cols_s[...] = jnp.where(rel_by_col == 0, 1.0, 0.0).astype(dtype)
                 qg = qf * from_start
                 kg = kf * to_start
                 kd = kf * to_end
@@ -205,19 +218,20 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                 dk = dk_end + to_start * matmul(dscores_t, qg_s, (CHUNK, K), interpret=interpret)
 
                 # dg = suffix sums of q dq - k dk within the document, plus those of later chunks
+                # (q e^b and k e^-b are spent: their tiles take db's two bf16 parts)
                 db = qf * dq - kf * dk
                 db_high = db.astype(dtype)
-                db_s[0] = db_high
-                db_s[1] = (db - db_high.astype(jnp.float32)).astype(dtype)
+                qg_s[...] = db_high
+                kg_s[...] = (db - db_high.astype(jnp.float32)).astype(dtype)
                 plgpu.commit_smem()
-                dg = matmul(suffix_s, db_s.at[0], (CHUNK, K), interpret=interpret)
-                dg = matmul(suffix_s, db_s.at[1], (CHUNK, K), interpret=interpret, init=dg)
+                dg = matmul(suffix_s, qg_s, (CHUNK, K), interpret=interpret)
+                dg = matmul(suffix_s, kg_s, (CHUNK, K), interpret=interpret, init=dg)
                 dg = dg + (later if in_last_doc is None else jnp.where(in_last_doc, later, 0.0))
-                # what the earlier chunk's last document gets from this one: its own tokens here, and
-                # `later` if the whole chunk belongs to that document
-                later = later if carried is None else later * jnp.where(carried, 1.0, 0.0)
-                later = matmul(cols_s, db_s.at[0], (CHUNK, K), interpret=interpret, init=later)
-                later = matmul(cols_s, db_s.at[1], (CHUNK, K), interpret=interpret, init=later)
+                # the earlier chunks' share: row 0 sums the tokens of the first token's document and, if
+                # that is also the last, the later chunks; it is theirs if that document is the entering one
+                later = plgpu.layout_cast(bcast_cols(pick_row(dg, row_k, 0), CHUNK), WGMMA)
+                if has_seg:
+                    later = later * jnp.where(starts_in_doc, 1.0, 0.0)
 
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
                 out_s[0] = dq.astype(dtype)
@@ -238,14 +252,13 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                 return dstate, later
 
             dstate, _ = lax.fori_loop(0, num_chunks, step, (dstate, later))
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            f32_s[...] = dstate
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(f32_s, dh0_ref.at[bi, hi])
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the memory is free for store_final
+            return dstate
 
-        pl.run_scoped(
-            scoped,
+        dstate, later = pl.run_scoped(load_initial, smem_tile((V, K), jnp.float32),
+                                      smem_tile((CHUNK, K), jnp.float32), plgpu.Barrier(num_barriers=2))
+        dstate = pl.run_scoped(
+            functools.partial(chunk_loop, dstate, later),
             smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype),
             smem_tile((2, CHUNK, V), dtype),
             # do^T meets (m q e^b) in one product with both operands in SMEM: same swizzle
@@ -253,13 +266,13 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
             smem_tile((2, V, K), dtype),
             plgpu.SMEM((2, CHUNK), jnp.int32) if has_seg else None,
             smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, K), dtype),
-            smem_tile((V, K), dtype), smem_tile((2, CHUNK, K), dtype),
-            # 0/1 matrices meeting db (K columns) with both operands in SMEM: same swizzle
-            smem_tile((CHUNK, CHUNK), dtype, swizzle=K * 2), smem_tile((CHUNK, CHUNK), dtype, swizzle=K * 2),
+            smem_tile((V, K), dtype),
+            # the suffix-sum matrix meets db (K columns) with both operands in SMEM: same swizzle
+            smem_tile((CHUNK, CHUNK), dtype, swizzle=K * 2),
             smem_tile((3, CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
-            smem_tile((V, K), jnp.float32), smem_tile((CHUNK, K), jnp.float32),
-            plgpu.Barrier(num_barriers=2 * (6 + has_seg) + 2),
+            plgpu.Barrier(num_barriers=2 * (6 + has_seg)),
         )
+        pl.run_scoped(functools.partial(store_final, dstate), smem_tile((V, K), jnp.float32))
 
     operands = [q, k, v, g, do] + ([rel_seg] if has_seg else []) + [hs, dht, later]
     out_type = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g)) + (

@@ -96,6 +96,7 @@ def test_mosaic_head_dims_no_initial_state(K, V):
 def test_mosaic_backward_fits_shared_memory():
     assert [mosaic_backward.supports(K, V) for K, V in [(32, 64), (64, 64), (32, 128), (64, 128)]] == [
         True, False, True, False]
+    assert mosaic_backward.smem_bytes(32, 64) <= mosaic_backward.TWO_PER_SM  # the reference heads: 2 per SM
     g = jnp.full((1, 128, 1, 4), -0.5)
     assert bool(mosaic_backward.all_chunks_mild(g))
     assert not bool(mosaic_backward.all_chunks_mild(g.at[0, 64:, 0, 2].set(-0.7)))
