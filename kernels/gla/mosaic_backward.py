@@ -32,6 +32,7 @@ Only the whole-chunk form is here: the caller runs this kernel when every chunk 
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,19 +42,35 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK, MAX_WHOLE_CHUNK_DECAY
 from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, compiler_params, interpret_params, matmul,
-                      pick_row, smem_tile)
+                      pick_row, same_document, smem_tile)
 
 SMEM_LIMIT = 220 * 1024  # of Hopper's 227 KiB per block, with room for barriers and alignment
 TWO_PER_SM = 110 * 1024  # two programs per SM fit below this (with the reduction scratch and barriers)
 
 
+def _loop_scratch(K, V, dtype, has_seg):
+    """The chunk loop's shared memory, in ``chunk_loop``'s argument order (barriers apart)."""
+    return [
+        # double-buffered q, k, g, v, do
+        smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype),
+        smem_tile((2, CHUNK, V), dtype),
+        # do^T meets (m q e^b) in one product with both operands in SMEM: same swizzle
+        smem_tile((2, CHUNK, V), dtype, swizzle=K * 2),
+        smem_tile((2, V, K), dtype),  # double-buffered hs
+        plgpu.SMEM((2, CHUNK), jnp.int32) if has_seg else None,
+        # q e^b (then db's high part), k e^-b (then its low part), scale m q e^b; dS
+        smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, K), dtype),
+        smem_tile((V, K), dtype),
+        # the suffix-sum matrix meets db (K columns) with both operands in SMEM: same swizzle
+        smem_tile((CHUNK, CHUNK), dtype, swizzle=K * 2),
+        smem_tile((3, CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),  # dq, dk, dg; dv on their way out
+    ]
+
+
 def smem_bytes(K, V):
-    """Shared memory the chunk loop allocates for head dims ``K`` and ``V``."""
-    bf16 = 2 * (3 * CHUNK * K + 2 * CHUNK * V + V * K)  # double-buffered q, k, g, v, do, hs
-    bf16 += 3 * CHUNK * K + V * K  # q e^b (then db's high part), k e^-b (its low part), scale m q e^b; dS
-    bf16 += CHUNK * CHUNK  # the suffix-sum matrix
-    bf16 += 3 * CHUNK * K + CHUNK * V  # dq, dk, dg, dv on their way out
-    return 2 * bf16 + 2 * 4 * CHUNK  # and the segments
+    """Shared memory the chunk loop allocates for head dims ``K`` and ``V`` (bf16, with segments)."""
+    return sum(math.prod(r.shape) * jnp.dtype(r.dtype).itemsize
+               for r in _loop_scratch(K, V, jnp.bfloat16, has_seg=True))
 
 
 def supports(K, V):
@@ -170,7 +187,7 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                 qf = q_s[slot].astype(jnp.float32)
                 kf = k_s[slot].astype(jnp.float32)
                 bf = matmul(ones_lower, g_s.at[slot], (CHUNK, K), interpret=interpret)
-                b_last = jnp.sum(jnp.where(row_k == CHUNK - 1, bf, 0.0), axis=0)
+                b_last = pick_row(bf, row_k, CHUNK - 1)
                 from_start, to_start = jnp.exp(bf), jnp.exp(-bf)
                 to_end = jnp.exp(bcast_cols(b_last, CHUNK) - bf)
                 state_from_start, keep, keep_t, starts_in_doc, in_last_doc = from_start, causal, causal_t, None, None
@@ -182,10 +199,7 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                     in_last_doc = bcast_rows(rel == rel_last, K)
                     state_from_start = jnp.where(bcast_rows(rel == 0, K), from_start, 0.0)
                     to_end = jnp.where(in_last_doc, to_end, 0.0)
-                    rel_by_row = bcast_rows(rel, CHUNK)
-                    # rel indexed by column: the diagonal of rel_by_row (a COLS load does not lower)
-                    rel_by_col = bcast_cols(jnp.sum(jnp.where(row_a == col_a, rel_by_row, 0), axis=0), CHUNK)
-                    same_doc = rel_by_row == rel_by_col
+                    same_doc = same_document(rel, row_a, col_a)
                     keep, keep_t = keep & same_doc, keep_t & same_doc
                     suffix_s[...] = jnp.where(keep_t, 1.0, 0.0).astype(dtype)
                 qg = qf * from_start
@@ -259,17 +273,7 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                                       smem_tile((CHUNK, K), jnp.float32), plgpu.Barrier(num_barriers=2))
         dstate = pl.run_scoped(
             functools.partial(chunk_loop, dstate, later),
-            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype),
-            smem_tile((2, CHUNK, V), dtype),
-            # do^T meets (m q e^b) in one product with both operands in SMEM: same swizzle
-            smem_tile((2, CHUNK, V), dtype, swizzle=K * 2),
-            smem_tile((2, V, K), dtype),
-            plgpu.SMEM((2, CHUNK), jnp.int32) if has_seg else None,
-            smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, K), dtype),
-            smem_tile((V, K), dtype),
-            # the suffix-sum matrix meets db (K columns) with both operands in SMEM: same swizzle
-            smem_tile((CHUNK, CHUNK), dtype, swizzle=K * 2),
-            smem_tile((3, CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
+            *_loop_scratch(K, V, dtype, has_seg),
             plgpu.Barrier(num_barriers=2 * (6 + has_seg)),
         )
         pl.run_scoped(functools.partial(store_final, dstate), smem_tile((V, K), jnp.float32))

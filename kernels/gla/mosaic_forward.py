@@ -26,7 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK, MAX_WHOLE_CHUNK_DECAY
 from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, compiler_params, interpret_params, matmul,
-                      pick_row, smem_tile)
+                      pick_row, same_document, smem_tile)
 
 def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
     """``(o [B,T,H,V], hs [B,H,NT,V,K] bf16, final [B,H,V,K] float32)``.
@@ -88,7 +88,7 @@ def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
                 qf = q_s[slot].astype(jnp.float32)
                 kf = k_s[slot].astype(jnp.float32)
                 bf = matmul(ones_lower, g_s.at[slot], (CHUNK, K), interpret=interpret)
-                b_last = jnp.sum(jnp.where(row_k == CHUNK - 1, bf, 0.0), axis=0)
+                b_last = pick_row(bf, row_k, CHUNK - 1)
                 keep_key = carry = None
                 if has_seg:
                     rel = plgpu.load(seg_s.at[slot], layout=ROWS)
@@ -106,10 +106,7 @@ def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
                 o = matmul(qg, state_s.at[slot].T, (CHUNK, V), interpret=interpret)
                 if has_seg:
                     o = jnp.where(bcast_rows(rel == 0, V), o, 0.0)
-                    rel_by_row = bcast_rows(rel, CHUNK)
-                    # rel indexed by column: the diagonal of rel_by_row (a COLS load does not lower)
-                    rel_by_col = jnp.sum(jnp.where(row_a == col_a, rel_by_row, 0), axis=0)
-                    same_doc = rel_by_row == bcast_cols(rel_by_col, CHUNK)
+                    same_doc = same_document(rel, row_a, col_a)
 
                 def whole_chunk(o):
                     kg_s[...] = (kf * jnp.exp(-bf)).astype(dtype)  # overflows unless mild
