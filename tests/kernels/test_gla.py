@@ -71,9 +71,10 @@ def test_gates_below_minus_20_f32():
     _check(LONG, gate_scale=30.0, segments=(70,), seed=2)
 
 
-@pytest.mark.parametrize("backend", ["mosaic", "triton"])
-def test_bf16_segments(backend):
-    _check(LONG, dtype=jnp.bfloat16, gate_scale=0.1, segments=(17, 64), seed=3, backend=backend)
+# gates of up to -1 a token leave no chunk mild, so the Mosaic case needs smaller ones to reach its backward
+@pytest.mark.parametrize("backend,gate_scale", [("mosaic", 0.1), ("triton", 1.0)])
+def test_bf16_segments(backend, gate_scale):
+    _check(LONG, dtype=jnp.bfloat16, gate_scale=gate_scale, segments=(17, 64), seed=3, backend=backend)
 
 
 # The fused Mosaic GPU kernels (bf16 only).
