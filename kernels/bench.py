@@ -4,7 +4,8 @@
         [--dtype bf16] [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
         [--profile DIR]
 
-``pallas:triton`` and ``pallas:mosaic`` (GLA) pin the Pallas backend (``pallas`` is "auto").
+``pallas:triton`` and ``pallas:mosaic`` pin the Pallas backend (``pallas`` is "auto"; for the delta
+rules it picks the forward's, the backward being Triton's).
 
 Each JAX implementation is jitted through ``jaxlin.ops.<op>(impl=...)``; forward+backward
 is one jitted ``vjp`` with a fixed random cotangent that returns the output and the gradients. FLA's chunk kernel
@@ -14,6 +15,7 @@ with ``triton.testing.do_bench`` when importable. Inputs: see ``_inputs``.
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import statistics
@@ -69,13 +71,11 @@ def _inputs(op, shape, dtype, seed=0):
 
 def _op_function(op, impl):
     if impl.startswith("pallas:"):
-        if op != "gla":
-            raise SystemExit(f"--impls {impl}: only gla has a choice of backend")
-        from kernels.gla import gla_pallas
-        return lambda q, k, v, g: gla_pallas(q, k, v, g, scale=q.shape[-1] ** -0.5, initial_state=None,
-                                             output_final_state=False, segment_ids=None,
-                                             interpret=jax.default_backend() != "gpu",
-                                             backend=impl.split(":", 1)[1])[0]
+        entry = getattr(importlib.import_module(f"kernels.{op}"), f"{op}_pallas")
+        return lambda *args: entry(*args, scale=args[0].shape[-1] ** -0.5, initial_state=None,
+                                   output_final_state=False, segment_ids=None,
+                                   interpret=jax.default_backend() != "gpu",
+                                   backend=impl.split(":", 1)[1])[0]
     return lambda *args: getattr(ops, op)(*args, impl=impl)[0]
 
 

@@ -52,12 +52,16 @@ def pick_row(x, row_iota, j):
     return jnp.sum(jnp.where(row_iota == j, x, 0), axis=0)
 
 
+def as_cols(vec, row_iota, col_iota):
+    """A per-token ``[M]`` ROWS vector as a COLS vector: the diagonal of its row broadcast (a COLS
+    load does not lower). ``row_iota``, ``col_iota``: ``[M, M]`` WGMMA iotas."""
+    return jnp.sum(jnp.where(row_iota == col_iota, bcast_rows(vec, vec.shape[0]), 0), axis=0)
+
+
 def same_document(rel, row_iota, col_iota):
     """``[M, M]`` bool: do tokens ``i`` (rows) and ``j`` (columns) share a document? ``rel`` [M] (ROWS)."""
-    by_row = bcast_rows(rel, rel.shape[0])
-    # rel indexed by column: the diagonal of by_row (a COLS load does not lower)
-    by_col = jnp.sum(jnp.where(row_iota == col_iota, by_row, 0), axis=0)
-    return by_row == bcast_cols(by_col, rel.shape[0])
+    by_col = as_cols(rel, row_iota, col_iota)
+    return bcast_rows(rel, rel.shape[0]) == bcast_cols(by_col, rel.shape[0])
 
 
 def matmul(a, b, shape, *, interpret, init=None):

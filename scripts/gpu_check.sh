@@ -2,9 +2,10 @@
 # On a GPU machine, in one call: compiled kernel tests, the kernel benchmarks and the train-step benchmark,
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
-#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, gla, delta, train (default: all four)
+#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gla, delta, train (default: all five)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
-# compiling), so run it alone or with one other stage: a call gets 10 minutes.
+# compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
+# delta rules' Mosaic and bf16 cases.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_logs}
@@ -27,15 +28,20 @@ stage() {  # name, seconds, command...: the log keeps everything, the terminal t
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests gla delta train)
+[ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gla delta train)
 shapes="--shape 32,1024,16,32,64 --shape 32,1024,16,64,64 --shape 8,4096,16,64,64"
 for name in "${stages[@]}"; do
   case $name in
     tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage tests 360 python3 -m pytest tests/kernels/test_gla.py \
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
     gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
-    delta) stage delta 150 python3 -m kernels.bench gated_delta_rule --shape 32,1024,16,64,64 --impls pallas --json "$out/delta.json" ;;
+    delta-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage delta-tests 300 python3 -m pytest tests/kernels/test_delta.py \
+             -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
+    delta) stage delta 240 bash -c "python3 -m kernels.bench delta_rule --shape 32,1024,16,64,64 \
+             --impls pallas:triton,pallas:mosaic --json $out/delta_rule.json && python3 -m kernels.bench \
+             gated_delta_rule --shape 32,1024,16,64,64 --shape 4,2048,16,128,128 \
+             --impls pallas:triton,pallas:mosaic --json $out/gated_delta_rule.json" ;;
     train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
-    *) echo "error: unknown stage '$name' (expected tests, gla, delta or train)" >&2; exit 2 ;;
+    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gla, delta or train)" >&2; exit 2 ;;
   esac
 done

@@ -1,8 +1,14 @@
-"""Chunked delta rule and gated delta rule on Pallas (Triton lowering), differentiable via custom_vjp.
+"""Chunked delta rule and gated delta rule on Pallas, differentiable via custom_vjp.
 
 ``kernels.delta_rule`` and ``kernels.gated_delta_rule`` are the thin entry points
 ``jaxlin.ops`` dispatches to; both run the kernels here, the plain rule without gates.
-Forward: three kernels (``forward.py``); backward: three (``backward.py``).
+Forward, two backends:
+
+- Mosaic GPU (the Hopper path: TMA, wgmma), bf16 q, k, v with K and V in {64, 128}: the chunk
+  transform, then one fused pass for the states, written values and outputs (``mosaic_forward.py``);
+- Triton (any supported dtype, float32 included): three kernels (``forward.py``).
+
+Both save the same residuals, so one backward serves them: three Triton kernels (``backward.py``).
 """
 
 import functools
@@ -10,11 +16,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..common import CHUNK, dot_dtype_for, pad_time, saved_for_backward, segment_index, state_block_v
+from ..common import (CHUNK, chunk_relative_segments, dot_dtype_for, pad_time, saved_for_backward,
+                      segment_index, state_block_v)
+from . import mosaic_forward
 from .backward import chunk_grads, state_grad_pass
 from .forward import chunk_outputs, chunk_transform, state_pass
+from .mosaic_forward import chunk_transform_mosaic, state_outputs_mosaic
 
 HEAD_DIMS = (32, 64, 128)
+BACKENDS = ("auto", "mosaic", "triton")
 
 
 def supports(q, k, v, *gates_and_beta, **_):
@@ -23,19 +33,37 @@ def supports(q, k, v, *gates_and_beta, **_):
     return q.shape[-1] in HEAD_DIMS and v.shape[-1] in HEAD_DIMS and float_ok
 
 
+def mosaic_supports(q, k, v):
+    """The Mosaic forward: bf16 q, k, v (wgmma operands; gates and beta may be float32) and K, V in
+    {64, 128}."""
+    bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
+    return bf16 and q.shape[-1] in mosaic_forward.HEAD_DIMS and v.shape[-1] in mosaic_forward.HEAD_DIMS
+
+
 def delta_pallas(q, k, v, g, beta, *, scale, initial_state, output_final_state, segment_ids,
-                 interpret=False):
-    """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``g`` None: plain rule."""
+                 interpret=False, backend="auto"):
+    """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``g`` None: plain rule.
+
+    ``backend``: "mosaic" or "triton" for the forward; "auto" takes Mosaic where it applies
+    (``mosaic_supports``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    mosaic_ok = mosaic_supports(q, k, v)
+    if backend == "mosaic" and not mosaic_ok:
+        raise ValueError(f"backend='mosaic' needs bf16 q, k, v and K, V in {mosaic_forward.HEAD_DIMS}; got "
+                         f"{q.dtype}, K={q.shape[-1]}, V={v.shape[-1]}. Use 'auto' or 'triton'.")
+    use_mosaic = backend == "mosaic" or (backend == "auto" and mosaic_ok)
     B, T = q.shape[:2]
     padded = -(-T // CHUNK) * CHUNK
     seg = segment_index(segment_ids, B, T, padded)
-    o, final_state = _delta(q, k, v, beta, g, initial_state, seg, float(scale), bool(interpret))
+    o, final_state = _delta(q, k, v, beta, g, initial_state, seg, float(scale), bool(interpret), use_mosaic)
     return o, (final_state if output_final_state else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _delta(q, k, v, beta, g, initial_state, seg, scale, interpret):
-    return _forward(q, k, v, beta, g, initial_state, seg, scale, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _delta(q, k, v, beta, g, initial_state, seg, scale, interpret, use_mosaic):
+    return _forward(q, k, v, beta, g, initial_state, seg, scale, interpret, use_mosaic)[0]
 
 
 def _padded(T, *arrays):
@@ -43,10 +71,29 @@ def _padded(T, *arrays):
     return [None if x is None else pad_time(x, length) for x in arrays]
 
 
-def _forward(q, k, v, beta, g, initial_state, seg, scale, interpret):
+def per_head_rows(x):
+    """``[B, T, H]`` -> ``[B, H, T]`` float32: a chunk's slice of one head is contiguous (TMA)."""
+    return jnp.swapaxes(x, 1, 2).astype(jnp.float32)
+
+
+def chunk_cumsum(g):
+    """``[B, T, H]`` log gates -> their cumsum from each chunk's start, float32; T a multiple of CHUNK."""
+    B, T, H = g.shape
+    return jnp.cumsum(g.astype(jnp.float32).reshape(B, T // CHUNK, CHUNK, H), axis=2).reshape(B, T, H)
+
+
+def _forward(q, k, v, beta, g, initial_state, seg, scale, interpret, use_mosaic):
     B, T, H, _ = q.shape
     V = v.shape[-1]
     qp, kp, vp, betap, gp = _padded(T, q, k, v, beta, g)
+    if use_mosaic:
+        rel = None if seg is None else chunk_relative_segments(seg)
+        b = None if gp is None else per_head_rows(chunk_cumsum(gp))
+        h0 = None if initial_state is None else initial_state.astype(jnp.float32)
+        w, u, x = chunk_transform_mosaic(kp, vp, per_head_rows(betap), b, rel, interpret=interpret)
+        o, hs, v_new, final = state_outputs_mosaic(qp, kp, w, u, b, rel, h0, scale=scale,
+                                                   interpret=interpret)
+        return (o[:, :T], final), (w, x, hs, v_new)
     dot_dtype = dot_dtype_for(q, k, v)
     w, u, x = chunk_transform(kp, vp, betap, gp, seg, dot_dtype=dot_dtype, interpret=interpret)
     hs, v_new, final = state_pass(kp, gp, seg, w, u, initial_state, dot_dtype=dot_dtype,
@@ -56,12 +103,12 @@ def _forward(q, k, v, beta, g, initial_state, seg, scale, interpret):
     return (o, final), (w, x, hs, v_new)
 
 
-def _delta_fwd(q, k, v, beta, g, initial_state, seg, scale, interpret):
-    out, saved = _forward(q, k, v, beta, g, initial_state, seg, scale, interpret)
+def _delta_fwd(q, k, v, beta, g, initial_state, seg, scale, interpret, use_mosaic):
+    out, saved = _forward(q, k, v, beta, g, initial_state, seg, scale, interpret, use_mosaic)
     return out, (q, k, v, beta, g, initial_state, seg) + saved_for_backward(*saved)
 
 
-def _delta_bwd(scale, interpret, residuals, cotangents):
+def _delta_bwd(scale, interpret, use_mosaic, residuals, cotangents):
     q, k, v, beta, g, initial_state, seg, w, x, hs, v_new = residuals
     do, dfinal = cotangents
     B, T, H, _ = q.shape

@@ -30,9 +30,8 @@ def test_profile_traces_the_pallas_forward_backward(tmp_path, capsys):
     assert list(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))
 
 
-def test_gla_backends_get_rows_of_their_own(tmp_path):
+@pytest.mark.parametrize("op,shape", [("gla", "1,64,1,32,64"), ("gated_delta_rule", "1,64,1,64,64")])
+def test_backends_get_rows_of_their_own(tmp_path, op, shape):
     out = tmp_path / "bench.json"
-    bench.main(["gla", "--shape", "1,64,1,32,64", "--impls", "pallas:triton,pallas:mosaic", "--json", str(out)])
+    bench.main([op, "--shape", shape, "--impls", "pallas:triton,pallas:mosaic", "--json", str(out)])
     assert [r["impl"] for r in json.loads(out.read_text())] == ["pallas:triton", "pallas:mosaic"]
-    with pytest.raises(SystemExit, match="only gla"):
-        bench.main(["delta_rule", "--shape", "1,64,1,32,64", "--impls", "pallas:mosaic"])

@@ -14,6 +14,7 @@ from jax.experimental import pallas as pl
 from jaxlin import ops
 from jaxlin.ops.reference import delta_rule_reference, gated_delta_rule_reference
 from kernels.common import CHUNK
+from kernels.delta import mosaic_supports
 from kernels.delta.forward import unit_lower_inverse
 from kernels.delta_rule import delta_rule_pallas
 from kernels.gated_delta_rule import gated_delta_rule_pallas, supports
@@ -49,11 +50,11 @@ def _outputs_and_grads(fn, gated, q, k, v, g, beta, h0, cot_key, segment_ids, us
 
 
 def _check(T, gated=True, K=32, V=64, dtype=jnp.float32, gate_scale=0.1, beta_range=(0.0, 1.0),
-           segments=None, use_h0=True, seed=0):
+           segments=None, use_h0=True, seed=0, backend="auto"):
     q, k, v, g, beta, h0, cot_key = _inputs(seed, T, K, V, dtype, gate_scale, beta_range)
     seg = None if segments is None else packed_segments(BATCH, T, segments)
     kernel = gated_delta_rule_pallas if gated else delta_rule_pallas
-    pallas = lambda *a, **kw: kernel(*a, **kw, interpret=not ON_GPU)
+    pallas = lambda *a, **kw: kernel(*a, **kw, interpret=not ON_GPU, backend=backend)
     reference = gated_delta_rule_reference if gated else delta_rule_reference
     args = (q, k, v, g, beta, h0, cot_key)
     got = jax.jit(lambda *a: _outputs_and_grads(pallas, gated, *a, seg, use_h0))(*args)
@@ -97,8 +98,39 @@ def test_gate_extremes_f32(gate_scale):
     _check(LONG, gate_scale=gate_scale, segments=(70,), seed=4)
 
 
-def test_bf16_segments():
-    _check(LONG, dtype=jnp.bfloat16, segments=(17, 64), seed=5)
+@pytest.mark.parametrize("backend,K", [("mosaic", 64), ("triton", 32)])
+def test_bf16_segments(backend, K):
+    _check(LONG, K=K, dtype=jnp.bfloat16, segments=(17, 64), seed=5, backend=backend)
+
+
+# The Mosaic GPU forward (bf16, K and V in {64, 128}); the backward is Triton's.
+@pytest.mark.parametrize("T", (1, 63, 65))
+def test_mosaic_lengths_gated(T):
+    _check(T, K=64, dtype=jnp.bfloat16, seed=9, backend="mosaic")
+
+
+def test_mosaic_delta_rule_wide_heads():
+    # V = 128 splits the state pass in two V-blocks
+    _check(LONG, gated=False, K=128, V=128, dtype=jnp.bfloat16, segments=SEGMENTS, seed=10,
+           backend="mosaic")
+
+
+def test_mosaic_extremes():
+    # gates about e^-20 per token (pair decays underflow to 0, never overflow), beta near 0 and near 1
+    _check(LONG, K=64, dtype=jnp.bfloat16, gate_scale=20.0, segments=(70,), seed=11, backend="mosaic",
+           beta_range=(_per_head(0.0, 0.999), _per_head(1e-3, 1.0)))
+
+
+def test_mosaic_refuses_what_it_cannot_run():
+    x = lambda d, dt=jnp.bfloat16: jnp.ones((1, 8, 2, d), dt)
+    gate = -jnp.ones((1, 8, 2))
+    assert mosaic_supports(x(64), x(64), x(128)) and not mosaic_supports(x(32), x(32), x(64))
+    assert not mosaic_supports(x(64, jnp.float32), x(64, jnp.float32), x(64, jnp.float32))
+    kwargs = dict(scale=1.0, initial_state=None, output_final_state=False, segment_ids=None)
+    with pytest.raises(ValueError, match="backend='mosaic' needs bf16"):
+        gated_delta_rule_pallas(x(32), x(32), x(64), gate, gate, **kwargs, backend="mosaic")
+    with pytest.raises(ValueError, match="expected one of"):
+        gated_delta_rule_pallas(x(64), x(64), x(64), gate, gate, **kwargs, backend="cuda")
 
 
 @pytest.mark.parametrize("K,V", [(128, 32), (64, 128)])

@@ -1,0 +1,291 @@
+"""Delta-rule forward (plain and gated) on Mosaic GPU (Hopper: TMA, wgmma), bf16: two kernels.
+
+The math is ``forward.py``'s (see there for ``m``, ``n``, ``gamma`` and ``D``); the Triton forward's
+state pass and output kernel become one pass here.
+
+1. ``chunk_transform_mosaic``, one program per chunk: ``A = strict_lower(beta_t (k_t.k_s) D[t, s])``,
+   ``X = (I + A)^-1``, ``W = X diag(beta e^b m) K`` and ``U = X diag(beta) V``. The inverse merges
+   diagonal blocks 1 -> 2 -> ... -> 64 with ``inv([[L1, 0], [M, L2]]) = [[X1, 0], [-X2 M X1, X2]]``,
+   which on the whole tile is ``X <- X - X (M X)``, ``M`` the blocks of ``A`` below the diagonal
+   blocks at that width: two tensor-core products a level, one bf16 pass each. That errs about
+   2e-3 relative on X, as much as X's own bf16 rounding in ``W``, ``U`` and the saved copy the
+   backward reads (the Triton kernel's three-pass products err 3e-6 before that rounding).
+2. ``state_outputs_mosaic``, one program per (batch, head, V-block) walking the chunks in order,
+   the state ``S [K, V-block]`` a float32 wgmma accumulator: ``v' = U - W S``,
+   ``o = scale ((m e^b q) S + (q k^T * D) v')``, ``S <- gamma S + (n e^{b_last - b} K)^T v'``. The
+   next chunk's tiles load (TMA, double-buffered) while this one computes.
+
+Per-token vectors (``beta``, the within-chunk gate cumsum ``b``) arrive ``[B, H, T]`` float32, so
+a chunk's slice is contiguous for TMA; segments as chunk-relative indices
+(``common.chunk_relative_segments``): ``m`` is ``rel == 0``, ``n`` is ``rel == rel_last`` and
+``gamma`` needs ``rel_last == 0``.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ..common import CHUNK
+from ..mosaic import (ROWS, WGMMA, as_cols, bcast_cols, bcast_rows, compiler_params, interpret_params,
+                      matmul, same_document, smem_tile)
+
+HEAD_DIMS = (64, 128)  # K and V: wgmma tiles (M a multiple of 64) with 128-byte swizzled rows
+
+
+def _pair_decays(b, row, col):
+    """``[C, C]``: ``exp(min(b_t - b_s, 0))``, ``b`` a ROWS vector (no exponent is positive)."""
+    return jnp.exp(jnp.minimum(bcast_rows(b, CHUNK) - bcast_cols(as_cols(b, row, col), CHUNK), 0.0))
+
+
+def _unit_lower_inverse(a, row, col, x_s, y_s, *, interpret):
+    """``(I + a)^-1`` float32 for strictly lower ``a`` ``[C, C]`` (WGMMA layout float32).
+
+    ``x_s``, ``y_s``: ``[C, C]`` bf16 SMEM scratch for the products' right operands.
+    """
+    # width 1: the 2x2 diagonal blocks' inverses are [[1, 0], [-a, 1]]
+    below_diagonal_blocks = (row == col + 1) & ((row & 1) == 1)
+    x = jnp.where(row == col, 1.0, 0.0) - jnp.where(below_diagonal_blocks, a, 0.0)
+    shift = 1
+    while (1 << shift) < CHUNK:
+        blocks = (row >> shift) == (col >> shift) + 1
+        below_diagonal_blocks = blocks & (((row >> shift) & 1) == 1)
+        x_s[...] = x.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        y = matmul(jnp.where(below_diagonal_blocks, a, 0.0).astype(jnp.bfloat16), x_s, (CHUNK, CHUNK),
+                   interpret=interpret)
+        y_s[...] = y.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        x = x - matmul(x.astype(jnp.bfloat16), y_s, (CHUNK, CHUNK), interpret=interpret)
+        shift += 1
+    return x
+
+
+def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
+    """``(w [B,T,H,K], u [B,T,H,V], x [B,T,H,C])`` bf16; ``x`` is each chunk's ``(I + A)^-1``.
+
+    ``k [B,T,H,K]``, ``v [B,T,H,V]`` bf16; ``beta``, ``b`` ``[B,H,T]`` float32 (``b`` None for the
+    plain rule); ``rel [B,T]`` int32 or None; T a multiple of ``CHUNK``.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    has_gates, has_seg = b is not None, rel is not None
+    dtype = jnp.bfloat16
+
+    def body(*refs):
+        k_ref, v_ref, beta_ref, *refs = refs
+        b_ref = refs.pop(0) if has_gates else None
+        seg_ref = refs.pop(0) if has_seg else None
+        w_ref, u_ref, x_ref = refs
+        bi, hi, ci = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("chunks")
+        rows = pl.ds(ci * CHUNK, CHUNK)
+
+        def scoped(k_s, v_s, beta_s, b_s, seg_s, x_s, y_s, w_s, u_s, bars):
+            copies = [(k_ref.at[bi, rows, hi], k_s), (v_ref.at[bi, rows, hi], v_s),
+                      (beta_ref.at[bi, hi, rows], beta_s)]
+            if has_gates:
+                copies.append((b_ref.at[bi, hi, rows], b_s))
+            if has_seg:
+                copies.append((seg_ref.at[bi, rows], seg_s))
+            for i, (src, dst) in enumerate(copies):
+                plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+            for i in range(len(copies)):
+                plgpu.barrier_wait(bars.at[i])
+
+            row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
+            col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
+            beta_t = plgpu.load(beta_s, layout=ROWS)
+            a = matmul(k_s, k_s.T, (CHUNK, CHUNK), interpret=interpret) * bcast_rows(beta_t, CHUNK)
+            keep = row > col
+            key_scale = beta_t  # beta e^b m
+            if has_gates:
+                b_t = plgpu.load(b_s, layout=ROWS)
+                a = a * _pair_decays(b_t, row, col)
+                key_scale = key_scale * jnp.exp(b_t)
+            if has_seg:
+                rel_t = plgpu.load(seg_s, layout=ROWS)
+                keep &= same_document(rel_t, row, col)
+                key_scale = jnp.where(rel_t == 0, key_scale, 0.0)
+            x = _unit_lower_inverse(jnp.where(keep, a, 0.0), row, col, x_s, y_s,
+                                    interpret=interpret).astype(dtype)
+            # k k^T has been read: the scaled keys and values take the loaded ones' place
+            k_s[...] = (k_s[...].astype(jnp.float32) * bcast_rows(key_scale, K)).astype(dtype)
+            v_s[...] = (v_s[...].astype(jnp.float32) * bcast_rows(beta_t, V)).astype(dtype)
+            x_s[...] = x
+            plgpu.commit_smem()
+            w_s[...] = matmul(x, k_s, (CHUNK, K), interpret=interpret).astype(dtype)
+            u_s[...] = matmul(x, v_s, (CHUNK, V), interpret=interpret).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(w_s, w_ref.at[bi, rows, hi])
+            plgpu.copy_smem_to_gmem(u_s, u_ref.at[bi, rows, hi])
+            plgpu.copy_smem_to_gmem(x_s, x_ref.at[bi, rows, hi])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
+            plgpu.SMEM((CHUNK,), jnp.float32),
+            plgpu.SMEM((CHUNK,), jnp.float32) if has_gates else None,
+            plgpu.SMEM((CHUNK,), jnp.int32) if has_seg else None,
+            smem_tile((CHUNK, CHUNK), dtype), smem_tile((CHUNK, CHUNK), dtype),
+            smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
+            plgpu.Barrier(num_barriers=3 + has_gates + has_seg),
+        )
+
+    operands = [k, v, beta] + ([b] if has_gates else []) + ([rel] if has_seg else [])
+    out_type = (jax.ShapeDtypeStruct((B, T, H, K), dtype), jax.ShapeDtypeStruct((B, T, H, V), dtype),
+                jax.ShapeDtypeStruct((B, T, H, CHUNK), dtype))
+    return plgpu.kernel(
+        body, out_type=out_type, grid=(B, H, T // CHUNK), grid_names=("batch", "heads", "chunks"),
+        interpret=interpret_params(interpret), compiler_params=compiler_params(),
+        kernel_name="delta_transform_mosaic",
+    )(*operands)
+
+
+def state_block_v(batch, heads, v_dim, min_programs=128):
+    """V columns per program: halved to 64 (the least with 128-byte swizzled state rows) while there
+    are fewer than ``min_programs`` programs (about one per SM)."""
+    return 64 if v_dim == 128 and batch * heads < min_programs else v_dim
+
+
+def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
+    """``(o [B,T,H,V], hs [B,H,NT,K,V], v_new [B,T,H,V])`` bf16 and ``final [B,H,K,V]`` float32.
+
+    ``q, k, w [B,T,H,K]``, ``u [B,T,H,V]`` bf16 (``w``, ``u`` from ``chunk_transform_mosaic``);
+    ``b [B,H,T]`` float32 or None; ``rel [B,T]`` int32 or None; ``h0 [B,H,K,V]`` float32 or None.
+    """
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    num_chunks = T // CHUNK
+    block_v = state_block_v(B, H, V)
+    has_gates, has_seg, has_h0 = b is not None, rel is not None, h0 is not None
+    dtype = jnp.bfloat16
+
+    def body(*refs):
+        q_ref, k_ref, w_ref, u_ref, *refs = refs
+        b_ref = refs.pop(0) if has_gates else None
+        seg_ref = refs.pop(0) if has_seg else None
+        h0_ref = refs.pop(0) if has_h0 else None
+        o_ref, hs_ref, v_new_ref, final_ref = refs
+        bi, hi, vi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("v_blocks")
+        cols = pl.ds(vi * block_v, block_v)
+
+        def scoped(q_s, k_s, w_s, u_s, b_s, seg_s, state_s, kd_s, v_new_s, o_s, f32_s, bars):
+            sources = [(q_ref, q_s), (k_ref, k_s), (w_ref, w_s), (u_ref, u_s)]
+            sources += [(b_ref, b_s)] if has_gates else []
+            sources += [(seg_ref, seg_s)] if has_seg else []
+
+            def window(src, rows):
+                if src is seg_ref:
+                    return src.at[bi, rows]
+                if src is b_ref:
+                    return src.at[bi, hi, rows]
+                return src.at[bi, rows, hi, cols] if src is u_ref else src.at[bi, rows, hi]
+
+            def fetch(c, slot):
+                for i, (src, dst) in enumerate(sources):
+                    plgpu.copy_gmem_to_smem(window(src, pl.ds(c * CHUNK, CHUNK)), dst.at[slot],
+                                            bars.at[2 * i + slot])
+
+            fetch(0, 0)
+            if has_h0:
+                plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, cols], f32_s, bars.at[2 * len(sources)])
+                plgpu.barrier_wait(bars.at[2 * len(sources)])
+                state = f32_s[...]
+            else:
+                state = plgpu.layout_cast(jnp.zeros((K, block_v), jnp.float32), WGMMA)
+            state_s[0] = state.astype(dtype)
+            plgpu.commit_smem()
+
+            row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
+            col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
+            token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
+
+            def step(c, state):
+                slot = lax.rem(c, 2)
+                for i in range(len(sources)):
+                    plgpu.barrier_wait(bars.at[2 * i + slot])
+
+                @pl.when(c + 1 < num_chunks)
+                def _():
+                    fetch(c + 1, 1 - slot)
+
+                v_new = u_s[slot].astype(jnp.float32) - matmul(w_s.at[slot], state_s.at[slot],
+                                                               (CHUNK, block_v), interpret=interpret)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
+                v_new_s[...] = v_new.astype(dtype)
+
+                keep = row >= col
+                q_scale = to_end = carry = None
+                if has_gates:
+                    b_t = plgpu.load(b_s.at[slot], layout=ROWS)
+                    b_last = jnp.sum(jnp.where(token == CHUNK - 1, b_t, 0.0))
+                    q_scale, to_end, carry = jnp.exp(b_t), jnp.exp(b_last - b_t), jnp.exp(b_last)
+                if has_seg:
+                    rel = plgpu.load(seg_s.at[slot], layout=ROWS)
+                    rel_last = jnp.max(rel)
+                    keep &= same_document(rel, row, col)
+                    ones = jnp.ones((CHUNK,), jnp.float32)
+                    q_scale = jnp.where(rel == 0, 1.0 if q_scale is None else q_scale, 0.0)
+                    to_end = jnp.where(rel == rel_last, ones if to_end is None else to_end, 0.0)
+                    carry = jnp.where(rel_last == 0, 1.0 if carry is None else carry, 0.0)
+                qg = q_s[slot].astype(jnp.float32)
+                if q_scale is not None:
+                    qg = qg * bcast_rows(q_scale, K)
+                kd = k_s[slot].astype(jnp.float32)
+                if to_end is not None:
+                    kd = kd * bcast_rows(to_end, K)
+                kd_s[...] = kd.astype(dtype)
+                plgpu.commit_smem()
+
+                o = matmul(qg.astype(dtype), state_s.at[slot], (CHUNK, block_v), interpret=interpret)
+                scores = matmul(q_s.at[slot], k_s.at[slot].T, (CHUNK, CHUNK), interpret=interpret)
+                if has_gates:
+                    scores = scores * _pair_decays(b_t, row, col)
+                o = matmul(jnp.where(keep, scores, 0.0).astype(dtype), v_new_s, (CHUNK, block_v),
+                           interpret=interpret, init=o)
+                o_s[...] = (scale * o).astype(dtype)
+                plgpu.commit_smem()
+                rows = pl.ds(c * CHUNK, CHUNK)
+                plgpu.copy_smem_to_gmem(o_s, o_ref.at[bi, rows, hi, cols])
+                plgpu.copy_smem_to_gmem(v_new_s, v_new_ref.at[bi, rows, hi, cols])
+                plgpu.copy_smem_to_gmem(state_s.at[slot], hs_ref.at[bi, hi, c, :, cols])
+
+                decayed = state if carry is None else state * carry
+                state = matmul(kd_s.T, v_new_s, (K, block_v), interpret=interpret, init=decayed)
+                state_s[1 - slot] = state.astype(dtype)
+                plgpu.commit_smem()
+                return state
+
+            state = lax.fori_loop(0, num_chunks, step, state)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            f32_s[...] = state
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(f32_s, final_ref.at[bi, hi, :, cols])
+            plgpu.wait_smem_to_gmem(0)
+
+        num_sources = 4 + has_gates + has_seg
+        pl.run_scoped(
+            scoped,
+            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype),
+            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, block_v), dtype),
+            plgpu.SMEM((2, CHUNK), jnp.float32) if has_gates else None,
+            plgpu.SMEM((2, CHUNK), jnp.int32) if has_seg else None,
+            smem_tile((2, K, block_v), dtype), smem_tile((CHUNK, K), dtype),
+            smem_tile((CHUNK, block_v), dtype), smem_tile((CHUNK, block_v), dtype),
+            smem_tile((K, block_v), jnp.float32),
+            plgpu.Barrier(num_barriers=2 * num_sources + 1),
+        )
+
+    operands = [q, k, w, u] + ([b] if has_gates else []) + ([rel] if has_seg else []) + (
+        [h0] if has_h0 else [])
+    out_type = (jax.ShapeDtypeStruct((B, T, H, V), dtype),
+                jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dtype),
+                jax.ShapeDtypeStruct((B, T, H, V), dtype),
+                jax.ShapeDtypeStruct((B, H, K, V), jnp.float32))
+    return plgpu.kernel(
+        body, out_type=out_type, grid=(B, H, V // block_v), grid_names=("batch", "heads", "v_blocks"),
+        interpret=interpret_params(interpret), compiler_params=compiler_params(),
+        kernel_name="delta_state_outputs_mosaic",
+    )(*operands)
