@@ -14,7 +14,8 @@ Per chunk (notation of ``forward.py``; ``dS'`` the gradient of the state leaving
     ``vb = diag(beta) V``: ``d vb = X^T dv'``, ``d kb = -X^T dv' S^T``, ``dX = dv' (vb - kb S)^T``,
     ``dA = -X^T dX X^T``, then ``A``'s factors: ``dv``, ``dbeta``, and its terms of ``dk`` and ``dg``.
 
-  Both kernels write their ``dk`` and ``dg`` terms in float32, summed in JAX. The gates get a
+  The output path writes its ``dk`` and ``dg`` terms in float32; the WY path adds its own and
+  writes the sums in the inputs' dtypes. The gates get a
   gradient through every factor they enter (``_gate_grad``): each pair factor ``D[t, s]`` sends
   ``dD D`` to ``b_t`` and minus that to ``b_s``.
 """
@@ -80,10 +81,10 @@ def _output_path_kernel(q_ref, k_ref, g_ref, seg_ref, h_ref, dh_ref, v_new_ref, 
                                   carried=jnp.sum(carry) * jnp.sum(state * dstate))
 
 
-def _wy_path_kernel(k_ref, v_ref, beta_ref, g_ref, seg_ref, x_ref, h_ref, dv_new_ref, dv_ref, dbeta_ref,
-                    dk_ref, dg_ref, *, dot_dtype):
-    # [C, K]: k, dk (partial); [C, V]: v, dv_new, dv; [C]: beta, g, dbeta, dg (partial);
-    # x_ref [C, C]; h_ref [K, V] (state entering)
+def _wy_path_kernel(k_ref, v_ref, beta_ref, g_ref, seg_ref, x_ref, h_ref, dv_new_ref, dk_out_ref, dg_out_ref,
+                    dv_ref, dbeta_ref, dk_ref, dg_ref, *, dot_dtype):
+    # [C, K]: k, dk_out (the output path's terms, float32), dk; [C, V]: v, dv_new, dv;
+    # [C]: beta, g, dg_out (as dk_out), dbeta, dg; x_ref [C, C]; h_ref [K, V] (state entering)
     t0 = pl.program_id(2) * CHUNK
     rows = pl.ds(0, CHUNK)
     mm = functools.partial(matmul, dot_dtype=dot_dtype)
@@ -106,9 +107,11 @@ def _wy_path_kernel(k_ref, v_ref, beta_ref, g_ref, seg_ref, x_ref, h_ref, dv_new
     dv_ref[rows, :] = (beta[:, None] * dvb).astype(dv_ref.dtype)
     dbeta_ref[rows] = (jnp.sum(dvb * v, axis=1) + jnp.sum(dkb * k, axis=1) * from_start
                        + jnp.sum(da * strictly_lower(kk * decay), axis=1)).astype(dbeta_ref.dtype)
-    dk_ref[rows, :] = mm(dkk, k) + mm(dkk, k, trans_a=True) + (beta * from_start)[:, None] * dkb
+    dk = mm(dkk, k) + mm(dkk, k, trans_a=True) + (beta * from_start)[:, None] * dkb
+    dk_ref[rows, :] = (dk_out_ref[rows, :] + dk).astype(dk_ref.dtype)
     if dg_ref is not None:
-        dg_ref[rows] = _gate_grad(dkk * kk, jnp.sum(kb * dkb, axis=1))
+        dg = _gate_grad(dkk * kk, jnp.sum(kb * dkb, axis=1))
+        dg_ref[rows] = (dg_out_ref[rows] + dg).astype(dg_ref.dtype)
 
 
 def _gate_grad(pair_grads, db, *, to_end_grad=0.0, carried=0.0):
@@ -151,27 +154,26 @@ def state_grad_pass(q, k, g, seg, w, do, dht, *, scale, dot_dtype, block_v, inte
 
 
 def chunk_grads(q, k, v, beta, g, seg, x, hs, dhs, v_new, dv_new, do, *, scale, dot_dtype, interpret):
-    """``(dq, dk, dv, dbeta, dg)`` in the inputs' dtypes (``dg`` None without gates); ``dk`` and
-    ``dg`` sum both kernels' float32 terms."""
+    """``(dq, dk, dv, dbeta, dg)`` in the inputs' dtypes (``dg`` None without gates)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     grid = (B, H, T // CHUNK)
     gate_spec, seg_spec = if_given(g, chunk_spec()), if_given(seg, segment_spec(T))
     state_spec = chunk_state_spec(K, V)
-    like = lambda a, dtype: None if a is None else jax.ShapeDtypeStruct(a.shape, dtype)
+    like = lambda a, dtype=None: None if a is None else jax.ShapeDtypeStruct(a.shape, dtype or a.dtype)
     dq, dk_output, dg_output = call(
         functools.partial(_output_path_kernel, scale=scale, dot_dtype=dot_dtype), grid,
         [chunk_spec(K), chunk_spec(K), gate_spec, seg_spec, state_spec, state_spec, chunk_spec(V),
          chunk_spec(V)],
         [chunk_spec(K), chunk_spec(K), gate_spec],
-        [like(q, q.dtype), like(k, jnp.float32), like(g, jnp.float32)],
+        [like(q), like(k, jnp.float32), like(g, jnp.float32)],
         (q, k, g, seg, hs, dhs, v_new, do), name="delta_chunk_grads_output_path", interpret=interpret)
-    dv, dbeta, dk_wy, dg_wy = call(
+    dv, dbeta, dk, dg = call(
         functools.partial(_wy_path_kernel, dot_dtype=dot_dtype), grid,
         [chunk_spec(K), chunk_spec(V), chunk_spec(), gate_spec, seg_spec, chunk_spec(CHUNK), state_spec,
-         chunk_spec(V)],
+         chunk_spec(V), chunk_spec(K), gate_spec],
         [chunk_spec(V), chunk_spec(), chunk_spec(K), gate_spec],
-        [like(v, v.dtype), like(beta, beta.dtype), like(k, jnp.float32), like(g, jnp.float32)],
-        (k, v, beta, g, seg, x, hs, dv_new), name="delta_chunk_grads_wy_path", interpret=interpret)
-    dg = None if g is None else (dg_output + dg_wy).astype(g.dtype)
-    return dq, (dk_output + dk_wy).astype(k.dtype), dv, dbeta, dg
+        [like(v), like(beta), like(k), like(g)],
+        (k, v, beta, g, seg, x, hs, dv_new, dk_output, dg_output), name="delta_chunk_grads_wy_path",
+        interpret=interpret)
+    return dq, dk, dv, dbeta, dg
