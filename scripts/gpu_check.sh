@@ -2,7 +2,8 @@
 # On a GPU machine, in one call: compiled kernel tests, the kernel benchmarks and the train-step benchmark,
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
-#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gla, delta, train (default: all five)
+#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gla, delta, train, train-delta
+#   (default: all but train-delta)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases.
@@ -42,6 +43,8 @@ for name in "${stages[@]}"; do
              gated_delta_rule --shape 32,1024,16,64,64 --shape 4,2048,16,128,128 \
              --impls pallas:triton,pallas:mosaic --json $out/gated_delta_rule.json" ;;
     train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
-    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gla, delta or train)" >&2; exit 2 ;;
+    train-delta) stage train-delta 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             --config configs/gpt2_medium_gated_deltanet.py --json "$out/train_delta.json" ;;
+    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gla, delta, train or train-delta)" >&2; exit 2 ;;
   esac
 done
