@@ -34,9 +34,29 @@ from ..mosaic import (ROWS, WGMMA, as_cols, bcast_cols, bcast_rows, compiler_par
 HEAD_DIMS = (64, 128)  # K and V: wgmma tiles (M a multiple of 64) with 128-byte swizzled rows
 
 
-def _pair_decays(b, row, col):
+def pair_decays(b, row, col):
     """``[C, C]``: ``exp(min(b_t - b_s, 0))``, ``b`` a ROWS vector (no exponent is positive)."""
     return jnp.exp(jnp.minimum(bcast_rows(b, CHUNK) - bcast_cols(as_cols(b, row, col), CHUNK), 0.0))
+
+
+def boundary_factors(b, rel, token):
+    """``(from_start, to_end, carry)``: ``m e^b``, ``n e^{b_last - b}`` (ROWS) and ``gamma`` (scalar),
+    each None where it is 1 (no gates, no segments). ``b``, ``rel``: ROWS vectors or None."""
+    from_start = to_end = carry = None
+    if b is not None:
+        b_last = jnp.sum(jnp.where(token == CHUNK - 1, b, 0.0))
+        from_start, to_end, carry = jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last)
+    if rel is not None:
+        rel_last = jnp.max(rel)
+        from_start = jnp.where(rel == 0, 1.0 if from_start is None else from_start, 0.0)
+        to_end = jnp.where(rel == rel_last, 1.0 if to_end is None else to_end, 0.0)
+        carry = jnp.where(rel_last == 0, 1.0 if carry is None else carry, 0.0)
+    return from_start, to_end, carry
+
+
+def scaled_rows(x, factor):
+    """``x [C, D]`` times a per-row ROWS factor (None: 1)."""
+    return x if factor is None else x * bcast_rows(factor, x.shape[1])
 
 
 def _unit_lower_inverse(a, row, col, x_s, y_s, *, interpret):
@@ -95,18 +115,18 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
 
             row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
             col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
+            token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
             beta_t = plgpu.load(beta_s, layout=ROWS)
+            b_t = plgpu.load(b_s, layout=ROWS) if has_gates else None
+            rel_t = plgpu.load(seg_s, layout=ROWS) if has_seg else None
+            from_start, _, _ = boundary_factors(b_t, rel_t, token)
+            key_scale = beta_t if from_start is None else beta_t * from_start
             a = matmul(k_s, k_s.T, (CHUNK, CHUNK), interpret=interpret) * bcast_rows(beta_t, CHUNK)
             keep = row > col
-            key_scale = beta_t  # beta e^b m
             if has_gates:
-                b_t = plgpu.load(b_s, layout=ROWS)
-                a = a * _pair_decays(b_t, row, col)
-                key_scale = key_scale * jnp.exp(b_t)
+                a = a * pair_decays(b_t, row, col)
             if has_seg:
-                rel_t = plgpu.load(seg_s, layout=ROWS)
                 keep &= same_document(rel_t, row, col)
-                key_scale = jnp.where(rel_t == 0, key_scale, 0.0)
             x = _unit_lower_inverse(jnp.where(keep, a, 0.0), row, col, x_s, y_s,
                                     interpret=interpret).astype(dtype)
             # k k^T has been read: the scaled keys and values take the loaded ones' place
@@ -216,33 +236,20 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
                 v_new_s[...] = v_new.astype(dtype)
 
+                b_t = plgpu.load(b_s.at[slot], layout=ROWS) if has_gates else None
+                rel = plgpu.load(seg_s.at[slot], layout=ROWS) if has_seg else None
+                from_start, to_end, carry = boundary_factors(b_t, rel, token)
                 keep = row >= col
-                q_scale = to_end = carry = None
-                if has_gates:
-                    b_t = plgpu.load(b_s.at[slot], layout=ROWS)
-                    b_last = jnp.sum(jnp.where(token == CHUNK - 1, b_t, 0.0))
-                    q_scale, to_end, carry = jnp.exp(b_t), jnp.exp(b_last - b_t), jnp.exp(b_last)
                 if has_seg:
-                    rel = plgpu.load(seg_s.at[slot], layout=ROWS)
-                    rel_last = jnp.max(rel)
                     keep &= same_document(rel, row, col)
-                    ones = jnp.ones((CHUNK,), jnp.float32)
-                    q_scale = jnp.where(rel == 0, 1.0 if q_scale is None else q_scale, 0.0)
-                    to_end = jnp.where(rel == rel_last, ones if to_end is None else to_end, 0.0)
-                    carry = jnp.where(rel_last == 0, 1.0 if carry is None else carry, 0.0)
-                qg = q_s[slot].astype(jnp.float32)
-                if q_scale is not None:
-                    qg = qg * bcast_rows(q_scale, K)
-                kd = k_s[slot].astype(jnp.float32)
-                if to_end is not None:
-                    kd = kd * bcast_rows(to_end, K)
-                kd_s[...] = kd.astype(dtype)
+                qg = scaled_rows(q_s[slot].astype(jnp.float32), from_start)
+                kd_s[...] = scaled_rows(k_s[slot].astype(jnp.float32), to_end).astype(dtype)
                 plgpu.commit_smem()
 
                 o = matmul(qg.astype(dtype), state_s.at[slot], (CHUNK, block_v), interpret=interpret)
                 scores = matmul(q_s.at[slot], k_s.at[slot].T, (CHUNK, CHUNK), interpret=interpret)
                 if has_gates:
-                    scores = scores * _pair_decays(b_t, row, col)
+                    scores = scores * pair_decays(b_t, row, col)
                 o = matmul(jnp.where(keep, scores, 0.0).astype(dtype), v_new_s, (CHUNK, block_v),
                            interpret=interpret, init=o)
                 o_s[...] = (scale * o).astype(dtype)
