@@ -21,6 +21,7 @@ from ..common import (CHUNK, chunk_relative_segments, dot_dtype_for, pad_time, s
 from . import mosaic_forward
 from .backward import chunk_grads, state_grad_pass
 from .forward import chunk_outputs, chunk_transform, state_pass
+from .mosaic_backward import gate_grads, output_path_grads, wy_path_grads
 from .mosaic_forward import chunk_transform_mosaic, state_outputs_mosaic
 
 HEAD_DIMS = (32, 64, 128)
@@ -118,10 +119,26 @@ def _delta_bwd(scale, interpret, use_mosaic, residuals, cotangents):
     dhs, dv_new, dh0 = state_grad_pass(qp, kp, gp, seg, w, dop, dfinal, scale=scale,
                                        dot_dtype=dot_dtype, block_v=state_block_v(B, H, V),
                                        interpret=interpret)
-    grads = chunk_grads(qp, kp, vp, betap, gp, seg, x, hs, dhs, v_new, dv_new, dop, scale=scale,
-                        dot_dtype=dot_dtype, interpret=interpret)
+    if use_mosaic:
+        grads = _mosaic_chunk_grads(qp, kp, vp, betap, gp, seg, x, hs, dhs, v_new, dv_new, dop,
+                                    scale=scale, interpret=interpret)
+    else:
+        grads = chunk_grads(qp, kp, vp, betap, gp, seg, x, hs, dhs, v_new, dv_new, dop, scale=scale,
+                            dot_dtype=dot_dtype, interpret=interpret)
     dq, dk, dv, dbeta, dg = (None if d is None else d[:, :T] for d in grads)
     return dq, dk, dv, dbeta, dg, (dh0 if initial_state is not None else None), None
+
+
+def _mosaic_chunk_grads(q, k, v, beta, g, seg, x, hs, dhs, v_new, dv_new, do, *, scale, interpret):
+    """``chunk_grads`` on Mosaic GPU (``mosaic_backward.py``): ``(dq, dk, dv, dbeta, dg)``."""
+    rel = None if seg is None else chunk_relative_segments(seg)
+    b = None if g is None else per_head_rows(chunk_cumsum(g))
+    dq, dk_output, db_output, d_to_end = output_path_grads(q, k, v_new, do, b, rel, hs, dhs, scale=scale,
+                                                           interpret=interpret)
+    dv, dbeta, dk, db_wy = wy_path_grads(k, v, per_head_rows(beta), b, rel, x, hs, dv_new, dk_output,
+                                         interpret=interpret)
+    dg = None if g is None else gate_grads(db_output + db_wy, d_to_end).astype(g.dtype)
+    return dq, dk, dv, jnp.swapaxes(dbeta, 1, 2).astype(beta.dtype), dg
 
 
 _delta.defvjp(_delta_fwd, _delta_bwd)

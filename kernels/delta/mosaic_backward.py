@@ -1,0 +1,253 @@
+"""Delta-rule chunk gradients on Mosaic GPU (Hopper: TMA, wgmma), bf16: the two kernels of
+``backward.py``'s ``chunk_grads``, one program per chunk each, after the (Triton) state-gradient pass.
+
+- ``output_path_grads``: ``dq``, and the output path's terms of ``dk`` (float32) and of the gates;
+- ``wy_path_grads``: ``dv``, ``dbeta``, ``dk`` (adding the output path's terms) and the WY path's
+  terms of the gates.
+
+The formulas are ``backward.py``'s. Products whose transpose is needed are formed transposed
+(``(v' do^T) * D^T`` beside ``(do v'^T) * D``): register operands of wgmma cannot be transposed.
+Gate gradients leave the kernels per token, as gradients of the cumulative gates ``b_t`` (``db``,
+the diagonal pair factors left out as in ``backward._gate_grad``) and of the chunk-end factors
+``e^{b_last - b_s}`` (``d_to_end``, the ``gamma`` term added at the chunk's last token);
+``gate_grads`` turns them into gradients of the log gates with masked prefix and suffix sums.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ..common import CHUNK
+from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, compiler_params, interpret_params, matmul,
+                      same_document, smem_tile)
+from .mosaic_forward import boundary_factors, pair_decays, scaled_rows
+
+
+def _as_rows(vec, row, col):
+    """A COLS vector as a ROWS one: the diagonal of its column broadcast."""
+    return jnp.sum(jnp.where(row == col, bcast_cols(vec, vec.shape[0]), 0.0), axis=1)
+
+
+def _pair_gate_grads(pairs, row, col):
+    """Per token ``t``: the pair factors' gradients ``dD D`` reaching ``b_t`` (row sums) minus those
+    reaching it as ``b_s`` (column sums); ``pairs`` strictly lower."""
+    return jnp.sum(pairs, axis=1) - _as_rows(jnp.sum(pairs, axis=0), row, col)
+
+
+def gate_grads(db, d_to_end):
+    """``dg [B, T, H]`` float32 from ``db``, ``d_to_end`` ``[B, H, T]`` (see the module doc): token
+    ``j``'s log gate enters ``b_t`` for ``t >= j`` in its chunk, and ``e^{b_last - b_s}`` for ``s < j``."""
+    B, H, T = db.shape
+    db, d_to_end = (x.reshape(B, H, T // CHUNK, CHUNK) for x in (db, d_to_end))
+    later = jnp.flip(jnp.cumsum(jnp.flip(db, -1), axis=-1), -1)
+    earlier = jnp.cumsum(d_to_end, axis=-1) - d_to_end
+    return jnp.swapaxes((later + earlier).reshape(B, H, T), 1, 2)
+
+
+def _chunk_call(body, operands, out_type, scratch, *, name, interpret):
+    B, T, H = operands[0].shape[:3]
+    return plgpu.kernel(
+        lambda *refs: pl.run_scoped(lambda *s: body(*refs, *s), *scratch),
+        out_type=out_type, grid=(B, H, T // CHUNK), grid_names=("batch", "heads", "chunks"),
+        interpret=interpret_params(interpret), compiler_params=compiler_params(), kernel_name=name,
+    )(*operands)
+
+
+def _windows(bi, hi, ci):
+    rows = pl.ds(ci * CHUNK, CHUNK)
+    return {
+        "tokens": lambda ref: ref.at[bi, rows, hi],  # [B, T, H, D]
+        "per_head": lambda ref: ref.at[bi, hi, rows],  # [B, H, T]
+        "segments": lambda ref: ref.at[bi, rows],  # [B, T]
+        "state": lambda ref: ref.at[bi, hi, ci],  # [B, H, NT, K, V]
+    }
+
+
+def _load_all(copies, bars):
+    for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+    for i in range(len(copies)):
+        plgpu.barrier_wait(bars.at[i])
+
+
+def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
+    """``(dq [B,T,H,K] bf16, dk [B,T,H,K] float32, db [B,H,T], d_to_end [B,H,T])`` (the last two
+    float32, None without gates): ``o = (m e^b q) S + (q k^T * D) v'`` and
+    ``S' = gamma S + (n e^{b_last - b} k)^T v'`` differentiated per chunk, ``dhs`` the gradients of
+    the states leaving the chunks."""
+    B, T, H, K = q.shape
+    V = v_new.shape[-1]
+    has_gates, has_seg = b is not None, rel is not None
+    dtype = jnp.bfloat16
+
+    def body(*refs):
+        refs = list(refs)
+        q_ref, k_ref, v_new_ref, do_ref, *refs = refs
+        b_ref = refs.pop(0) if has_gates else None
+        seg_ref = refs.pop(0) if has_seg else None
+        hs_ref, dhs_ref, dq_ref, dk_ref, *refs = refs
+        db_ref, d_to_end_ref = refs[:2] if has_gates else (None, None)
+        (q_s, k_s, v_new_s, do_s, b_s, seg_s, h_s, dh_s, dq_s, dk_s, db_s, d_to_end_s,
+         bars) = refs[2 if has_gates else 0:]
+        at = _windows(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("chunks"))
+        copies = [(at["tokens"](q_ref), q_s), (at["tokens"](k_ref), k_s), (at["tokens"](v_new_ref), v_new_s),
+                  (at["tokens"](do_ref), do_s), (at["state"](hs_ref), h_s), (at["state"](dhs_ref), dh_s)]
+        copies += [(at["per_head"](b_ref), b_s)] if has_gates else []
+        copies += [(at["segments"](seg_ref), seg_s)] if has_seg else []
+        _load_all(copies, bars)
+
+        row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
+        col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
+        token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
+        b_t = plgpu.load(b_s, layout=ROWS) if has_gates else None
+        rel = plgpu.load(seg_s, layout=ROWS) if has_seg else None
+        from_start, to_end, carry = boundary_factors(b_t, rel, token)
+        keep, keep_t = row >= col, row <= col
+        if has_seg:
+            same_doc = same_document(rel, row, col)
+            keep, keep_t = keep & same_doc, keep_t & same_doc
+        mm = lambda a, b_, shape: matmul(a, b_, shape, interpret=interpret)
+
+        # o = (m e^b q) S + P v', P = q k^T * D
+        d_scores = scale * mm(do_s, v_new_s.T, (CHUNK, CHUNK))  # dP
+        if has_gates:
+            d_scores = d_scores * pair_decays(b_t, row, col)
+        d_scores = jnp.where(keep, d_scores, 0.0)
+        dq_state = scale * mm(do_s, h_s.T, (CHUNK, K))
+        dq = mm(d_scores.astype(dtype), k_s, (CHUNK, K), ) + scaled_rows(dq_state, from_start)
+        dq_s[...] = dq.astype(dtype)
+        if has_gates:
+            pairs = jnp.where(row > col, d_scores * mm(q_s, k_s.T, (CHUNK, CHUNK)), 0.0)
+            db = _pair_gate_grads(pairs, row, col)
+            db += jnp.sum(q_s[...].astype(jnp.float32) * dq_state, axis=1) * from_start
+        # S' = gamma S + (n e^{b_last - b} k)^T v'
+        dk_end = mm(v_new_s, dh_s.T, (CHUNK, K))
+        d_scores_t = scale * mm(v_new_s, do_s.T, (CHUNK, CHUNK))  # dP^T
+        if has_gates:
+            d_scores_t = d_scores_t * pair_decays(-b_t, row, col)
+        d_scores_t = jnp.where(keep_t, d_scores_t, 0.0)
+        dk_s[...] = mm(d_scores_t.astype(dtype), q_s, (CHUNK, K)) + scaled_rows(dk_end, to_end)
+        if has_gates:
+            d_to_end = jnp.sum(k_s[...].astype(jnp.float32) * dk_end, axis=1) * to_end
+            carried = carry * jnp.sum(h_s[...].astype(jnp.float32) * dh_s[...].astype(jnp.float32))
+            db_s[...] = db + jnp.where(token == CHUNK - 1, carried, 0.0)
+            d_to_end_s[...] = d_to_end
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dq_s, at["tokens"](dq_ref))
+        plgpu.copy_smem_to_gmem(dk_s, at["tokens"](dk_ref))
+        if has_gates:
+            plgpu.copy_smem_to_gmem(db_s, at["per_head"](db_ref))
+            plgpu.copy_smem_to_gmem(d_to_end_s, at["per_head"](d_to_end_ref))
+        plgpu.wait_smem_to_gmem(0)
+
+    operands = [q, k, v_new, do] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [hs, dhs]
+    out_type = [jax.ShapeDtypeStruct((B, T, H, K), dtype), jax.ShapeDtypeStruct((B, T, H, K), jnp.float32)]
+    out_type += [jax.ShapeDtypeStruct((B, H, T), jnp.float32)] * 2 if has_gates else []
+    vector = plgpu.SMEM((CHUNK,), jnp.float32)
+    scratch = [smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
+               smem_tile((CHUNK, V), dtype), vector if has_gates else None,
+               plgpu.SMEM((CHUNK,), jnp.int32) if has_seg else None,
+               smem_tile((K, V), dtype), smem_tile((K, V), dtype), smem_tile((CHUNK, K), dtype),
+               smem_tile((CHUNK, K), jnp.float32), vector if has_gates else None,
+               vector if has_gates else None, plgpu.Barrier(num_barriers=6 + has_gates + has_seg)]
+    out = _chunk_call(body, operands, tuple(out_type), scratch, name="delta_output_path_grads_mosaic",
+                      interpret=interpret)
+    return tuple(out) + ((None, None) if not has_gates else ())
+
+
+def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
+    """``(dv [B,T,H,V] bf16, dbeta [B,H,T] float32, dk [B,T,H,K] bf16, db [B,H,T] float32 or None)``
+    through ``[W | U] = X [kb | vb]``, ``kb = diag(beta m e^b) K``, ``vb = diag(beta) V`` and
+    ``A = strict_lower(beta_t (k_t.k_s) D[t, s])``; ``dk`` adds ``dk_output``, the output path's."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    has_gates, has_seg = b is not None, rel is not None
+    dtype = jnp.bfloat16
+
+    def body(*refs):
+        refs = list(refs)
+        k_ref, v_ref, beta_ref, *refs = refs
+        b_ref = refs.pop(0) if has_gates else None
+        seg_ref = refs.pop(0) if has_seg else None
+        x_ref, hs_ref, dv_new_ref, dk_output_ref, dv_ref, dbeta_ref, dk_ref, *refs = refs
+        db_ref = refs.pop(0) if has_gates else None
+        (k_s, v_s, beta_s, b_s, seg_s, x_s, h_s, dv_new_s, dk_f32_s, keys_s, values_s, pairs_s, dbeta_s,
+         db_s, bars) = refs
+        at = _windows(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("chunks"))
+        copies = [(at["tokens"](k_ref), k_s), (at["tokens"](v_ref), v_s), (at["per_head"](beta_ref), beta_s),
+                  (at["tokens"](x_ref), x_s), (at["state"](hs_ref), h_s), (at["tokens"](dv_new_ref), dv_new_s),
+                  (at["tokens"](dk_output_ref), dk_f32_s)]
+        copies += [(at["per_head"](b_ref), b_s)] if has_gates else []
+        copies += [(at["segments"](seg_ref), seg_s)] if has_seg else []
+        _load_all(copies, bars)
+
+        row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
+        col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
+        token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
+        beta_t = plgpu.load(beta_s, layout=ROWS)
+        b_t = plgpu.load(b_s, layout=ROWS) if has_gates else None
+        rel = plgpu.load(seg_s, layout=ROWS) if has_seg else None
+        from_start, _, _ = boundary_factors(b_t, rel, token)
+        key_scale = beta_t if from_start is None else beta_t * from_start
+        keep = row > col
+        if has_seg:
+            keep &= same_document(rel, row, col)
+        mm = lambda a, b_, shape: matmul(a, b_, shape, interpret=interpret)
+        kf, vf = k_s[...].astype(jnp.float32), v_s[...].astype(jnp.float32)
+
+        # v' = X vb - X kb S
+        dvb = mm(x_s.T, dv_new_s, (CHUNK, V))
+        dv_s = values_s
+        dbeta = jnp.sum(dvb * vf, axis=1)
+        keys_s[...] = mm(dv_new_s, h_s.T, (CHUNK, K)).astype(dtype)  # dv' S^T
+        plgpu.commit_smem()
+        dkb = -mm(x_s.T, keys_s, (CHUNK, K))
+        kb = scaled_rows(kf, key_scale)
+        values_s[...] = (scaled_rows(vf, beta_t) - mm(kb.astype(dtype), h_s, (CHUNK, V))).astype(dtype)
+        plgpu.commit_smem()
+        dx = mm(dv_new_s, values_s.T, (CHUNK, CHUNK))  # dv' (vb - kb S)^T
+        pairs_s[...] = mm(dx.astype(dtype), x_s.T, (CHUNK, CHUNK)).astype(dtype)
+        plgpu.commit_smem()
+        da = -mm(x_s.T, pairs_s, (CHUNK, CHUNK))  # -X^T dX X^T
+        # A = strict_lower(beta_t (k_t.k_s) D[t, s])
+        kk = mm(k_s, k_s.T, (CHUNK, CHUNK))
+        if has_gates:
+            da = da * pair_decays(b_t, row, col)
+        da = jnp.where(keep, da, 0.0)  # dA * D: the decay and mask of A's pairs
+        dkk = da * bcast_rows(beta_t, CHUNK)
+        dbeta += jnp.sum(dkb * kf, axis=1) * (1.0 if from_start is None else from_start)
+        dbeta += jnp.sum(da * kk, axis=1)
+        pairs_s[...] = dkk.astype(dtype)
+        dv_s[...] = scaled_rows(dvb, beta_t).astype(dtype)
+        dbeta_s[...] = dbeta
+        if has_gates:
+            db_s[...] = jnp.sum(kb * dkb, axis=1) + _pair_gate_grads(dkk * kk, row, col)
+        plgpu.commit_smem()
+        dk = (mm(dkk.astype(dtype), k_s, (CHUNK, K)) + mm(pairs_s.T, k_s, (CHUNK, K))
+              + scaled_rows(dkb, key_scale) + dk_f32_s[...])
+        keys_s[...] = dk.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dv_s, at["tokens"](dv_ref))
+        plgpu.copy_smem_to_gmem(dbeta_s, at["per_head"](dbeta_ref))
+        plgpu.copy_smem_to_gmem(keys_s, at["tokens"](dk_ref))
+        if has_gates:
+            plgpu.copy_smem_to_gmem(db_s, at["per_head"](db_ref))
+        plgpu.wait_smem_to_gmem(0)
+
+    operands = [k, v, beta] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [
+        x, hs, dv_new, dk_output]
+    per_head = jax.ShapeDtypeStruct((B, H, T), jnp.float32)
+    out_type = [jax.ShapeDtypeStruct((B, T, H, V), dtype), per_head, jax.ShapeDtypeStruct((B, T, H, K), dtype)]
+    out_type += [per_head] if has_gates else []
+    vector = plgpu.SMEM((CHUNK,), jnp.float32)
+    scratch = [smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype), vector,
+               vector if has_gates else None, plgpu.SMEM((CHUNK,), jnp.int32) if has_seg else None,
+               smem_tile((CHUNK, CHUNK), dtype), smem_tile((K, V), dtype), smem_tile((CHUNK, V), dtype),
+               smem_tile((CHUNK, K), jnp.float32), smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
+               smem_tile((CHUNK, CHUNK), dtype), vector, vector if has_gates else None,
+               plgpu.Barrier(num_barriers=7 + has_gates + has_seg)]
+    out = _chunk_call(body, operands, tuple(out_type), scratch, name="delta_wy_path_grads_mosaic",
+                      interpret=interpret)
+    return tuple(out) + ((None,) if not has_gates else ())
