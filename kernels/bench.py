@@ -4,8 +4,7 @@
         [--dtype bf16] [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
         [--profile DIR]
 
-``pallas:triton`` and ``pallas:mosaic`` pin the Pallas backend (``pallas`` is "auto"; for the delta
-rules it picks the forward's, the backward being Triton's).
+``pallas:triton`` and ``pallas:mosaic`` pin the Pallas backend (``pallas`` is "auto").
 
 Each JAX implementation is jitted through ``jaxlin.ops.<op>(impl=...)``; forward+backward
 is one jitted ``vjp`` with a fixed random cotangent that returns the output and the gradients. FLA's chunk kernel

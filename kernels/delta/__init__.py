@@ -2,13 +2,16 @@
 
 ``kernels.delta_rule`` and ``kernels.gated_delta_rule`` are the thin entry points
 ``jaxlin.ops`` dispatches to; both run the kernels here, the plain rule without gates.
-Forward, two backends:
+Two backends:
 
-- Mosaic GPU (the Hopper path: TMA, wgmma), bf16 q, k, v with K and V in {64, 128}: the chunk
-  transform, then one fused pass for the states, written values and outputs (``mosaic_forward.py``);
-- Triton (any supported dtype, float32 included): three kernels (``forward.py``).
+- Mosaic GPU (the Hopper path: TMA, wgmma), bf16 q, k, v with K and V in {64, 128}: forward, the
+  chunk transform then one fused pass for the states, written values and outputs
+  (``mosaic_forward.py``); backward, the Triton state-gradient pass then the two chunk-gradient
+  kernels on Mosaic (``mosaic_backward.py``);
+- Triton (any supported dtype, float32 included): three kernels forward (``forward.py``), three
+  backward (``backward.py``).
 
-Both save the same residuals, so one backward serves them: three Triton kernels (``backward.py``).
+Both save the same residuals (``w``, the inverses ``x``, the chunk states and written values).
 """
 
 import functools
@@ -35,7 +38,7 @@ def supports(q, k, v, *gates_and_beta, **_):
 
 
 def mosaic_supports(q, k, v):
-    """The Mosaic forward: bf16 q, k, v (wgmma operands; gates and beta may be float32) and K, V in
+    """The Mosaic kernels: bf16 q, k, v (wgmma operands; gates and beta may be float32) and K, V in
     {64, 128}."""
     bf16 = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
     return bf16 and q.shape[-1] in mosaic_forward.HEAD_DIMS and v.shape[-1] in mosaic_forward.HEAD_DIMS
@@ -45,8 +48,7 @@ def delta_pallas(q, k, v, g, beta, *, scale, initial_state, output_final_state, 
                  interpret=False, backend="auto"):
     """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``g`` None: plain rule.
 
-    ``backend``: "mosaic" or "triton" for the forward; "auto" takes Mosaic where it applies
-    (``mosaic_supports``).
+    ``backend``: "mosaic" or "triton"; "auto" takes Mosaic where it applies (``mosaic_supports``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
