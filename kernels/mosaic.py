@@ -11,6 +11,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .common import CHUNK
+
 WGMMA = plgpu.Layout.WGMMA
 ROWS = WGMMA.reduce(1)  # a [M] vector indexed by the rows of a WGMMA tile
 COLS = WGMMA.reduce(0)  # a [N] vector indexed by its columns (reductions over rows give these)
@@ -80,3 +82,68 @@ def matmul(a, b, shape, *, interpret, init=None):
             return acc[...]
         return pl.run_scoped(value, plgpu.ACC(shape, jnp.float32))
     return pl.run_state(run)(plgpu.ACC.init(init))
+
+
+def chunk_pipeline(windows, buffers, bars, num_chunks, step, carry, *, reverse=False):
+    """``fori_loop`` over chunks (in order, or last first) with their tiles loaded by TMA while the
+    previous chunk computes: chunk ``c``'s ``windows[i](c)`` (GMEM refs) land in ``buffers[i].at[slot]``
+    (double-buffered SMEM), ``slot`` alternating; ``step(c, slot, carry) -> carry``. ``bars`` holds
+    ``2 * len(buffers)`` barriers."""
+    def fetch(c, slot):
+        for i, (window, buffer) in enumerate(zip(windows, buffers)):
+            plgpu.copy_gmem_to_smem(window(c), buffer.at[slot], bars.at[2 * i + slot])
+
+    chunk = (lambda i: num_chunks - 1 - i) if reverse else (lambda i: i)
+    fetch(chunk(0), 0)
+
+    def body(i, carry):
+        slot = lax.rem(i, 2)
+        for j in range(len(buffers)):
+            plgpu.barrier_wait(bars.at[2 * j + slot])
+
+        @pl.when(i + 1 < num_chunks)
+        def _():
+            fetch(chunk(i + 1), 1 - slot)
+
+        return step(chunk(i), slot, carry)
+
+    return lax.fori_loop(0, num_chunks, body, carry)
+
+
+class chunk_windows:
+    """Chunk ``c``'s windows (``at.tokens(ref)(c)``, GMEM refs for TMA) of one (batch, head) in
+    ``[B, T, H, D]`` arrays (``values``: columns ``cols`` of D only), ``[B, H, T]`` (``per_head``),
+    ``[B, T]`` (``segments``) and ``[B, H, NT, K, V]`` (``state``: columns ``cols`` of V); and the
+    ``[K, V]`` block of a ``[B, H, K, V]`` state (``whole_state``)."""
+
+    def __init__(self, bi, hi, cols=slice(None)):
+        self.bi, self.hi, self.cols = bi, hi, cols
+
+    def _rows(self, c):
+        return pl.ds(c * CHUNK, CHUNK)
+
+    def tokens(self, ref):
+        return lambda c: ref.at[self.bi, self._rows(c), self.hi]
+
+    def values(self, ref):
+        return lambda c: ref.at[self.bi, self._rows(c), self.hi, self.cols]
+
+    def per_head(self, ref):
+        return lambda c: ref.at[self.bi, self.hi, self._rows(c)]
+
+    def segments(self, ref):
+        return lambda c: ref.at[self.bi, self._rows(c)]
+
+    def state(self, ref):
+        return lambda c: ref.at[self.bi, self.hi, c, :, self.cols]
+
+    def whole_state(self, ref):
+        return ref.at[self.bi, self.hi, :, self.cols]
+
+
+def load_chunk(copies, c, bars):
+    """TMA-loads chunk ``c`` of each ``(window, buffer)`` pair and waits for all; ``len(copies)`` barriers."""
+    for i, (window, buffer) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(window(c), buffer, bars.at[i])
+    for i in range(len(copies)):
+        plgpu.barrier_wait(bars.at[i])

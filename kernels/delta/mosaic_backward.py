@@ -20,8 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
-from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, compiler_params, interpret_params, matmul,
-                      same_document, smem_tile)
+from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_windows, compiler_params, interpret_params,
+                      load_chunk, matmul, same_document, smem_tile)
 from .mosaic_forward import boundary_factors, pair_decays, scaled_rows
 
 
@@ -55,23 +55,6 @@ def _chunk_call(body, operands, out_type, scratch, *, name, interpret):
     )(*operands)
 
 
-def _windows(bi, hi, ci):
-    rows = pl.ds(ci * CHUNK, CHUNK)
-    return {
-        "tokens": lambda ref: ref.at[bi, rows, hi],  # [B, T, H, D]
-        "per_head": lambda ref: ref.at[bi, hi, rows],  # [B, H, T]
-        "segments": lambda ref: ref.at[bi, rows],  # [B, T]
-        "state": lambda ref: ref.at[bi, hi, ci],  # [B, H, NT, K, V]
-    }
-
-
-def _load_all(copies, bars):
-    for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-    for i in range(len(copies)):
-        plgpu.barrier_wait(bars.at[i])
-
-
 def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
     """``(dq [B,T,H,K] bf16, dk [B,T,H,K] float32, db [B,H,T], d_to_end [B,H,T])`` (the last two
     float32, None without gates): ``o = (m e^b q) S + (q k^T * D) v'`` and
@@ -91,12 +74,13 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
         db_ref, d_to_end_ref = refs[:2] if has_gates else (None, None)
         (q_s, k_s, v_new_s, do_s, b_s, seg_s, h_s, dh_s, dq_s, dk_s, db_s, d_to_end_s,
          bars) = refs[2 if has_gates else 0:]
-        at = _windows(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("chunks"))
-        copies = [(at["tokens"](q_ref), q_s), (at["tokens"](k_ref), k_s), (at["tokens"](v_new_ref), v_new_s),
-                  (at["tokens"](do_ref), do_s), (at["state"](hs_ref), h_s), (at["state"](dhs_ref), dh_s)]
-        copies += [(at["per_head"](b_ref), b_s)] if has_gates else []
-        copies += [(at["segments"](seg_ref), seg_s)] if has_seg else []
-        _load_all(copies, bars)
+        ci = lax.axis_index("chunks")
+        at = chunk_windows(lax.axis_index("batch"), lax.axis_index("heads"))
+        copies = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(v_new_ref), v_new_s),
+                  (at.tokens(do_ref), do_s), (at.state(hs_ref), h_s), (at.state(dhs_ref), dh_s)]
+        copies += [(at.per_head(b_ref), b_s)] if has_gates else []
+        copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        load_chunk(copies, ci, bars)
 
         row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
         col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
@@ -135,11 +119,11 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
             db_s[...] = db + jnp.where(token == CHUNK - 1, carried, 0.0)
             d_to_end_s[...] = d_to_end
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dq_s, at["tokens"](dq_ref))
-        plgpu.copy_smem_to_gmem(dk_s, at["tokens"](dk_ref))
+        plgpu.copy_smem_to_gmem(dq_s, at.tokens(dq_ref)(ci))
+        plgpu.copy_smem_to_gmem(dk_s, at.tokens(dk_ref)(ci))
         if has_gates:
-            plgpu.copy_smem_to_gmem(db_s, at["per_head"](db_ref))
-            plgpu.copy_smem_to_gmem(d_to_end_s, at["per_head"](d_to_end_ref))
+            plgpu.copy_smem_to_gmem(db_s, at.per_head(db_ref)(ci))
+            plgpu.copy_smem_to_gmem(d_to_end_s, at.per_head(d_to_end_ref)(ci))
         plgpu.wait_smem_to_gmem(0)
 
     operands = [q, k, v_new, do] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [hs, dhs]
@@ -175,13 +159,14 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
         db_ref = refs.pop(0) if has_gates else None
         (k_s, v_s, beta_s, b_s, seg_s, x_s, h_s, dv_new_s, dk_f32_s, keys_s, values_s, pairs_s, dbeta_s,
          db_s, bars) = refs
-        at = _windows(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("chunks"))
-        copies = [(at["tokens"](k_ref), k_s), (at["tokens"](v_ref), v_s), (at["per_head"](beta_ref), beta_s),
-                  (at["tokens"](x_ref), x_s), (at["state"](hs_ref), h_s), (at["tokens"](dv_new_ref), dv_new_s),
-                  (at["tokens"](dk_output_ref), dk_f32_s)]
-        copies += [(at["per_head"](b_ref), b_s)] if has_gates else []
-        copies += [(at["segments"](seg_ref), seg_s)] if has_seg else []
-        _load_all(copies, bars)
+        ci = lax.axis_index("chunks")
+        at = chunk_windows(lax.axis_index("batch"), lax.axis_index("heads"))
+        copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.per_head(beta_ref), beta_s),
+                  (at.tokens(x_ref), x_s), (at.state(hs_ref), h_s), (at.tokens(dv_new_ref), dv_new_s),
+                  (at.tokens(dk_output_ref), dk_f32_s)]
+        copies += [(at.per_head(b_ref), b_s)] if has_gates else []
+        copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        load_chunk(copies, ci, bars)
 
         row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
         col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
@@ -229,11 +214,11 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
               + scaled_rows(dkb, key_scale) + dk_f32_s[...])
         keys_s[...] = dk.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dv_s, at["tokens"](dv_ref))
-        plgpu.copy_smem_to_gmem(dbeta_s, at["per_head"](dbeta_ref))
-        plgpu.copy_smem_to_gmem(keys_s, at["tokens"](dk_ref))
+        plgpu.copy_smem_to_gmem(dv_s, at.tokens(dv_ref)(ci))
+        plgpu.copy_smem_to_gmem(dbeta_s, at.per_head(dbeta_ref)(ci))
+        plgpu.copy_smem_to_gmem(keys_s, at.tokens(dk_ref)(ci))
         if has_gates:
-            plgpu.copy_smem_to_gmem(db_s, at["per_head"](db_ref))
+            plgpu.copy_smem_to_gmem(db_s, at.per_head(db_ref)(ci))
         plgpu.wait_smem_to_gmem(0)
 
     operands = [k, v, beta] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [

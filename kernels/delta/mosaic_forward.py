@@ -28,8 +28,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
-from ..mosaic import (ROWS, WGMMA, as_cols, bcast_cols, bcast_rows, compiler_params, interpret_params,
-                      matmul, same_document, smem_tile)
+from ..mosaic import (ROWS, WGMMA, as_cols, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows,
+                      compiler_params, interpret_params, load_chunk, matmul, same_document, smem_tile)
 
 HEAD_DIMS = (64, 128)  # K and V: wgmma tiles (M a multiple of 64) with 128-byte swizzled rows
 
@@ -98,20 +98,14 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
         w_ref, u_ref, x_ref = refs
-        bi, hi, ci = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("chunks")
-        rows = pl.ds(ci * CHUNK, CHUNK)
+        ci = lax.axis_index("chunks")
+        at = chunk_windows(lax.axis_index("batch"), lax.axis_index("heads"))
 
         def scoped(k_s, v_s, beta_s, b_s, seg_s, x_s, y_s, w_s, u_s, bars):
-            copies = [(k_ref.at[bi, rows, hi], k_s), (v_ref.at[bi, rows, hi], v_s),
-                      (beta_ref.at[bi, hi, rows], beta_s)]
-            if has_gates:
-                copies.append((b_ref.at[bi, hi, rows], b_s))
-            if has_seg:
-                copies.append((seg_ref.at[bi, rows], seg_s))
-            for i, (src, dst) in enumerate(copies):
-                plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-            for i in range(len(copies)):
-                plgpu.barrier_wait(bars.at[i])
+            copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.per_head(beta_ref), beta_s)]
+            copies += [(at.per_head(b_ref), b_s)] if has_gates else []
+            copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
+            load_chunk(copies, ci, bars)
 
             row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
             col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
@@ -137,9 +131,9 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
             w_s[...] = matmul(x, k_s, (CHUNK, K), interpret=interpret).astype(dtype)
             u_s[...] = matmul(x, v_s, (CHUNK, V), interpret=interpret).astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(w_s, w_ref.at[bi, rows, hi])
-            plgpu.copy_smem_to_gmem(u_s, u_ref.at[bi, rows, hi])
-            plgpu.copy_smem_to_gmem(x_s, x_ref.at[bi, rows, hi])
+            plgpu.copy_smem_to_gmem(w_s, at.tokens(w_ref)(ci))
+            plgpu.copy_smem_to_gmem(u_s, at.tokens(u_ref)(ci))
+            plgpu.copy_smem_to_gmem(x_s, at.tokens(x_ref)(ci))
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(
@@ -192,25 +186,13 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
         cols = pl.ds(vi * block_v, block_v)
 
         def scoped(q_s, k_s, w_s, u_s, b_s, seg_s, state_s, kd_s, v_new_s, o_s, f32_s, bars):
-            sources = [(q_ref, q_s), (k_ref, k_s), (w_ref, w_s), (u_ref, u_s)]
-            sources += [(b_ref, b_s)] if has_gates else []
-            sources += [(seg_ref, seg_s)] if has_seg else []
-
-            def window(src, rows):
-                if src is seg_ref:
-                    return src.at[bi, rows]
-                if src is b_ref:
-                    return src.at[bi, hi, rows]
-                return src.at[bi, rows, hi, cols] if src is u_ref else src.at[bi, rows, hi]
-
-            def fetch(c, slot):
-                for i, (src, dst) in enumerate(sources):
-                    plgpu.copy_gmem_to_smem(window(src, pl.ds(c * CHUNK, CHUNK)), dst.at[slot],
-                                            bars.at[2 * i + slot])
-
-            fetch(0, 0)
+            at = chunk_windows(bi, hi, cols)
+            sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(w_ref), w_s),
+                       (at.values(u_ref), u_s)]
+            sources += [(at.per_head(b_ref), b_s)] if has_gates else []
+            sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
             if has_h0:
-                plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, cols], f32_s, bars.at[2 * len(sources)])
+                plgpu.copy_gmem_to_smem(at.whole_state(h0_ref), f32_s, bars.at[2 * len(sources)])
                 plgpu.barrier_wait(bars.at[2 * len(sources)])
                 state = f32_s[...]
             else:
@@ -222,15 +204,7 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
             col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
             token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
 
-            def step(c, state):
-                slot = lax.rem(c, 2)
-                for i in range(len(sources)):
-                    plgpu.barrier_wait(bars.at[2 * i + slot])
-
-                @pl.when(c + 1 < num_chunks)
-                def _():
-                    fetch(c + 1, 1 - slot)
-
+            def step(c, slot, state):
                 v_new = u_s[slot].astype(jnp.float32) - matmul(w_s.at[slot], state_s.at[slot],
                                                                (CHUNK, block_v), interpret=interpret)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
@@ -254,10 +228,9 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
                            interpret=interpret, init=o)
                 o_s[...] = (scale * o).astype(dtype)
                 plgpu.commit_smem()
-                rows = pl.ds(c * CHUNK, CHUNK)
-                plgpu.copy_smem_to_gmem(o_s, o_ref.at[bi, rows, hi, cols])
-                plgpu.copy_smem_to_gmem(v_new_s, v_new_ref.at[bi, rows, hi, cols])
-                plgpu.copy_smem_to_gmem(state_s.at[slot], hs_ref.at[bi, hi, c, :, cols])
+                plgpu.copy_smem_to_gmem(o_s, at.values(o_ref)(c))
+                plgpu.copy_smem_to_gmem(v_new_s, at.values(v_new_ref)(c))
+                plgpu.copy_smem_to_gmem(state_s.at[slot], at.state(hs_ref)(c))
 
                 decayed = state if carry is None else state * carry
                 state = matmul(kd_s.T, v_new_s, (K, block_v), interpret=interpret, init=decayed)
@@ -265,11 +238,12 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
                 plgpu.commit_smem()
                 return state
 
-            state = lax.fori_loop(0, num_chunks, step, state)
+            state = chunk_pipeline([window for window, _ in sources], [buffer for _, buffer in sources],
+                                   bars, num_chunks, step, state)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             f32_s[...] = state
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(f32_s, final_ref.at[bi, hi, :, cols])
+            plgpu.copy_smem_to_gmem(f32_s, at.whole_state(final_ref))
             plgpu.wait_smem_to_gmem(0)
 
         num_sources = 4 + has_gates + has_seg
