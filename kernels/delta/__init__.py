@@ -6,8 +6,8 @@ Two backends:
 
 - Mosaic GPU (the Hopper path: TMA, wgmma), bf16 q, k, v with K and V in {64, 128}: forward, the
   chunk transform then one fused pass for the states, written values and outputs
-  (``mosaic_forward.py``); backward, the Triton state-gradient pass then the two chunk-gradient
-  kernels on Mosaic (``mosaic_backward.py``);
+  (``mosaic_forward.py``); backward, the reverse state-gradient pass then the two chunk-gradient
+  kernels (``mosaic_backward.py``);
 - Triton (any supported dtype, float32 included): three kernels forward (``forward.py``), three
   backward (``backward.py``).
 
@@ -24,7 +24,7 @@ from ..common import (CHUNK, chunk_relative_segments, dot_dtype_for, pad_time, s
 from . import mosaic_forward
 from .backward import chunk_grads, state_grad_pass
 from .forward import chunk_outputs, chunk_transform, state_pass
-from .mosaic_backward import gate_grads, output_path_grads, wy_path_grads
+from .mosaic_backward import gate_grads, output_path_grads, state_grad_pass_mosaic, wy_path_grads
 from .mosaic_forward import chunk_transform_mosaic, state_outputs_mosaic
 
 HEAD_DIMS = (32, 64, 128)
@@ -118,29 +118,31 @@ def _delta_bwd(scale, interpret, use_mosaic, residuals, cotangents):
     V = v.shape[-1]
     qp, kp, vp, betap, gp, dop = _padded(T, q, k, v, beta, g, do)
     dot_dtype = dot_dtype_for(q, k, v)
-    dhs, dv_new, dh0 = state_grad_pass(qp, kp, gp, seg, w, dop, dfinal, scale=scale,
-                                       dot_dtype=dot_dtype, block_v=state_block_v(B, H, V),
-                                       interpret=interpret)
     if use_mosaic:
-        grads = _mosaic_chunk_grads(qp, kp, vp, betap, gp, seg, x, hs, dhs, v_new, dv_new, dop,
-                                    scale=scale, interpret=interpret)
+        grads, dh0 = _mosaic_backward(qp, kp, vp, betap, gp, seg, w, x, hs, v_new, dop, dfinal,
+                                      scale=scale, interpret=interpret)
     else:
+        dhs, dv_new, dh0 = state_grad_pass(qp, kp, gp, seg, w, dop, dfinal, scale=scale,
+                                           dot_dtype=dot_dtype, block_v=state_block_v(B, H, V),
+                                           interpret=interpret)
         grads = chunk_grads(qp, kp, vp, betap, gp, seg, x, hs, dhs, v_new, dv_new, dop, scale=scale,
                             dot_dtype=dot_dtype, interpret=interpret)
     dq, dk, dv, dbeta, dg = (None if d is None else d[:, :T] for d in grads)
     return dq, dk, dv, dbeta, dg, (dh0 if initial_state is not None else None), None
 
 
-def _mosaic_chunk_grads(q, k, v, beta, g, seg, x, hs, dhs, v_new, dv_new, do, *, scale, interpret):
-    """``chunk_grads`` on Mosaic GPU (``mosaic_backward.py``): ``(dq, dk, dv, dbeta, dg)``."""
+def _mosaic_backward(q, k, v, beta, g, seg, w, x, hs, v_new, do, dfinal, *, scale, interpret):
+    """The backward on Mosaic GPU (``mosaic_backward.py``): ``((dq, dk, dv, dbeta, dg), dh0)``."""
     rel = None if seg is None else chunk_relative_segments(seg)
     b = None if g is None else per_head_rows(chunk_cumsum(g))
+    dhs, dv_new, dh0 = state_grad_pass_mosaic(q, k, w, do, b, rel, dfinal.astype(jnp.float32), scale=scale,
+                                              interpret=interpret)
     dq, dk_output, db_output, d_to_end = output_path_grads(q, k, v_new, do, b, rel, hs, dhs, scale=scale,
                                                            interpret=interpret)
     dv, dbeta, dk, db_wy = wy_path_grads(k, v, per_head_rows(beta), b, rel, x, hs, dv_new, dk_output,
                                          interpret=interpret)
     dg = None if g is None else gate_grads(db_output + db_wy, d_to_end).astype(g.dtype)
-    return dq, dk, dv, jnp.swapaxes(dbeta, 1, 2).astype(beta.dtype), dg
+    return (dq, dk, dv, jnp.swapaxes(dbeta, 1, 2).astype(beta.dtype), dg), dh0
 
 
 _delta.defvjp(_delta_fwd, _delta_bwd)

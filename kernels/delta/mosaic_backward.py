@@ -1,5 +1,8 @@
-"""Delta-rule chunk gradients on Mosaic GPU (Hopper: TMA, wgmma), bf16: the two kernels of
-``backward.py``'s ``chunk_grads``, one program per chunk each, after the (Triton) state-gradient pass.
+"""Delta-rule backward on Mosaic GPU (Hopper: TMA, wgmma), bf16: ``backward.py``'s three kernels.
+
+- ``state_grad_pass_mosaic``: the reverse pass over chunks, the state gradient in registers;
+
+then ``chunk_grads``'s two kernels, one program per chunk each:
 
 - ``output_path_grads``: ``dq``, and the output path's terms of ``dk`` (float32) and of the gates;
 - ``wy_path_grads``: ``dv``, ``dbeta``, ``dk`` (adding the output path's terms) and the WY path's
@@ -20,9 +23,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
-from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_windows, compiler_params, interpret_params,
-                      load_chunk, matmul, same_document, smem_tile)
-from .mosaic_forward import boundary_factors, pair_decays, scaled_rows
+from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, compiler_params,
+                      interpret_params, load_chunk, matmul, same_document, smem_tile)
+from .mosaic_forward import boundary_factors, pair_decays, scaled_rows, state_block_v
 
 
 def _as_rows(vec, row, col):
@@ -236,3 +239,95 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
     out = _chunk_call(body, operands, tuple(out_type), scratch, name="delta_wy_path_grads_mosaic",
                       interpret=interpret)
     return tuple(out) + ((None,) if not has_gates else ())
+
+
+def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
+    """``(dhs [B,H,NT,K,V] bf16, dv_new [B,T,H,V] bf16, dh0 [B,H,K,V] float32)``: gradients of the
+    states leaving each chunk, of the written values and of the initial state, the chunks walked
+    last first by one program per (batch, head, V-block) with the state gradient ``dS`` in registers:
+    ``dv' = P^T D_o + (n e^{b_last-b} k) dS`` and ``dS <- gamma dS + (m e^b q)^T D_o - W^T dv'``
+    (``D_o = scale * do``, ``P = q k^T * D``). ``dht [B,H,K,V]`` float32 is the final state's."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    num_chunks = T // CHUNK
+    block_v = state_block_v(B, H, V)
+    has_gates, has_seg = b is not None, rel is not None
+    dtype = jnp.bfloat16
+
+    def body(*refs):
+        q_ref, k_ref, w_ref, do_ref, *refs = refs
+        b_ref = refs.pop(0) if has_gates else None
+        seg_ref = refs.pop(0) if has_seg else None
+        dht_ref, dhs_ref, dv_new_ref, dh0_ref = refs
+        bi, hi, vi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("v_blocks")
+        at = chunk_windows(bi, hi, pl.ds(vi * block_v, block_v))
+
+        def scoped(q_s, k_s, w_s, do_s, b_s, seg_s, dstate_s, qg_s, dv_new_s, f32_s, bars):
+            sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(w_ref), w_s),
+                       (at.values(do_ref), do_s)]
+            sources += [(at.per_head(b_ref), b_s)] if has_gates else []
+            sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+            plgpu.copy_gmem_to_smem(at.whole_state(dht_ref), f32_s, bars.at[2 * len(sources)])
+            plgpu.barrier_wait(bars.at[2 * len(sources)])
+            dstate = f32_s[...]
+            dstate_s[0] = dstate.astype(dtype)
+            plgpu.commit_smem()
+            row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
+            col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
+            token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
+            mm = lambda a, b_, shape, init=None: matmul(a, b_, shape, interpret=interpret, init=init)
+
+            def step(c, slot, dstate):
+                b_t = plgpu.load(b_s.at[slot], layout=ROWS) if has_gates else None
+                rel_t = plgpu.load(seg_s.at[slot], layout=ROWS) if has_seg else None
+                from_start, to_end, carry = boundary_factors(b_t, rel_t, token)
+                keep_t = row <= col
+                if has_seg:
+                    keep_t &= same_document(rel_t, row, col)
+                scores_t = scale * mm(k_s.at[slot], q_s.at[slot].T, (CHUNK, CHUNK))  # scale P^T
+                if has_gates:
+                    scores_t = scores_t * pair_decays(-b_t, row, col)
+                dv_new = mm(jnp.where(keep_t, scores_t, 0.0).astype(dtype), do_s.at[slot], (CHUNK, block_v))
+                kd = scaled_rows(k_s[slot].astype(jnp.float32), to_end)
+                dv_new = mm(kd.astype(dtype), dstate_s.at[slot], (CHUNK, block_v), init=dv_new)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
+                dv_new_s[...] = dv_new.astype(dtype)
+                qg_s[...] = (scale * scaled_rows(q_s[slot].astype(jnp.float32), from_start)).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dv_new_s, at.values(dv_new_ref)(c))
+                plgpu.copy_smem_to_gmem(dstate_s.at[slot], at.state(dhs_ref)(c))
+                decayed = dstate if carry is None else dstate * carry
+                dstate = (mm(qg_s.T, do_s.at[slot], (K, block_v), init=decayed)
+                          - mm(w_s.at[slot].T, dv_new_s, (K, block_v)))
+                dstate_s[1 - slot] = dstate.astype(dtype)
+                plgpu.commit_smem()
+                return dstate
+
+            dstate = chunk_pipeline([window for window, _ in sources], [buffer for _, buffer in sources],
+                                    bars, num_chunks, step, dstate, reverse=True)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            f32_s[...] = dstate
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(f32_s, at.whole_state(dh0_ref))
+            plgpu.wait_smem_to_gmem(0)
+
+        num_sources = 4 + has_gates + has_seg
+        pl.run_scoped(
+            scoped,
+            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype),
+            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, block_v), dtype),
+            plgpu.SMEM((2, CHUNK), jnp.float32) if has_gates else None,
+            plgpu.SMEM((2, CHUNK), jnp.int32) if has_seg else None,
+            smem_tile((2, K, block_v), dtype), smem_tile((CHUNK, K), dtype),
+            smem_tile((CHUNK, block_v), dtype), smem_tile((K, block_v), jnp.float32),
+            plgpu.Barrier(num_barriers=2 * num_sources + 1),
+        )
+
+    operands = [q, k, w, do] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [dht]
+    out_type = (jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dtype),
+                jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32))
+    return plgpu.kernel(
+        body, out_type=out_type, grid=(B, H, V // block_v), grid_names=("batch", "heads", "v_blocks"),
+        interpret=interpret_params(interpret), compiler_params=compiler_params(),
+        kernel_name="delta_state_grad_pass_mosaic",
+    )(*operands)

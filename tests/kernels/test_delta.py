@@ -103,8 +103,7 @@ def test_bf16_segments(backend, K):
     _check(LONG, K=K, dtype=jnp.bfloat16, segments=(17, 64), seed=5, backend=backend)
 
 
-# The Mosaic GPU kernels (bf16, K and V in {64, 128}): forward and chunk gradients (the state-gradient
-# pass is Triton's).
+# The Mosaic GPU kernels (bf16, K and V in {64, 128}), forward and backward.
 @pytest.mark.parametrize("T", (1, 63, 65))
 def test_mosaic_lengths_gated(T):
     _check(T, K=64, dtype=jnp.bfloat16, seed=9, backend="mosaic")
