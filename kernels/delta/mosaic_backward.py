@@ -118,7 +118,8 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
         dk_s[...] = mm(d_scores_t.astype(dtype), q_s, (CHUNK, K)) + scaled_rows(dk_end, to_end)
         if has_gates:
             d_to_end = jnp.sum(k_s[...].astype(jnp.float32) * dk_end, axis=1) * to_end
-            carried = carry * jnp.sum(h_s[...].astype(jnp.float32) * dh_s[...].astype(jnp.float32))
+            state_products = h_s[...].astype(jnp.float32) * dh_s[...].astype(jnp.float32)
+            carried = carry * jnp.sum(jnp.sum(state_products, axis=1))  # one axis at a time (Mosaic)
             db_s[...] = db + jnp.where(token == CHUNK - 1, carried, 0.0)
             d_to_end_s[...] = d_to_end
         plgpu.commit_smem()
