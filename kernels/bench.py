@@ -14,7 +14,6 @@ with ``triton.testing.do_bench`` when importable. Inputs: see ``_inputs``.
 
 import argparse
 import functools
-import importlib
 import json
 import os
 import statistics
@@ -69,12 +68,6 @@ def _inputs(op, shape, dtype, seed=0):
 
 
 def _op_function(op, impl):
-    if impl.startswith("pallas:"):
-        entry = getattr(importlib.import_module(f"kernels.{op}"), f"{op}_pallas")
-        return lambda *args: entry(*args, scale=args[0].shape[-1] ** -0.5, initial_state=None,
-                                   output_final_state=False, segment_ids=None,
-                                   interpret=jax.default_backend() != "gpu",
-                                   backend=impl.split(":", 1)[1])[0]
     return lambda *args: getattr(ops, op)(*args, impl=impl)[0]
 
 

@@ -9,7 +9,9 @@ dispatches to one implementation:
   ``kernels.<op>.<op>_pallas(q, k, v, [g,] [beta,] scale=, initial_state=,
   output_final_state=, segment_ids=, interpret=)``. A kernel module may define
   ``supports(...)`` (same arguments, no ``interpret``) returning False for calls it
-  cannot handle, so that ``"auto"`` falls back to ``"chunked"``;
+  cannot handle, so that ``"auto"`` falls back to ``"chunked"``. ``"pallas:mosaic"`` and
+  ``"pallas:triton"`` pin the kernels' backend (``backend=`` of ``<op>_pallas``; ``"pallas"``
+  lets the kernel pick: Mosaic GPU where it applies);
 - ``"auto"``: on GPU the Pallas kernel when it exists and supports the call, else
   ``"chunked"``. On CPU (2 cores, K=V=64) the token scan wins below one chunk (T < 64)
   and the chunked form wins under autodiff from T = 64 on (1.2-7x at T = 512-2048),
@@ -61,13 +63,14 @@ def _pallas_module(op):
         raise  # the module exists but one of its own imports is broken: surface it
 
 
-def _pallas(op, args, kwargs):
+def _pallas(op, args, kwargs, backend):
     module = _pallas_module(op)
     fn = getattr(module, f"{op}_pallas", None)
     if fn is None:
         raise NotImplementedError(
             f"impl='pallas': no Pallas kernel for {op} yet (expected function {op}_pallas in module kernels.{op})")
-    return _per_shard(fn, args, kwargs, interpret=jax.default_backend() != "gpu")
+    static = {"interpret": jax.default_backend() != "gpu"} | ({"backend": backend} if backend else {})
+    return _per_shard(fn, args, kwargs, **static)
 
 
 def _per_shard(fn, args, kwargs, **static):
@@ -108,8 +111,8 @@ def _dispatch(op, impl, args, kwargs):
             impl = "pallas" if _pallas_supports(op, args, kwargs) else "chunked"
         else:
             impl = "reference" if args[0].shape[1] < chunked.CHUNK else "chunked"
-    if impl == "pallas":
-        o, final_state = _pallas(op, args, kwargs)
+    if impl.startswith("pallas"):
+        o, final_state = _pallas(op, args, kwargs, backend=impl.partition(":")[2])
     else:
         o, final_state = (ref_fn if impl == "reference" else chunk_fn)(*args, **kwargs)
     return checkpoint_name(o, OUTPUT_NAME), final_state

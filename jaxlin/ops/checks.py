@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "reference", "chunked", "pallas")
+IMPLS = ("auto", "reference", "chunked", "pallas", "pallas:mosaic", "pallas:triton")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 

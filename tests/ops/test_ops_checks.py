@@ -104,7 +104,8 @@ def test_pallas_dispatch_and_auto_fallback(monkeypatch):
     monkeypatch.setitem(sys.modules, "kernels.gla", fake)
     from_kernel = lambda o: bool(jnp.all(o == 7.0))
     assert from_kernel(call("gla", impl="pallas")[0])
-    assert seen["interpret"] is True and seen["scale"] == K ** -0.5
+    assert seen["interpret"] is True and seen["scale"] == K ** -0.5 and "backend" not in seen
+    assert from_kernel(call("gla", impl="pallas:triton")[0]) and seen["backend"] == "triton"
 
     assert not from_kernel(call("gla", impl="auto")[0])  # CPU: never the kernel
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
