@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ..common import (CHUNK, chunk_relative_segments, dot_dtype_for, pad_time, saved_for_backward,
                       segment_index, state_block_v)
@@ -75,8 +76,17 @@ def _padded(T, *arrays):
 
 
 def per_head_rows(x):
-    """``[B, T, H]`` -> ``[B, H, T]`` float32: a chunk's slice of one head is contiguous (TMA)."""
-    return jnp.swapaxes(x, 1, 2).astype(jnp.float32)
+    """``[B, T, H]`` -> ``[B, H, T]`` float32: a chunk's slice of one head is contiguous (TMA).
+
+    The transposes to and from this layout run as fusions of their own (``optimization_barrier``):
+    fused into the layer's large element-wise fusions, they made XLA emit those as transposes, about
+    2 ms a layer in a GPT-2 Medium train step (H200 profile, docs/benchmarks.md)."""
+    return jnp.swapaxes(lax.optimization_barrier(x), 1, 2).astype(jnp.float32)
+
+
+def per_token(x):
+    """``[B, H, T]`` -> ``[B, T, H]``, the inverse of ``per_head_rows`` (a fusion of its own too)."""
+    return lax.optimization_barrier(jnp.swapaxes(x, 1, 2))
 
 
 def chunk_cumsum(g):
@@ -141,8 +151,8 @@ def _mosaic_backward(q, k, v, beta, g, seg, w, x, hs, v_new, do, dfinal, *, scal
                                                            interpret=interpret)
     dv, dbeta, dk, db_wy = wy_path_grads(k, v, per_head_rows(beta), b, rel, x, hs, dv_new, dk_output,
                                          interpret=interpret)
-    dg = None if g is None else gate_grads(db_output + db_wy, d_to_end).astype(g.dtype)
-    return (dq, dk, dv, jnp.swapaxes(dbeta, 1, 2).astype(beta.dtype), dg), dh0
+    dg = None if g is None else per_token(gate_grads(db_output + db_wy, d_to_end)).astype(g.dtype)
+    return (dq, dk, dv, per_token(dbeta).astype(beta.dtype), dg), dh0
 
 
 _delta.defvjp(_delta_fwd, _delta_bwd)

@@ -40,13 +40,13 @@ def _pair_gate_grads(pairs, row, col):
 
 
 def gate_grads(db, d_to_end):
-    """``dg [B, T, H]`` float32 from ``db``, ``d_to_end`` ``[B, H, T]`` (see the module doc): token
+    """``dg [B, H, T]`` float32 from ``db``, ``d_to_end`` ``[B, H, T]`` (see the module doc): token
     ``j``'s log gate enters ``b_t`` for ``t >= j`` in its chunk, and ``e^{b_last - b_s}`` for ``s < j``."""
     B, H, T = db.shape
     db, d_to_end = (x.reshape(B, H, T // CHUNK, CHUNK) for x in (db, d_to_end))
     later = jnp.flip(jnp.cumsum(jnp.flip(db, -1), axis=-1), -1)
     earlier = jnp.cumsum(d_to_end, axis=-1) - d_to_end
-    return jnp.swapaxes((later + earlier).reshape(B, H, T), 1, 2)
+    return (later + earlier).reshape(B, H, T)
 
 
 def _chunk_call(body, operands, out_type, scratch, *, name, interpret):
