@@ -9,7 +9,7 @@ Two backends:
   (``mosaic_forward.py``); backward, the reverse state-gradient pass then the two chunk-gradient
   kernels (``mosaic_backward.py``);
 - Triton (any supported dtype, float32 included): three kernels forward (``forward.py``), three
-  backward (``backward.py``).
+  backward (``backward.py``). ``backend="auto"`` takes these for now (see ``delta_pallas``).
 
 Both save the same residuals (``w``, the inverses ``x``, the chunk states and written values).
 """
@@ -49,15 +49,17 @@ def delta_pallas(q, k, v, g, beta, *, scale, initial_state, output_final_state, 
                  interpret=False, backend="auto"):
     """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``g`` None: plain rule.
 
-    ``backend``: "mosaic" or "triton"; "auto" takes Mosaic where it applies (``mosaic_supports``).
+    ``backend``: "mosaic" or "triton"; "auto" takes Triton for now. The Mosaic kernels are 1.5-1.7x
+    faster on their own, but the first train step measured with them (Gated DeltaNet GPT-2 Medium,
+    H200) was slower, 265.8 vs 228.6 ms: the transposes of ``per_head_rows`` had joined the layer's
+    large fusions. They now run apart; until a train step confirms it, "auto" stays on Triton.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-    mosaic_ok = mosaic_supports(q, k, v)
-    if backend == "mosaic" and not mosaic_ok:
+    if backend == "mosaic" and not mosaic_supports(q, k, v):
         raise ValueError(f"backend='mosaic' needs bf16 q, k, v and K, V in {mosaic_forward.HEAD_DIMS}; got "
                          f"{q.dtype}, K={q.shape[-1]}, V={v.shape[-1]}. Use 'auto' or 'triton'.")
-    use_mosaic = backend == "mosaic" or (backend == "auto" and mosaic_ok)
+    use_mosaic = backend == "mosaic"
     B, T = q.shape[:2]
     padded = -(-T // CHUNK) * CHUNK
     seg = segment_index(segment_ids, B, T, padded)
@@ -79,8 +81,8 @@ def per_head_rows(x):
     """``[B, T, H]`` -> ``[B, H, T]`` float32: a chunk's slice of one head is contiguous (TMA).
 
     The transposes to and from this layout run as fusions of their own (``optimization_barrier``):
-    fused into the layer's large element-wise fusions, they made XLA emit those as transposes, about
-    2 ms a layer in a GPT-2 Medium train step (H200 profile, docs/benchmarks.md)."""
+    without it XLA fused them into the layer's large element-wise fusions and emitted those as
+    transposes, about 2 ms a layer in a GPT-2 Medium train step (H200 profile, docs/benchmarks.md)."""
     return jnp.swapaxes(lax.optimization_barrier(x), 1, 2).astype(jnp.float32)
 
 
