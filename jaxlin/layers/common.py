@@ -82,7 +82,7 @@ def _conv_silu_bwd(residuals, dy):
     two readers (the input's and the kernel's gradient); it is stored in x's dtype instead, as autocast
     does in the reference, which halves the traffic of this, the layer's largest element-wise step."""
     x, past, kernel, keep = residuals
-    width, T = kernel.shape[0], x.shape[1]
+    width = kernel.shape[0]
     pre = _pre_activation(x, past, kernel, keep)
     s = jax.nn.sigmoid(pre)
     dpre = (dy.astype(jnp.float32) * s * (1.0 + pre * (1.0 - s))).astype(x.dtype)

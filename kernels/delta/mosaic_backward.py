@@ -23,9 +23,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
-from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, compiler_params,
-                      interpret_params, load_chunk, matmul, same_document, smem_tile)
-from .mosaic_forward import boundary_factors, pair_decays, scaled_rows, state_block_v
+from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, compiler_params, interpret_params,
+                      load_chunk, matmul, same_document, smem_tile)
+from .mosaic_forward import (boundary_factors, chunk_iotas, pair_decays, pair_mask, pass_scratch, rows_vector,
+                             scaled_rows, state_block_v, store_state)
 
 
 def _as_rows(vec, row, col):
@@ -85,13 +86,10 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
         copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
         load_chunk(copies, ci, bars)
 
-        row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
-        col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
-        token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
-        b_t = plgpu.load(b_s, layout=ROWS) if has_gates else None
-        rel = plgpu.load(seg_s, layout=ROWS) if has_seg else None
+        row, col, token = chunk_iotas()
+        b_t, rel = rows_vector(b_s), rows_vector(seg_s)
         from_start, to_end, carry = boundary_factors(b_t, rel, token)
-        keep, keep_t = row >= col, row <= col
+        keep, keep_t = row >= col, row <= col  # P's pairs, and P^T's
         if has_seg:
             same_doc = same_document(rel, row, col)
             keep, keep_t = keep & same_doc, keep_t & same_doc
@@ -172,17 +170,11 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
         copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
         load_chunk(copies, ci, bars)
 
-        row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
-        col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
-        token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
-        beta_t = plgpu.load(beta_s, layout=ROWS)
-        b_t = plgpu.load(b_s, layout=ROWS) if has_gates else None
-        rel = plgpu.load(seg_s, layout=ROWS) if has_seg else None
+        row, col, token = chunk_iotas()
+        beta_t, b_t, rel = rows_vector(beta_s), rows_vector(b_s), rows_vector(seg_s)
         from_start, _, _ = boundary_factors(b_t, rel, token)
         key_scale = beta_t if from_start is None else beta_t * from_start
-        keep = row > col
-        if has_seg:
-            keep &= same_document(rel, row, col)
+        keep = pair_mask(row, col, rel, strict=True)
         mm = lambda a, b_, shape: matmul(a, b_, shape, interpret=interpret)
         kf, vf = k_s[...].astype(jnp.float32), v_s[...].astype(jnp.float32)
 
@@ -273,18 +265,13 @@ def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
             dstate = f32_s[...]
             dstate_s[0] = dstate.astype(dtype)
             plgpu.commit_smem()
-            row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
-            col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
-            token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
+            row, col, token = chunk_iotas()
             mm = lambda a, b_, shape, init=None: matmul(a, b_, shape, interpret=interpret, init=init)
 
             def step(c, slot, dstate):
-                b_t = plgpu.load(b_s.at[slot], layout=ROWS) if has_gates else None
-                rel_t = plgpu.load(seg_s.at[slot], layout=ROWS) if has_seg else None
+                b_t, rel_t = rows_vector(b_s, slot), rows_vector(seg_s, slot)
                 from_start, to_end, carry = boundary_factors(b_t, rel_t, token)
-                keep_t = row <= col
-                if has_seg:
-                    keep_t &= same_document(rel_t, row, col)
+                keep_t = pair_mask(col, row, rel_t)  # P^T's pairs
                 scores_t = scale * mm(k_s.at[slot], q_s.at[slot].T, (CHUNK, CHUNK))  # scale P^T
                 if has_gates:
                     scores_t = scores_t * pair_decays(-b_t, row, col)
@@ -306,23 +293,9 @@ def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
 
             dstate = chunk_pipeline([window for window, _ in sources], [buffer for _, buffer in sources],
                                     bars, num_chunks, step, dstate, reverse=True)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            f32_s[...] = dstate
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(f32_s, at.whole_state(dh0_ref))
-            plgpu.wait_smem_to_gmem(0)
+            store_state(f32_s, dstate, at.whole_state(dh0_ref))
 
-        num_sources = 4 + has_gates + has_seg
-        pl.run_scoped(
-            scoped,
-            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype),
-            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, block_v), dtype),
-            plgpu.SMEM((2, CHUNK), jnp.float32) if has_gates else None,
-            plgpu.SMEM((2, CHUNK), jnp.int32) if has_seg else None,
-            smem_tile((2, K, block_v), dtype), smem_tile((CHUNK, K), dtype),
-            smem_tile((CHUNK, block_v), dtype), smem_tile((K, block_v), jnp.float32),
-            plgpu.Barrier(num_barriers=2 * num_sources + 1),
-        )
+        pl.run_scoped(scoped, *pass_scratch(K, block_v, has_gates, has_seg))
 
     operands = [q, k, w, do] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [dht]
     out_type = (jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dtype),

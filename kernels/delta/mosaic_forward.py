@@ -39,6 +39,27 @@ def pair_decays(b, row, col):
     return jnp.exp(jnp.minimum(bcast_rows(b, CHUNK) - bcast_cols(as_cols(b, row, col), CHUNK), 0.0))
 
 
+def chunk_iotas():
+    """``(row, col, token)``: the ``[C, C]`` WGMMA row and column iotas and the ``[C]`` ROWS one."""
+    return (plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA),
+            plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA),
+            plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS))
+
+
+def rows_vector(ref, slot=None):
+    """A per-token SMEM vector (``ref.at[slot]`` when double-buffered) as ROWS; None without one."""
+    if ref is None:
+        return None
+    return plgpu.load(ref if slot is None else ref.at[slot], layout=ROWS)
+
+
+def pair_mask(row, col, rel, *, strict=False):
+    """``[C, C]`` bool: token pairs ``(t, s)`` with ``s <= t`` (``s < t`` if ``strict``) in one
+    document; ``pair_mask(col, row, rel)`` is its transpose."""
+    keep = row > col if strict else row >= col
+    return keep if rel is None else keep & same_document(rel, row, col)
+
+
 def boundary_factors(b, rel, token):
     """``(from_start, to_end, carry)``: ``m e^b``, ``n e^{b_last - b}`` (ROWS) and ``gamma`` (scalar),
     each None where it is 1 (no gates, no segments). ``b``, ``rel``: ROWS vectors or None."""
@@ -107,20 +128,15 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
             copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
             load_chunk(copies, ci, bars)
 
-            row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
-            col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
-            token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
+            row, col, token = chunk_iotas()
             beta_t = plgpu.load(beta_s, layout=ROWS)
-            b_t = plgpu.load(b_s, layout=ROWS) if has_gates else None
-            rel_t = plgpu.load(seg_s, layout=ROWS) if has_seg else None
+            b_t, rel_t = rows_vector(b_s), rows_vector(seg_s)
             from_start, _, _ = boundary_factors(b_t, rel_t, token)
             key_scale = beta_t if from_start is None else beta_t * from_start
             a = matmul(k_s, k_s.T, (CHUNK, CHUNK), interpret=interpret) * bcast_rows(beta_t, CHUNK)
-            keep = row > col
+            keep = pair_mask(row, col, rel_t, strict=True)
             if has_gates:
                 a = a * pair_decays(b_t, row, col)
-            if has_seg:
-                keep &= same_document(rel_t, row, col)
             x = _unit_lower_inverse(jnp.where(keep, a, 0.0), row, col, x_s, y_s,
                                     interpret=interpret).astype(dtype)
             # k k^T has been read: the scaled keys and values take the loaded ones' place
@@ -155,6 +171,30 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
         interpret=interpret_params(interpret), compiler_params=compiler_params(),
         kernel_name="delta_transform_mosaic",
     )(*operands)
+
+
+def pass_scratch(K, block_v, has_gates, has_seg, *extra):
+    """The SMEM of a pass over chunks (``state_outputs_mosaic``, ``mosaic_backward.state_grad_pass_mosaic``):
+    double-buffered ``[C, K]`` x 3 and ``[C, block_v]`` tiles, gates and segments; the bf16 state in two
+    slots; one ``[C, K]`` and one ``[C, block_v]`` tile; ``extra``; the float32 state; the barriers."""
+    dtype = jnp.bfloat16
+    num_sources = 4 + has_gates + has_seg
+    return (smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype),
+            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, block_v), dtype),
+            plgpu.SMEM((2, CHUNK), jnp.float32) if has_gates else None,
+            plgpu.SMEM((2, CHUNK), jnp.int32) if has_seg else None,
+            smem_tile((2, K, block_v), dtype), smem_tile((CHUNK, K), dtype),
+            smem_tile((CHUNK, block_v), dtype), *extra, smem_tile((K, block_v), jnp.float32),
+            plgpu.Barrier(num_barriers=2 * num_sources + 1))
+
+
+def store_state(f32_s, state, window):
+    """Writes a pass's float32 state (or state gradient) to ``window``, once the chunks' stores are done."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    f32_s[...] = state
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(f32_s, window)
+    plgpu.wait_smem_to_gmem(0)
 
 
 def state_block_v(batch, heads, v_dim, min_programs=128):
@@ -200,9 +240,7 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
             state_s[0] = state.astype(dtype)
             plgpu.commit_smem()
 
-            row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
-            col = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
-            token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
+            row, col, token = chunk_iotas()
 
             def step(c, slot, state):
                 v_new = u_s[slot].astype(jnp.float32) - matmul(w_s.at[slot], state_s.at[slot],
@@ -210,12 +248,9 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
                 v_new_s[...] = v_new.astype(dtype)
 
-                b_t = plgpu.load(b_s.at[slot], layout=ROWS) if has_gates else None
-                rel = plgpu.load(seg_s.at[slot], layout=ROWS) if has_seg else None
+                b_t, rel = rows_vector(b_s, slot), rows_vector(seg_s, slot)
                 from_start, to_end, carry = boundary_factors(b_t, rel, token)
-                keep = row >= col
-                if has_seg:
-                    keep &= same_document(rel, row, col)
+                keep = pair_mask(row, col, rel)
                 qg = scaled_rows(q_s[slot].astype(jnp.float32), from_start)
                 kd_s[...] = scaled_rows(k_s[slot].astype(jnp.float32), to_end).astype(dtype)
                 plgpu.commit_smem()
@@ -240,24 +275,9 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
 
             state = chunk_pipeline([window for window, _ in sources], [buffer for _, buffer in sources],
                                    bars, num_chunks, step, state)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            f32_s[...] = state
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(f32_s, at.whole_state(final_ref))
-            plgpu.wait_smem_to_gmem(0)
+            store_state(f32_s, state, at.whole_state(final_ref))
 
-        num_sources = 4 + has_gates + has_seg
-        pl.run_scoped(
-            scoped,
-            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype),
-            smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, block_v), dtype),
-            plgpu.SMEM((2, CHUNK), jnp.float32) if has_gates else None,
-            plgpu.SMEM((2, CHUNK), jnp.int32) if has_seg else None,
-            smem_tile((2, K, block_v), dtype), smem_tile((CHUNK, K), dtype),
-            smem_tile((CHUNK, block_v), dtype), smem_tile((CHUNK, block_v), dtype),
-            smem_tile((K, block_v), jnp.float32),
-            plgpu.Barrier(num_barriers=2 * num_sources + 1),
-        )
+        pl.run_scoped(scoped, *pass_scratch(K, block_v, has_gates, has_seg, smem_tile((CHUNK, block_v), dtype)))
 
     operands = [q, k, w, u] + ([b] if has_gates else []) + ([rel] if has_seg else []) + (
         [h0] if has_h0 else [])
