@@ -46,7 +46,8 @@ def gate_grads(db, d_to_end):
     B, H, T = db.shape
     db, d_to_end = (x.reshape(B, H, T // CHUNK, CHUNK) for x in (db, d_to_end))
     later = jnp.flip(jnp.cumsum(jnp.flip(db, -1), axis=-1), -1)
-    earlier = jnp.cumsum(d_to_end, axis=-1) - d_to_end
+    # the exclusive prefix sum shifted, not cumsum minus the term: no +x - x noise under strong decay
+    earlier = jnp.cumsum(jnp.pad(d_to_end[..., :-1], [(0, 0)] * 3 + [(1, 0)]), axis=-1)
     return (later + earlier).reshape(B, H, T)
 
 

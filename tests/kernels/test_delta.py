@@ -15,6 +15,7 @@ from jaxlin import ops
 from jaxlin.ops.reference import delta_rule_reference, gated_delta_rule_reference
 from kernels.common import CHUNK
 from kernels.delta import mosaic_supports
+from kernels.delta.mosaic_backward import gate_grads
 from kernels.delta.forward import unit_lower_inverse
 from kernels.delta_rule import delta_rule_pallas
 from kernels.gated_delta_rule import gated_delta_rule_pallas, supports
@@ -178,3 +179,19 @@ def test_supports():
     assert supports(x(32), x(32), x(64), gate, gate)
     assert not supports(x(48), x(48), x(64), gate, gate)
     assert not supports(x(32, jnp.float16), x(32, jnp.float16), x(64, jnp.float16), gate, gate)
+
+
+def test_gate_grads_are_those_of_the_cumulative_gates():
+    """The Mosaic backward's per-token gate gradients (of each ``b_t`` and of each ``b_last - b_s``)
+    become log-gate gradients as autodiff of the within-chunk cumsum gives them."""
+    keys = jax.random.split(jax.random.PRNGKey(12), 3)
+    B, H, T = 2, 3, 2 * CHUNK
+    db, d_to_end = jax.random.normal(keys[0], (B, H, T)), jax.random.normal(keys[1], (B, H, T))
+
+    def linear(g):
+        b = jnp.cumsum(g.reshape(B, H, T // CHUNK, CHUNK), axis=-1)
+        to_end = b[..., -1:] - b
+        return jnp.sum(db * b.reshape(B, H, T)) + jnp.sum(d_to_end * to_end.reshape(B, H, T))
+
+    want = jax.grad(linear)(jax.random.normal(keys[2], (B, H, T)))
+    assert rel_error(gate_grads(db, d_to_end), want) <= 1e-6
