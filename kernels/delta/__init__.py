@@ -49,7 +49,7 @@ def delta_pallas(q, k, v, g, beta, *, scale, initial_state, output_final_state, 
                  interpret=False, backend="auto"):
     """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``g`` None: plain rule.
 
-    ``backend``: "mosaic" or "triton"; "auto" takes Triton for now. The Mosaic kernels are 1.5-1.7x
+    ``backend``: "mosaic" or "triton"; "auto" takes Triton for now. The Mosaic kernels are 1.5-2.0x
     faster on their own, but the first train step measured with them (Gated DeltaNet GPT-2 Medium,
     H200) was slower, 265.8 vs 228.6 ms: the transposes of ``per_head_rows`` had joined the layer's
     large fusions. They now run apart; until a train step confirms it, "auto" stays on Triton.
