@@ -43,8 +43,11 @@ for name in "${stages[@]}"; do
              gated_delta_rule --shape 32,1024,16,64,64 --shape 4,2048,16,128,128 \
              --impls pallas:triton,pallas:mosaic --json $out/gated_delta_rule.json" ;;
     train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
-    train-delta) stage train-delta 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
-             --config configs/gpt2_medium_gated_deltanet.py --json "$out/train_delta.json" ;;
+    train-delta) for impl in pallas:triton pallas:mosaic; do  # the delta kernels' two backends, paired
+             stage "train-delta-${impl#pallas:}" 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+               --config configs/gpt2_medium_gated_deltanet.py --config.model.impl=$impl \
+               --json "$out/train_delta_${impl#pallas:}.json"
+           done ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gla, delta, train or train-delta)" >&2; exit 2 ;;
   esac
 done
