@@ -84,30 +84,37 @@ def matmul(a, b, shape, *, interpret, init=None):
     return pl.run_state(run)(plgpu.ACC.init(init))
 
 
-def chunk_pipeline(windows, buffers, bars, num_chunks, step, carry, *, reverse=False):
-    """``fori_loop`` over chunks (in order, or last first) with their tiles loaded by TMA while the
-    previous chunk computes: chunk ``c``'s ``windows[i](c)`` (GMEM refs) land in ``buffers[i].at[slot]``
-    (double-buffered SMEM), ``slot`` alternating; ``step(c, slot, carry) -> carry``. ``bars`` holds
-    ``2 * len(buffers)`` barriers."""
+def chunk_pipeline(sources, bars, num_chunks, *, reverse=False):
+    """A pass over chunks (in order, or last first) with their tiles loaded by TMA while the previous
+    chunk computes. ``sources``: ``(window, buffer)`` pairs; chunk ``c``'s ``window(c)`` (a GMEM ref)
+    lands in ``buffer.at[slot]`` (double-buffered SMEM), ``slot`` alternating; ``bars`` holds
+    ``2 * len(sources)`` barriers.
+
+    The first chunk's loads are issued now, so that the caller's set-up (an initial state's load)
+    overlaps them; the returned ``run(step, carry)`` is the ``fori_loop``, ``step(c, slot, carry) -> carry``.
+    """
     def fetch(c, slot):
-        for i, (window, buffer) in enumerate(zip(windows, buffers)):
+        for i, (window, buffer) in enumerate(sources):
             plgpu.copy_gmem_to_smem(window(c), buffer.at[slot], bars.at[2 * i + slot])
 
     chunk = (lambda i: num_chunks - 1 - i) if reverse else (lambda i: i)
     fetch(chunk(0), 0)
 
-    def body(i, carry):
-        slot = lax.rem(i, 2)
-        for j in range(len(buffers)):
-            plgpu.barrier_wait(bars.at[2 * j + slot])
+    def run(step, carry):
+        def body(i, carry):
+            slot = lax.rem(i, 2)
+            for j in range(len(sources)):
+                plgpu.barrier_wait(bars.at[2 * j + slot])
 
-        @pl.when(i + 1 < num_chunks)
-        def _():
-            fetch(chunk(i + 1), 1 - slot)
+            @pl.when(i + 1 < num_chunks)
+            def _():
+                fetch(chunk(i + 1), 1 - slot)
 
-        return step(chunk(i), slot, carry)
+            return step(chunk(i), slot, carry)
 
-    return lax.fori_loop(0, num_chunks, body, carry)
+        return lax.fori_loop(0, num_chunks, body, carry)
+
+    return run
 
 
 class chunk_windows:

@@ -261,6 +261,7 @@ def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
                        (at.values(do_ref), do_s)]
             sources += [(at.per_head(b_ref), b_s)] if has_gates else []
             sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+            run = chunk_pipeline(sources, bars, num_chunks, reverse=True)
             plgpu.copy_gmem_to_smem(at.whole_state(dht_ref), f32_s, bars.at[2 * len(sources)])
             plgpu.barrier_wait(bars.at[2 * len(sources)])
             dstate = f32_s[...]
@@ -292,8 +293,7 @@ def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
                 plgpu.commit_smem()
                 return dstate
 
-            dstate = chunk_pipeline([window for window, _ in sources], [buffer for _, buffer in sources],
-                                    bars, num_chunks, step, dstate, reverse=True)
+            dstate = run(step, dstate)
             store_state(f32_s, dstate, at.whole_state(dh0_ref))
 
         pl.run_scoped(scoped, *pass_scratch(K, block_v, has_gates, has_seg))

@@ -231,6 +231,7 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
                        (at.values(u_ref), u_s)]
             sources += [(at.per_head(b_ref), b_s)] if has_gates else []
             sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+            run = chunk_pipeline(sources, bars, num_chunks)
             if has_h0:
                 plgpu.copy_gmem_to_smem(at.whole_state(h0_ref), f32_s, bars.at[2 * len(sources)])
                 plgpu.barrier_wait(bars.at[2 * len(sources)])
@@ -273,8 +274,7 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
                 plgpu.commit_smem()
                 return state
 
-            state = chunk_pipeline([window for window, _ in sources], [buffer for _, buffer in sources],
-                                   bars, num_chunks, step, state)
+            state = run(step, state)
             store_state(f32_s, state, at.whole_state(final_ref))
 
         pl.run_scoped(scoped, *pass_scratch(K, block_v, has_gates, has_seg, smem_tile((CHUNK, block_v), dtype)))

@@ -41,8 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK, MAX_WHOLE_CHUNK_DECAY
-from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, compiler_params, interpret_params, matmul,
-                      pick_row, same_document, smem_tile)
+from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, compiler_params,
+                      interpret_params, matmul, pick_row, same_document, smem_tile)
 
 SMEM_LIMIT = 220 * 1024  # of Hopper's 227 KiB per block, with room for barriers and alignment
 TWO_PER_SM = 110 * 1024  # two programs per SM fit below this (with the reduction scratch and barriers)
@@ -146,22 +146,11 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
 
         def chunk_loop(dstate, later, q_s, k_s, g_s, v_s, do_s, h_s, seg_s, qg_s, kg_s, qm_s, dstate_s, suffix_s,
                        out_s, dv_s, bars):
-            sources = [(q_ref, q_s), (k_ref, k_s), (g_ref, g_s), (v_ref, v_s), (do_ref, do_s), (hs_ref, h_s)]
-            if has_seg:
-                sources.append((seg_ref, seg_s))
-
-            def fetch(c, slot):
-                rows = pl.ds(c * CHUNK, CHUNK)
-                for i, (src, dst) in enumerate(sources):
-                    if src is seg_ref:
-                        window = src.at[bi, rows]
-                    elif src is hs_ref:
-                        window = src.at[bi, hi, c]
-                    else:
-                        window = src.at[bi, rows, hi]
-                    plgpu.copy_gmem_to_smem(window, dst.at[slot], bars.at[2 * i + slot])
-
-            fetch(num_chunks - 1, 0)
+            at = chunk_windows(bi, hi)
+            sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(g_ref), g_s),
+                       (at.tokens(v_ref), v_s), (at.tokens(do_ref), do_s), (at.state(hs_ref), h_s)]
+            sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+            run = chunk_pipeline(sources, bars, num_chunks, reverse=True)
 
             row_k = plgpu.broadcasted_iota(jnp.int32, (CHUNK, K), 0, layout=WGMMA)
             row_a = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
@@ -173,17 +162,8 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                 suffix_s[...] = jnp.where(causal_t, 1.0, 0.0).astype(dtype)
                 plgpu.commit_smem()
 
-            def step(i, carry):
+            def step(c, slot, carry):
                 dstate, later = carry
-                c = num_chunks - 1 - i
-                slot = lax.rem(i, 2)
-                for s in range(len(sources)):
-                    plgpu.barrier_wait(bars.at[2 * s + slot])
-
-                @pl.when(c > 0)
-                def _():
-                    fetch(c - 1, 1 - slot)
-
                 qf = q_s[slot].astype(jnp.float32)
                 kf = k_s[slot].astype(jnp.float32)
                 bf = matmul(ones_lower, g_s.at[slot], (CHUNK, K), interpret=interpret)
@@ -265,7 +245,7 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
                 dstate = matmul(do_s.at[slot].T, qm_s, (V, K), interpret=interpret, init=decayed)
                 return dstate, later
 
-            dstate, _ = lax.fori_loop(0, num_chunks, step, (dstate, later))
+            dstate, _ = run(step, (dstate, later))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the memory is free for store_final
             return dstate
 

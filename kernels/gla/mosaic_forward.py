@@ -25,8 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK, MAX_WHOLE_CHUNK_DECAY
-from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, compiler_params, interpret_params, matmul,
-                      pick_row, same_document, smem_tile)
+from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, compiler_params,
+                      interpret_params, matmul, pick_row, same_document, smem_tile)
 
 def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
     """``(o [B,T,H,V], hs [B,H,NT,V,K] bf16, final [B,H,V,K] float32)``.
@@ -50,17 +50,11 @@ def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
         bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
 
         def scoped(q_s, k_s, v_s, g_s, seg_s, kg_s, kd_s, state_s, o_s, f32_s, bars):
-            sources = [(q_ref, q_s), (k_ref, k_s), (v_ref, v_s), (g_ref, g_s)]
-            if has_seg:
-                sources.append((seg_ref, seg_s))
-
-            def fetch(c, slot):
-                rows = pl.ds(c * CHUNK, CHUNK)
-                for i, (src, dst) in enumerate(sources):
-                    window = src.at[bi, rows] if src is seg_ref else src.at[bi, rows, hi]
-                    plgpu.copy_gmem_to_smem(window, dst.at[slot], bars.at[2 * i + slot])
-
-            fetch(0, 0)
+            at = chunk_windows(bi, hi)
+            sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s),
+                       (at.tokens(g_ref), g_s)]
+            sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+            run = chunk_pipeline(sources, bars, num_chunks)
             if has_h0:
                 plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi], f32_s, bars.at[2 * len(sources)])
                 plgpu.barrier_wait(bars.at[2 * len(sources)])
@@ -76,15 +70,7 @@ def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
             token = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS)
             ones_lower = jnp.where(row_a >= col_a, 1.0, 0.0).astype(dtype)
 
-            def step(c, state):
-                slot = lax.rem(c, 2)
-                for i in range(len(sources)):
-                    plgpu.barrier_wait(bars.at[2 * i + slot])
-
-                @pl.when(c + 1 < num_chunks)
-                def _():
-                    fetch(c + 1, 1 - slot)
-
+            def step(c, slot, state):
                 qf = q_s[slot].astype(jnp.float32)
                 kf = k_s[slot].astype(jnp.float32)
                 bf = matmul(ones_lower, g_s.at[slot], (CHUNK, K), interpret=interpret)
@@ -147,7 +133,7 @@ def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
                 state_s[1 - slot] = state.astype(dtype)
                 return state
 
-            state = lax.fori_loop(0, num_chunks, step, state)
+            state = run(step, state)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             f32_s[...] = state
             plgpu.commit_smem()
