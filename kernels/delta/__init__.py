@@ -129,11 +129,11 @@ def _delta_bwd(scale, interpret, use_mosaic, residuals, cotangents):
     B, T, H, _ = q.shape
     V = v.shape[-1]
     qp, kp, vp, betap, gp, dop = _padded(T, q, k, v, beta, g, do)
-    dot_dtype = dot_dtype_for(q, k, v)
     if use_mosaic:
         grads, dh0 = _mosaic_backward(qp, kp, vp, betap, gp, seg, w, x, hs, v_new, dop, dfinal,
                                       scale=scale, interpret=interpret)
     else:
+        dot_dtype = dot_dtype_for(q, k, v)
         dhs, dv_new, dh0 = state_grad_pass(qp, kp, gp, seg, w, dop, dfinal, scale=scale,
                                            dot_dtype=dot_dtype, block_v=state_block_v(B, H, V),
                                            interpret=interpret)
