@@ -84,6 +84,16 @@ def matmul(a, b, shape, *, interpret, init=None):
     return pl.run_state(run)(plgpu.ACC.init(init))
 
 
+def scoped_kernel(body, operands, out_type, scratch, *, grid, grid_names, name, interpret):
+    """``plgpu.kernel`` over ``grid`` whose ``body(*operand_refs, *output_refs, *scratch_refs)`` runs
+    with the SMEM ``scratch`` allocated (``None`` entries arrive as None)."""
+    return plgpu.kernel(
+        lambda *refs: pl.run_scoped(lambda *s: body(*refs, *s), *scratch),
+        out_type=out_type, grid=grid, grid_names=grid_names, interpret=interpret_params(interpret),
+        compiler_params=compiler_params(), kernel_name=name,
+    )(*operands)
+
+
 def chunk_pipeline(sources, bars, num_chunks, *, reverse=False):
     """A pass over chunks (in order, or last first) with their tiles loaded by TMA while the previous
     chunk computes. ``sources``: ``(window, buffer)`` pairs; chunk ``c``'s ``window(c)`` (a GMEM ref)

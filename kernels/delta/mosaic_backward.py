@@ -23,8 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
-from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, compiler_params, interpret_params,
-                      load_chunk, matmul, same_document, smem_tile)
+from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk, matmul,
+                      same_document, scoped_kernel, smem_tile)
 from .mosaic_forward import (boundary_factors, chunk_iotas, pair_decays, pair_mask, pass_scratch, rows_vector,
                              scaled_rows, state_block_v, store_state)
 
@@ -49,15 +49,6 @@ def gate_grads(db, d_to_end):
     # the exclusive prefix sum shifted, not cumsum minus the term: no +x - x noise under strong decay
     earlier = jnp.cumsum(jnp.pad(d_to_end[..., :-1], [(0, 0)] * 3 + [(1, 0)]), axis=-1)
     return (later + earlier).reshape(B, H, T)
-
-
-def _chunk_call(body, operands, out_type, scratch, *, name, interpret):
-    B, T, H = operands[0].shape[:3]
-    return plgpu.kernel(
-        lambda *refs: pl.run_scoped(lambda *s: body(*refs, *s), *scratch),
-        out_type=out_type, grid=(B, H, T // CHUNK), grid_names=("batch", "heads", "chunks"),
-        interpret=interpret_params(interpret), compiler_params=compiler_params(), kernel_name=name,
-    )(*operands)
 
 
 def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
@@ -139,7 +130,8 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
                smem_tile((K, V), dtype), smem_tile((K, V), dtype), smem_tile((CHUNK, K), dtype),
                smem_tile((CHUNK, K), jnp.float32), vector if has_gates else None,
                vector if has_gates else None, plgpu.Barrier(num_barriers=6 + has_gates + has_seg)]
-    out = _chunk_call(body, operands, tuple(out_type), scratch, name="delta_output_path_grads_mosaic",
+    out = scoped_kernel(body, operands, tuple(out_type), scratch, grid=(B, H, T // CHUNK),
+                        grid_names=("batch", "heads", "chunks"), name="delta_output_path_grads_mosaic",
                       interpret=interpret)
     return tuple(out) + ((None, None) if not has_gates else ())
 
@@ -230,7 +222,8 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
                smem_tile((CHUNK, K), jnp.float32), smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
                smem_tile((CHUNK, CHUNK), dtype), vector, vector if has_gates else None,
                plgpu.Barrier(num_barriers=7 + has_gates + has_seg)]
-    out = _chunk_call(body, operands, tuple(out_type), scratch, name="delta_wy_path_grads_mosaic",
+    out = scoped_kernel(body, operands, tuple(out_type), scratch, grid=(B, H, T // CHUNK),
+                        grid_names=("batch", "heads", "chunks"), name="delta_wy_path_grads_mosaic",
                       interpret=interpret)
     return tuple(out) + ((None,) if not has_gates else ())
 
@@ -252,57 +245,53 @@ def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
         q_ref, k_ref, w_ref, do_ref, *refs = refs
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
-        dht_ref, dhs_ref, dv_new_ref, dh0_ref = refs
+        dht_ref, dhs_ref, dv_new_ref, dh0_ref, *scratch = refs
         bi, hi, vi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("v_blocks")
         at = chunk_windows(bi, hi, pl.ds(vi * block_v, block_v))
 
-        def scoped(q_s, k_s, w_s, do_s, b_s, seg_s, dstate_s, qg_s, dv_new_s, f32_s, bars):
-            sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(w_ref), w_s),
-                       (at.values(do_ref), do_s)]
-            sources += [(at.per_head(b_ref), b_s)] if has_gates else []
-            sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
-            run = chunk_pipeline(sources, bars, num_chunks, reverse=True)
-            plgpu.copy_gmem_to_smem(at.whole_state(dht_ref), f32_s, bars.at[2 * len(sources)])
-            plgpu.barrier_wait(bars.at[2 * len(sources)])
-            dstate = f32_s[...]
-            dstate_s[0] = dstate.astype(dtype)
+        (q_s, k_s, w_s, do_s, b_s, seg_s, dstate_s, qg_s, dv_new_s, f32_s, bars) = scratch
+        sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(w_ref), w_s),
+                   (at.values(do_ref), do_s)]
+        sources += [(at.per_head(b_ref), b_s)] if has_gates else []
+        sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        run = chunk_pipeline(sources, bars, num_chunks, reverse=True)
+        plgpu.copy_gmem_to_smem(at.whole_state(dht_ref), f32_s, bars.at[2 * len(sources)])
+        plgpu.barrier_wait(bars.at[2 * len(sources)])
+        dstate = f32_s[...]
+        dstate_s[0] = dstate.astype(dtype)
+        plgpu.commit_smem()
+        row, col, token = chunk_iotas()
+        mm = lambda a, b_, shape, init=None: matmul(a, b_, shape, interpret=interpret, init=init)
+
+        def step(c, slot, dstate):
+            b_t, rel_t = rows_vector(b_s, slot), rows_vector(seg_s, slot)
+            from_start, to_end, carry = boundary_factors(b_t, rel_t, token)
+            keep_t = pair_mask(col, row, rel_t)  # P^T's pairs
+            scores_t = scale * mm(k_s.at[slot], q_s.at[slot].T, (CHUNK, CHUNK))  # scale P^T
+            if has_gates:
+                scores_t = scores_t * pair_decays(-b_t, row, col)
+            dv_new = mm(jnp.where(keep_t, scores_t, 0.0).astype(dtype), do_s.at[slot], (CHUNK, block_v))
+            kd = scaled_rows(k_s[slot].astype(jnp.float32), to_end)
+            dv_new = mm(kd.astype(dtype), dstate_s.at[slot], (CHUNK, block_v), init=dv_new)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
+            dv_new_s[...] = dv_new.astype(dtype)
+            qg_s[...] = (scale * scaled_rows(q_s[slot].astype(jnp.float32), from_start)).astype(dtype)
             plgpu.commit_smem()
-            row, col, token = chunk_iotas()
-            mm = lambda a, b_, shape, init=None: matmul(a, b_, shape, interpret=interpret, init=init)
+            plgpu.copy_smem_to_gmem(dv_new_s, at.values(dv_new_ref)(c))
+            plgpu.copy_smem_to_gmem(dstate_s.at[slot], at.state(dhs_ref)(c))
+            decayed = dstate if carry is None else dstate * carry
+            dstate = (mm(qg_s.T, do_s.at[slot], (K, block_v), init=decayed)
+                      - mm(w_s.at[slot].T, dv_new_s, (K, block_v)))
+            dstate_s[1 - slot] = dstate.astype(dtype)
+            plgpu.commit_smem()
+            return dstate
 
-            def step(c, slot, dstate):
-                b_t, rel_t = rows_vector(b_s, slot), rows_vector(seg_s, slot)
-                from_start, to_end, carry = boundary_factors(b_t, rel_t, token)
-                keep_t = pair_mask(col, row, rel_t)  # P^T's pairs
-                scores_t = scale * mm(k_s.at[slot], q_s.at[slot].T, (CHUNK, CHUNK))  # scale P^T
-                if has_gates:
-                    scores_t = scores_t * pair_decays(-b_t, row, col)
-                dv_new = mm(jnp.where(keep_t, scores_t, 0.0).astype(dtype), do_s.at[slot], (CHUNK, block_v))
-                kd = scaled_rows(k_s[slot].astype(jnp.float32), to_end)
-                dv_new = mm(kd.astype(dtype), dstate_s.at[slot], (CHUNK, block_v), init=dv_new)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
-                dv_new_s[...] = dv_new.astype(dtype)
-                qg_s[...] = (scale * scaled_rows(q_s[slot].astype(jnp.float32), from_start)).astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(dv_new_s, at.values(dv_new_ref)(c))
-                plgpu.copy_smem_to_gmem(dstate_s.at[slot], at.state(dhs_ref)(c))
-                decayed = dstate if carry is None else dstate * carry
-                dstate = (mm(qg_s.T, do_s.at[slot], (K, block_v), init=decayed)
-                          - mm(w_s.at[slot].T, dv_new_s, (K, block_v)))
-                dstate_s[1 - slot] = dstate.astype(dtype)
-                plgpu.commit_smem()
-                return dstate
-
-            dstate = run(step, dstate)
-            store_state(f32_s, dstate, at.whole_state(dh0_ref))
-
-        pl.run_scoped(scoped, *pass_scratch(K, block_v, has_gates, has_seg))
+        dstate = run(step, dstate)
+        store_state(f32_s, dstate, at.whole_state(dh0_ref))
 
     operands = [q, k, w, do] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [dht]
     out_type = (jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dtype),
                 jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32))
-    return plgpu.kernel(
-        body, out_type=out_type, grid=(B, H, V // block_v), grid_names=("batch", "heads", "v_blocks"),
-        interpret=interpret_params(interpret), compiler_params=compiler_params(),
-        kernel_name="delta_state_grad_pass_mosaic",
-    )(*operands)
+    return scoped_kernel(body, operands, out_type, pass_scratch(K, block_v, has_gates, has_seg),
+                         grid=(B, H, V // block_v), grid_names=("batch", "heads", "v_blocks"),
+                         name="delta_state_grad_pass_mosaic", interpret=interpret)

@@ -28,8 +28,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
-from ..mosaic import (ROWS, WGMMA, as_cols, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows,
-                      compiler_params, interpret_params, load_chunk, matmul, same_document, smem_tile)
+from ..mosaic import (ROWS, WGMMA, as_cols, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk,
+                      matmul, same_document, scoped_kernel, smem_tile)
 
 HEAD_DIMS = (64, 128)  # K and V: wgmma tiles (M a multiple of 64) with 128-byte swizzled rows
 
@@ -118,59 +118,52 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
         k_ref, v_ref, beta_ref, *refs = refs
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
-        w_ref, u_ref, x_ref = refs
+        w_ref, u_ref, x_ref, *scratch = refs
         ci = lax.axis_index("chunks")
         at = chunk_windows(lax.axis_index("batch"), lax.axis_index("heads"))
 
-        def scoped(k_s, v_s, beta_s, b_s, seg_s, x_s, y_s, w_s, u_s, bars):
-            copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.per_head(beta_ref), beta_s)]
-            copies += [(at.per_head(b_ref), b_s)] if has_gates else []
-            copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
-            load_chunk(copies, ci, bars)
+        (k_s, v_s, beta_s, b_s, seg_s, x_s, y_s, w_s, u_s, bars) = scratch
+        copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.per_head(beta_ref), beta_s)]
+        copies += [(at.per_head(b_ref), b_s)] if has_gates else []
+        copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        load_chunk(copies, ci, bars)
 
-            row, col, token = chunk_iotas()
-            beta_t = plgpu.load(beta_s, layout=ROWS)
-            b_t, rel_t = rows_vector(b_s), rows_vector(seg_s)
-            from_start, _, _ = boundary_factors(b_t, rel_t, token)
-            key_scale = beta_t if from_start is None else beta_t * from_start
-            a = matmul(k_s, k_s.T, (CHUNK, CHUNK), interpret=interpret) * bcast_rows(beta_t, CHUNK)
-            keep = pair_mask(row, col, rel_t, strict=True)
-            if has_gates:
-                a = a * pair_decays(b_t, row, col)
-            x = _unit_lower_inverse(jnp.where(keep, a, 0.0), row, col, x_s, y_s,
-                                    interpret=interpret).astype(dtype)
-            # k k^T has been read: the scaled keys and values take the loaded ones' place
-            k_s[...] = (k_s[...].astype(jnp.float32) * bcast_rows(key_scale, K)).astype(dtype)
-            v_s[...] = (v_s[...].astype(jnp.float32) * bcast_rows(beta_t, V)).astype(dtype)
-            x_s[...] = x
-            plgpu.commit_smem()
-            w_s[...] = matmul(x, k_s, (CHUNK, K), interpret=interpret).astype(dtype)
-            u_s[...] = matmul(x, v_s, (CHUNK, V), interpret=interpret).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(w_s, at.tokens(w_ref)(ci))
-            plgpu.copy_smem_to_gmem(u_s, at.tokens(u_ref)(ci))
-            plgpu.copy_smem_to_gmem(x_s, at.tokens(x_ref)(ci))
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(
-            scoped,
-            smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
-            plgpu.SMEM((CHUNK,), jnp.float32),
-            plgpu.SMEM((CHUNK,), jnp.float32) if has_gates else None,
-            plgpu.SMEM((CHUNK,), jnp.int32) if has_seg else None,
-            smem_tile((CHUNK, CHUNK), dtype), smem_tile((CHUNK, CHUNK), dtype),
-            smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
-            plgpu.Barrier(num_barriers=3 + has_gates + has_seg),
-        )
+        row, col, token = chunk_iotas()
+        beta_t = rows_vector(beta_s)
+        b_t, rel_t = rows_vector(b_s), rows_vector(seg_s)
+        from_start, _, _ = boundary_factors(b_t, rel_t, token)
+        key_scale = beta_t if from_start is None else beta_t * from_start
+        a = matmul(k_s, k_s.T, (CHUNK, CHUNK), interpret=interpret) * bcast_rows(beta_t, CHUNK)
+        keep = pair_mask(row, col, rel_t, strict=True)
+        if has_gates:
+            a = a * pair_decays(b_t, row, col)
+        x = _unit_lower_inverse(jnp.where(keep, a, 0.0), row, col, x_s, y_s,
+                                interpret=interpret).astype(dtype)
+        # k k^T has been read: the scaled keys and values take the loaded ones' place
+        k_s[...] = (k_s[...].astype(jnp.float32) * bcast_rows(key_scale, K)).astype(dtype)
+        v_s[...] = (v_s[...].astype(jnp.float32) * bcast_rows(beta_t, V)).astype(dtype)
+        x_s[...] = x
+        plgpu.commit_smem()
+        w_s[...] = matmul(x, k_s, (CHUNK, K), interpret=interpret).astype(dtype)
+        u_s[...] = matmul(x, v_s, (CHUNK, V), interpret=interpret).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(w_s, at.tokens(w_ref)(ci))
+        plgpu.copy_smem_to_gmem(u_s, at.tokens(u_ref)(ci))
+        plgpu.copy_smem_to_gmem(x_s, at.tokens(x_ref)(ci))
+        plgpu.wait_smem_to_gmem(0)
 
     operands = [k, v, beta] + ([b] if has_gates else []) + ([rel] if has_seg else [])
     out_type = (jax.ShapeDtypeStruct((B, T, H, K), dtype), jax.ShapeDtypeStruct((B, T, H, V), dtype),
                 jax.ShapeDtypeStruct((B, T, H, CHUNK), dtype))
-    return plgpu.kernel(
-        body, out_type=out_type, grid=(B, H, T // CHUNK), grid_names=("batch", "heads", "chunks"),
-        interpret=interpret_params(interpret), compiler_params=compiler_params(),
-        kernel_name="delta_transform_mosaic",
-    )(*operands)
+    scratch = [smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype), plgpu.SMEM((CHUNK,), jnp.float32),
+               plgpu.SMEM((CHUNK,), jnp.float32) if has_gates else None,
+               plgpu.SMEM((CHUNK,), jnp.int32) if has_seg else None,
+               smem_tile((CHUNK, CHUNK), dtype), smem_tile((CHUNK, CHUNK), dtype),
+               smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
+               plgpu.Barrier(num_barriers=3 + has_gates + has_seg)]
+    return scoped_kernel(body, operands, out_type, scratch, grid=(B, H, T // CHUNK),
+                         grid_names=("batch", "heads", "chunks"), name="delta_transform_mosaic",
+                         interpret=interpret)
 
 
 def pass_scratch(K, block_v, has_gates, has_seg, *extra):
@@ -221,63 +214,61 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
         h0_ref = refs.pop(0) if has_h0 else None
-        o_ref, hs_ref, v_new_ref, final_ref = refs
+        o_ref, hs_ref, v_new_ref, final_ref, *scratch = refs
         bi, hi, vi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("v_blocks")
         cols = pl.ds(vi * block_v, block_v)
 
-        def scoped(q_s, k_s, w_s, u_s, b_s, seg_s, state_s, kd_s, v_new_s, o_s, f32_s, bars):
-            at = chunk_windows(bi, hi, cols)
-            sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(w_ref), w_s),
-                       (at.values(u_ref), u_s)]
-            sources += [(at.per_head(b_ref), b_s)] if has_gates else []
-            sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
-            run = chunk_pipeline(sources, bars, num_chunks)
-            if has_h0:
-                plgpu.copy_gmem_to_smem(at.whole_state(h0_ref), f32_s, bars.at[2 * len(sources)])
-                plgpu.barrier_wait(bars.at[2 * len(sources)])
-                state = f32_s[...]
-            else:
-                state = plgpu.layout_cast(jnp.zeros((K, block_v), jnp.float32), WGMMA)
-            state_s[0] = state.astype(dtype)
+        (q_s, k_s, w_s, u_s, b_s, seg_s, state_s, kd_s, v_new_s, o_s, f32_s, bars) = scratch
+        at = chunk_windows(bi, hi, cols)
+        sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(w_ref), w_s),
+                   (at.values(u_ref), u_s)]
+        sources += [(at.per_head(b_ref), b_s)] if has_gates else []
+        sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        run = chunk_pipeline(sources, bars, num_chunks)
+        if has_h0:
+            plgpu.copy_gmem_to_smem(at.whole_state(h0_ref), f32_s, bars.at[2 * len(sources)])
+            plgpu.barrier_wait(bars.at[2 * len(sources)])
+            state = f32_s[...]
+        else:
+            state = plgpu.layout_cast(jnp.zeros((K, block_v), jnp.float32), WGMMA)
+        state_s[0] = state.astype(dtype)
+        plgpu.commit_smem()
+
+        row, col, token = chunk_iotas()
+
+        def step(c, slot, state):
+            v_new = u_s[slot].astype(jnp.float32) - matmul(w_s.at[slot], state_s.at[slot],
+                                                           (CHUNK, block_v), interpret=interpret)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
+            v_new_s[...] = v_new.astype(dtype)
+
+            b_t, rel = rows_vector(b_s, slot), rows_vector(seg_s, slot)
+            from_start, to_end, carry = boundary_factors(b_t, rel, token)
+            keep = pair_mask(row, col, rel)
+            qg = scaled_rows(q_s[slot].astype(jnp.float32), from_start)
+            kd_s[...] = scaled_rows(k_s[slot].astype(jnp.float32), to_end).astype(dtype)
             plgpu.commit_smem()
 
-            row, col, token = chunk_iotas()
+            o = matmul(qg.astype(dtype), state_s.at[slot], (CHUNK, block_v), interpret=interpret)
+            scores = matmul(q_s.at[slot], k_s.at[slot].T, (CHUNK, CHUNK), interpret=interpret)
+            if has_gates:
+                scores = scores * pair_decays(b_t, row, col)
+            o = matmul(jnp.where(keep, scores, 0.0).astype(dtype), v_new_s, (CHUNK, block_v),
+                       interpret=interpret, init=o)
+            o_s[...] = (scale * o).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, at.values(o_ref)(c))
+            plgpu.copy_smem_to_gmem(v_new_s, at.values(v_new_ref)(c))
+            plgpu.copy_smem_to_gmem(state_s.at[slot], at.state(hs_ref)(c))
 
-            def step(c, slot, state):
-                v_new = u_s[slot].astype(jnp.float32) - matmul(w_s.at[slot], state_s.at[slot],
-                                                               (CHUNK, block_v), interpret=interpret)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
-                v_new_s[...] = v_new.astype(dtype)
+            decayed = state if carry is None else state * carry
+            state = matmul(kd_s.T, v_new_s, (K, block_v), interpret=interpret, init=decayed)
+            state_s[1 - slot] = state.astype(dtype)
+            plgpu.commit_smem()
+            return state
 
-                b_t, rel = rows_vector(b_s, slot), rows_vector(seg_s, slot)
-                from_start, to_end, carry = boundary_factors(b_t, rel, token)
-                keep = pair_mask(row, col, rel)
-                qg = scaled_rows(q_s[slot].astype(jnp.float32), from_start)
-                kd_s[...] = scaled_rows(k_s[slot].astype(jnp.float32), to_end).astype(dtype)
-                plgpu.commit_smem()
-
-                o = matmul(qg.astype(dtype), state_s.at[slot], (CHUNK, block_v), interpret=interpret)
-                scores = matmul(q_s.at[slot], k_s.at[slot].T, (CHUNK, CHUNK), interpret=interpret)
-                if has_gates:
-                    scores = scores * pair_decays(b_t, row, col)
-                o = matmul(jnp.where(keep, scores, 0.0).astype(dtype), v_new_s, (CHUNK, block_v),
-                           interpret=interpret, init=o)
-                o_s[...] = (scale * o).astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_s, at.values(o_ref)(c))
-                plgpu.copy_smem_to_gmem(v_new_s, at.values(v_new_ref)(c))
-                plgpu.copy_smem_to_gmem(state_s.at[slot], at.state(hs_ref)(c))
-
-                decayed = state if carry is None else state * carry
-                state = matmul(kd_s.T, v_new_s, (K, block_v), interpret=interpret, init=decayed)
-                state_s[1 - slot] = state.astype(dtype)
-                plgpu.commit_smem()
-                return state
-
-            state = run(step, state)
-            store_state(f32_s, state, at.whole_state(final_ref))
-
-        pl.run_scoped(scoped, *pass_scratch(K, block_v, has_gates, has_seg, smem_tile((CHUNK, block_v), dtype)))
+        state = run(step, state)
+        store_state(f32_s, state, at.whole_state(final_ref))
 
     operands = [q, k, w, u] + ([b] if has_gates else []) + ([rel] if has_seg else []) + (
         [h0] if has_h0 else [])
@@ -285,8 +276,7 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
                 jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dtype),
                 jax.ShapeDtypeStruct((B, T, H, V), dtype),
                 jax.ShapeDtypeStruct((B, H, K, V), jnp.float32))
-    return plgpu.kernel(
-        body, out_type=out_type, grid=(B, H, V // block_v), grid_names=("batch", "heads", "v_blocks"),
-        interpret=interpret_params(interpret), compiler_params=compiler_params(),
-        kernel_name="delta_state_outputs_mosaic",
-    )(*operands)
+    scratch = pass_scratch(K, block_v, has_gates, has_seg, smem_tile((CHUNK, block_v), dtype))
+    return scoped_kernel(body, operands, out_type, scratch, grid=(B, H, V // block_v),
+                         grid_names=("batch", "heads", "v_blocks"), name="delta_state_outputs_mosaic",
+                         interpret=interpret)
