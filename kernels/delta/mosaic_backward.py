@@ -62,7 +62,6 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
     dtype = jnp.bfloat16
 
     def body(*refs):
-        refs = list(refs)
         q_ref, k_ref, v_new_ref, do_ref, *refs = refs
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
@@ -146,7 +145,6 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
     dtype = jnp.bfloat16
 
     def body(*refs):
-        refs = list(refs)
         k_ref, v_ref, beta_ref, *refs = refs
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
