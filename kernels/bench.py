@@ -88,13 +88,13 @@ def _time_jax(op, impl, args, do):
     return _median_ms(forward, *args), _median_ms(forward_backward, args, do), out
 
 
-def _pallas_kernel_profile(op, args, do, log_dir, runs=5):
-    """Prints the device ms of each kernel in one Pallas forward+backward, from a profile of ``runs``."""
+def _pallas_kernel_profile(op, impl, args, do, log_dir, runs=5):
+    """Prints the device ms of each kernel in one forward+backward of ``impl``, from a profile of ``runs``."""
     from jaxlin.train import profiling
-    _, forward_backward = _jitted(op, "pallas")
+    _, forward_backward = _jitted(op, impl)
     jax.block_until_ready(forward_backward(args, do))
     trace = profiling.trace(lambda: [forward_backward(args, do) for _ in range(runs)], log_dir)
-    print("pallas fwd+bwd, device ms per kernel:")
+    print(f"{impl} fwd+bwd, device ms per kernel:")
     for name, _, ms, calls in profiling.device_kernel_times(trace, steps=runs)["kernels"][:10]:
         print(f"  {ms:8.3f}  x{calls:.0f}  {name[:80]}")
 
@@ -197,8 +197,8 @@ def bench_op(op, shape, dtype, impls, configs=None, profile_dir=None):
     if configs and op == "gla":
         print("pallas kernels alone, ms by num_warps/num_stages:")
         _pallas_gla_stages(*args, do, configs)
-    if profile_dir:
-        _pallas_kernel_profile(op, args, do, profile_dir)
+    for impl in (impl for impl in outputs if profile_dir and impl.startswith("pallas")):
+        _pallas_kernel_profile(op, impl, args, do, os.path.join(profile_dir, impl.replace(":", "_")))
     return rows, base["impl"]
 
 
@@ -212,7 +212,7 @@ def main(argv=None):
     parser.add_argument("--stages", nargs="*", metavar="WARPSxSTAGES",
                         help="also time each Pallas kernel alone for these configs, e.g. 4x2 8x1")
     parser.add_argument("--profile", metavar="DIR",
-                        help="also trace the Pallas forward+backward into DIR and print each kernel's device ms")
+                        help="also trace each Pallas impl's forward+backward into DIR and print each kernel's device ms")
     args = parser.parse_args(argv)
     records = []
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}")
