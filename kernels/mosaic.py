@@ -6,6 +6,8 @@ In interpret mode (CPU) the tensor-core product is replaced by ``jnp.dot`` on th
 the interpreter of jax 0.11.2 fails on wgmma with register operands or an initialised accumulator.
 """
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -82,6 +84,31 @@ def matmul(a, b, shape, *, interpret, init=None):
             return acc[...]
         return pl.run_scoped(value, plgpu.ACC(shape, jnp.float32))
     return pl.run_state(run)(plgpu.ACC.init(init))
+
+
+def matmuls(*sums, interpret, one_by_one=False):
+    """Independent float32 results, each ``init + sum(a @ b for a, b in terms)`` for one
+    ``(terms, shape, init)`` of ``sums`` (``init`` None: 0), operands as in ``matmul``.
+
+    All products go to the tensor cores at once and are waited for once: one product after another,
+    each waited for, leaves a chunk loop's latency-bound steps idle between small products. Each sum
+    holds an accumulator in registers until the wait; ``one_by_one`` waits for each sum in turn, for
+    accumulators that would not fit in registers together.
+    """
+    if interpret:
+        return tuple(functools.reduce(lambda acc, ab: matmul(*ab, shape, interpret=True, init=acc), terms, init)
+                     for terms, shape, init in sums)
+    if one_by_one and len(sums) > 1:
+        return tuple(matmuls(s, interpret=False)[0] for s in sums)
+
+    def run(accs):
+        for acc, (terms, _, _) in zip(accs, sums):
+            for a, b in terms:
+                plgpu.wgmma(acc, a, b)
+
+    inits = [plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA) if init is None else init
+             for _, shape, init in sums]
+    return tuple(pl.run_state(run)(tuple(plgpu.ACC.init(x) for x in inits)))
 
 
 def scoped_kernel(body, operands, out_type, scratch, *, grid, grid_names, name, interpret):

@@ -11,7 +11,8 @@ Two backends:
 - Triton (any supported dtype, float32 included): three kernels forward (``forward.py``), three
   backward (``backward.py``). ``backend="auto"`` takes these for now (see ``delta_pallas``).
 
-Both save the same residuals (``w``, the inverses ``x``, the chunk states and written values).
+Both save the same residuals (``w``, the inverses ``x``, the chunk states and written values), the
+Mosaic forward with ``w`` negated (see ``mosaic_forward.py``).
 """
 
 import functools
@@ -105,10 +106,10 @@ def _forward(q, k, v, beta, g, initial_state, seg, scale, interpret, use_mosaic)
         rel = None if seg is None else chunk_relative_segments(seg)
         b = None if gp is None else per_head_rows(chunk_cumsum(gp))
         h0 = None if initial_state is None else initial_state.astype(jnp.float32)
-        w, u, x = chunk_transform_mosaic(kp, vp, per_head_rows(betap), b, rel, interpret=interpret)
-        o, hs, v_new, final = state_outputs_mosaic(qp, kp, w, u, b, rel, h0, scale=scale,
+        neg_w, u, x = chunk_transform_mosaic(kp, vp, per_head_rows(betap), b, rel, interpret=interpret)
+        o, hs, v_new, final = state_outputs_mosaic(qp, kp, neg_w, u, b, rel, h0, scale=scale,
                                                    interpret=interpret)
-        return (o[:, :T], final), (w, x, hs, v_new)
+        return (o[:, :T], final), (neg_w, x, hs, v_new)  # the Mosaic backward reads -W
     dot_dtype = dot_dtype_for(q, k, v)
     w, u, x = chunk_transform(kp, vp, betap, gp, seg, dot_dtype=dot_dtype, interpret=interpret)
     hs, v_new, final = state_pass(kp, gp, seg, w, u, initial_state, dot_dtype=dot_dtype,
@@ -130,7 +131,7 @@ def _delta_bwd(scale, interpret, use_mosaic, residuals, cotangents):
     V = v.shape[-1]
     qp, kp, vp, betap, gp, dop = _padded(T, q, k, v, beta, g, do)
     if use_mosaic:
-        grads, dh0 = _mosaic_backward(qp, kp, vp, betap, gp, seg, w, x, hs, v_new, dop, dfinal,
+        grads, dh0 = _mosaic_backward(qp, kp, vp, betap, gp, seg, w, x, hs, v_new, dop, dfinal,  # w: -W
                                       scale=scale, interpret=interpret)
     else:
         dot_dtype = dot_dtype_for(q, k, v)
@@ -143,11 +144,11 @@ def _delta_bwd(scale, interpret, use_mosaic, residuals, cotangents):
     return dq, dk, dv, dbeta, dg, (dh0 if initial_state is not None else None), None
 
 
-def _mosaic_backward(q, k, v, beta, g, seg, w, x, hs, v_new, do, dfinal, *, scale, interpret):
+def _mosaic_backward(q, k, v, beta, g, seg, neg_w, x, hs, v_new, do, dfinal, *, scale, interpret):
     """The backward on Mosaic GPU (``mosaic_backward.py``): ``((dq, dk, dv, dbeta, dg), dh0)``."""
     rel = None if seg is None else chunk_relative_segments(seg)
     b = None if g is None else per_head_rows(chunk_cumsum(g))
-    dhs, dv_new, dh0 = state_grad_pass_mosaic(q, k, w, do, b, rel, dfinal.astype(jnp.float32), scale=scale,
+    dhs, dv_new, dh0 = state_grad_pass_mosaic(q, k, neg_w, do, b, rel, dfinal.astype(jnp.float32), scale=scale,
                                               interpret=interpret)
     dq, dk_output, db_output, d_to_end = output_path_grads(q, k, v_new, do, b, rel, hs, dhs, scale=scale,
                                                            interpret=interpret)

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
-from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk, matmul,
+from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk, matmul, matmuls,
                       same_document, scoped_kernel, smem_tile)
 from .mosaic_forward import (boundary_factors, chunk_iotas, pair_decays, pair_mask, pass_scratch, rows_vector,
                              scaled_rows, state_block_v, store_state)
@@ -226,29 +226,30 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
     return tuple(out) + ((None,) if not has_gates else ())
 
 
-def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
+def state_grad_pass_mosaic(q, k, neg_w, do, b, rel, dht, *, scale, interpret):
     """``(dhs [B,H,NT,K,V] bf16, dv_new [B,T,H,V] bf16, dh0 [B,H,K,V] float32)``: gradients of the
     states leaving each chunk, of the written values and of the initial state, the chunks walked
     last first by one program per (batch, head, V-block) with the state gradient ``dS`` in registers:
     ``dv' = P^T D_o + (n e^{b_last-b} k) dS`` and ``dS <- gamma dS + (m e^b q)^T D_o - W^T dv'``
-    (``D_o = scale * do``, ``P = q k^T * D``). ``dht [B,H,K,V]`` float32 is the final state's."""
+    (``D_o = scale * do``, ``P = q k^T * D``). ``neg_w`` is ``-W`` (``chunk_transform_mosaic``);
+    ``dht [B,H,K,V]`` float32 is the final state's."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     num_chunks = T // CHUNK
-    block_v = state_block_v(B, H, V)
+    block_v = state_block_v(B, H, K, V)
     has_gates, has_seg = b is not None, rel is not None
     dtype = jnp.bfloat16
 
     def body(*refs):
-        q_ref, k_ref, w_ref, do_ref, *refs = refs
+        q_ref, k_ref, neg_w_ref, do_ref, *refs = refs
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
         dht_ref, dhs_ref, dv_new_ref, dh0_ref, *scratch = refs
         bi, hi, vi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("v_blocks")
         at = chunk_windows(bi, hi, pl.ds(vi * block_v, block_v))
 
-        (q_s, k_s, w_s, do_s, b_s, seg_s, dstate_s, qg_s, dv_new_s, f32_s, bars) = scratch
-        sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(w_ref), w_s),
+        (q_s, k_s, neg_w_s, do_s, b_s, seg_s, dstate_s, qg_s, dv_new_s, f32_s, bars) = scratch
+        sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(neg_w_ref), neg_w_s),
                    (at.values(do_ref), do_s)]
         sources += [(at.per_head(b_ref), b_s)] if has_gates else []
         sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
@@ -259,18 +260,20 @@ def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
         dstate_s[0] = dstate.astype(dtype)
         plgpu.commit_smem()
         row, col, token = chunk_iotas()
-        mm = lambda a, b_, shape, init=None: matmul(a, b_, shape, interpret=interpret, init=init)
 
         def step(c, slot, dstate):
             b_t, rel_t = rows_vector(b_s, slot), rows_vector(seg_s, slot)
             from_start, to_end, carry = boundary_factors(b_t, rel_t, token)
-            keep_t = pair_mask(col, row, rel_t)  # P^T's pairs
-            scores_t = scale * mm(k_s.at[slot], q_s.at[slot].T, (CHUNK, CHUNK))  # scale P^T
+            kd = scaled_rows(k_s[slot].astype(jnp.float32), to_end).astype(dtype)
+            # P^T (unscaled) and the state gradient's term of dv': one wait (as in the forward pass)
+            scores_t, dv_new = matmuls(([(k_s.at[slot], q_s.at[slot].T)], (CHUNK, CHUNK), None),
+                                       ([(kd, dstate_s.at[slot])], (CHUNK, block_v), None),
+                                       interpret=interpret, one_by_one=block_v > 64)
+            scores_t = scale * scores_t
             if has_gates:
                 scores_t = scores_t * pair_decays(-b_t, row, col)
-            dv_new = mm(jnp.where(keep_t, scores_t, 0.0).astype(dtype), do_s.at[slot], (CHUNK, block_v))
-            kd = scaled_rows(k_s[slot].astype(jnp.float32), to_end)
-            dv_new = mm(kd.astype(dtype), dstate_s.at[slot], (CHUNK, block_v), init=dv_new)
+            scores_t = jnp.where(pair_mask(col, row, rel_t), scores_t, 0.0).astype(dtype)  # P^T's pairs
+            dv_new = matmul(scores_t, do_s.at[slot], (CHUNK, block_v), interpret=interpret, init=dv_new)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
             dv_new_s[...] = dv_new.astype(dtype)
             qg_s[...] = (scale * scaled_rows(q_s[slot].astype(jnp.float32), from_start)).astype(dtype)
@@ -278,8 +281,9 @@ def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
             plgpu.copy_smem_to_gmem(dv_new_s, at.values(dv_new_ref)(c))
             plgpu.copy_smem_to_gmem(dstate_s.at[slot], at.state(dhs_ref)(c))
             decayed = dstate if carry is None else dstate * carry
-            dstate = (mm(qg_s.T, do_s.at[slot], (K, block_v), init=decayed)
-                      - mm(w_s.at[slot].T, dv_new_s, (K, block_v)))
+            # dS <- gamma dS + (scale m e^b q)^T do + (-W)^T dv': both products into one accumulator
+            (dstate,) = matmuls(([(qg_s.T, do_s.at[slot]), (neg_w_s.at[slot].T, dv_new_s)], (K, block_v), decayed),
+                                interpret=interpret)
             dstate_s[1 - slot] = dstate.astype(dtype)
             plgpu.commit_smem()
             return dstate
@@ -287,7 +291,7 @@ def state_grad_pass_mosaic(q, k, w, do, b, rel, dht, *, scale, interpret):
         dstate = run(step, dstate)
         store_state(f32_s, dstate, at.whole_state(dh0_ref))
 
-    operands = [q, k, w, do] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [dht]
+    operands = [q, k, neg_w, do] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [dht]
     out_type = (jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dtype),
                 jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32))
     return scoped_kernel(body, operands, out_type, pass_scratch(K, block_v, has_gates, has_seg),

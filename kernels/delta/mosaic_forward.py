@@ -4,7 +4,9 @@ The math is ``forward.py``'s (see there for ``m``, ``n``, ``gamma`` and ``D``); 
 state pass and output kernel become one pass here.
 
 1. ``chunk_transform_mosaic``, one program per chunk: ``A = strict_lower(beta_t (k_t.k_s) D[t, s])``,
-   ``X = (I + A)^-1``, ``W = X diag(beta e^b m) K`` and ``U = X diag(beta) V``. The inverse merges
+   ``X = (I + A)^-1``, ``W = X diag(beta e^b m) K`` and ``U = X diag(beta) V``. It writes ``-W``: both
+   passes subtract ``W``'s products from a sum (``v' = U - W S``, ``dS`` in the backward), and a
+   product that accumulates into the sum's other terms needs no negation of its own. The inverse merges
    diagonal blocks 1 -> 2 -> ... -> 64 with ``inv([[L1, 0], [M, L2]]) = [[X1, 0], [-X2 M X1, X2]]``,
    which on the whole tile is ``X <- X - X (M X)``, ``M`` the blocks of ``A`` below the diagonal
    blocks at that width: two tensor-core products a level, one bf16 pass each. That errs about
@@ -13,7 +15,8 @@ state pass and output kernel become one pass here.
 2. ``state_outputs_mosaic``, one program per (batch, head, V-block) walking the chunks in order,
    the state ``S [K, V-block]`` a float32 wgmma accumulator: ``v' = U - W S``,
    ``o = scale ((m e^b q) S + (q k^T * D) v')``, ``S <- gamma S + (n e^{b_last - b} K)^T v'``. The
-   next chunk's tiles load (TMA, double-buffered) while this one computes.
+   next chunk's tiles load (TMA, double-buffered) while this one computes, and the products go to
+   the tensor cores in two groups (``matmuls``): the pass is bound by the latency of its chain.
 
 Per-token vectors (``beta``, the within-chunk gate cumsum ``b``) arrive ``[B, H, T]`` float32, so
 a chunk's slice is contiguous for TMA; segments as chunk-relative indices
@@ -29,7 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
 from ..mosaic import (ROWS, WGMMA, as_cols, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk,
-                      matmul, same_document, scoped_kernel, smem_tile)
+                      matmul, matmuls, same_document, scoped_kernel, smem_tile)
 
 HEAD_DIMS = (64, 128)  # K and V: wgmma tiles (M a multiple of 64) with 128-byte swizzled rows
 
@@ -104,7 +107,8 @@ def _unit_lower_inverse(a, row, col, x_s, y_s, *, interpret):
 
 
 def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
-    """``(w [B,T,H,K], u [B,T,H,V], x [B,T,H,C])`` bf16; ``x`` is each chunk's ``(I + A)^-1``.
+    """``(neg_w [B,T,H,K], u [B,T,H,V], x [B,T,H,C])`` bf16: ``-W``, ``U`` and each chunk's
+    ``X = (I + A)^-1``.
 
     ``k [B,T,H,K]``, ``v [B,T,H,V]`` bf16; ``beta``, ``b`` ``[B,H,T]`` float32 (``b`` None for the
     plain rule); ``rel [B,T]`` int32 or None; T a multiple of ``CHUNK``.
@@ -118,11 +122,11 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
         k_ref, v_ref, beta_ref, *refs = refs
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
-        w_ref, u_ref, x_ref, *scratch = refs
+        neg_w_ref, u_ref, x_ref, *scratch = refs
         ci = lax.axis_index("chunks")
         at = chunk_windows(lax.axis_index("batch"), lax.axis_index("heads"))
 
-        (k_s, v_s, beta_s, b_s, seg_s, x_s, y_s, w_s, u_s, bars) = scratch
+        (k_s, v_s, beta_s, b_s, seg_s, x_s, y_s, neg_w_s, u_s, bars) = scratch
         copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.per_head(beta_ref), beta_s)]
         copies += [(at.per_head(b_ref), b_s)] if has_gates else []
         copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
@@ -132,7 +136,7 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
         beta_t = rows_vector(beta_s)
         b_t, rel_t = rows_vector(b_s), rows_vector(seg_s)
         from_start, _, _ = boundary_factors(b_t, rel_t, token)
-        key_scale = beta_t if from_start is None else beta_t * from_start
+        neg_key_scale = -beta_t if from_start is None else -beta_t * from_start  # X (-kb) = -W
         a = matmul(k_s, k_s.T, (CHUNK, CHUNK), interpret=interpret) * bcast_rows(beta_t, CHUNK)
         keep = pair_mask(row, col, rel_t, strict=True)
         if has_gates:
@@ -140,14 +144,14 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
         x = _unit_lower_inverse(jnp.where(keep, a, 0.0), row, col, x_s, y_s,
                                 interpret=interpret).astype(dtype)
         # k k^T has been read: the scaled keys and values take the loaded ones' place
-        k_s[...] = (k_s[...].astype(jnp.float32) * bcast_rows(key_scale, K)).astype(dtype)
+        k_s[...] = (k_s[...].astype(jnp.float32) * bcast_rows(neg_key_scale, K)).astype(dtype)
         v_s[...] = (v_s[...].astype(jnp.float32) * bcast_rows(beta_t, V)).astype(dtype)
         x_s[...] = x
         plgpu.commit_smem()
-        w_s[...] = matmul(x, k_s, (CHUNK, K), interpret=interpret).astype(dtype)
+        neg_w_s[...] = matmul(x, k_s, (CHUNK, K), interpret=interpret).astype(dtype)
         u_s[...] = matmul(x, v_s, (CHUNK, V), interpret=interpret).astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(w_s, at.tokens(w_ref)(ci))
+        plgpu.copy_smem_to_gmem(neg_w_s, at.tokens(neg_w_ref)(ci))
         plgpu.copy_smem_to_gmem(u_s, at.tokens(u_ref)(ci))
         plgpu.copy_smem_to_gmem(x_s, at.tokens(x_ref)(ci))
         plgpu.wait_smem_to_gmem(0)
@@ -190,27 +194,29 @@ def store_state(f32_s, state, window):
     plgpu.wait_smem_to_gmem(0)
 
 
-def state_block_v(batch, heads, v_dim, min_programs=128):
+def state_block_v(batch, heads, k_dim, v_dim, min_programs=128):
     """V columns per program: halved to 64 (the least with 128-byte swizzled state rows) while there
-    are fewer than ``min_programs`` programs (about one per SM)."""
-    return 64 if v_dim == 128 and batch * heads < min_programs else v_dim
+    are fewer than ``min_programs`` programs (about one per SM), and always with K = V = 128, whose
+    full-width pass would need about 310 KB of SMEM (227 KB on Hopper)."""
+    halve = k_dim == 128 or batch * heads < min_programs
+    return 64 if v_dim == 128 and halve else v_dim
 
 
-def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
+def state_outputs_mosaic(q, k, neg_w, u, b, rel, h0, *, scale, interpret):
     """``(o [B,T,H,V], hs [B,H,NT,K,V], v_new [B,T,H,V])`` bf16 and ``final [B,H,K,V]`` float32.
 
-    ``q, k, w [B,T,H,K]``, ``u [B,T,H,V]`` bf16 (``w``, ``u`` from ``chunk_transform_mosaic``);
+    ``q, k, neg_w [B,T,H,K]``, ``u [B,T,H,V]`` bf16 (``neg_w``, ``u`` from ``chunk_transform_mosaic``);
     ``b [B,H,T]`` float32 or None; ``rel [B,T]`` int32 or None; ``h0 [B,H,K,V]`` float32 or None.
     """
     B, T, H, K = q.shape
     V = u.shape[-1]
     num_chunks = T // CHUNK
-    block_v = state_block_v(B, H, V)
+    block_v = state_block_v(B, H, K, V)
     has_gates, has_seg, has_h0 = b is not None, rel is not None, h0 is not None
     dtype = jnp.bfloat16
 
     def body(*refs):
-        q_ref, k_ref, w_ref, u_ref, *refs = refs
+        q_ref, k_ref, neg_w_ref, u_ref, *refs = refs
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
         h0_ref = refs.pop(0) if has_h0 else None
@@ -218,9 +224,9 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
         bi, hi, vi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("v_blocks")
         cols = pl.ds(vi * block_v, block_v)
 
-        (q_s, k_s, w_s, u_s, b_s, seg_s, state_s, kd_s, v_new_s, o_s, f32_s, bars) = scratch
+        (q_s, k_s, neg_w_s, u_s, b_s, seg_s, state_s, kd_s, v_new_s, o_s, f32_s, bars) = scratch
         at = chunk_windows(bi, hi, cols)
-        sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(w_ref), w_s),
+        sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(neg_w_ref), neg_w_s),
                    (at.values(u_ref), u_s)]
         sources += [(at.per_head(b_ref), b_s)] if has_gates else []
         sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
@@ -237,40 +243,39 @@ def state_outputs_mosaic(q, k, w, u, b, rel, h0, *, scale, interpret):
         row, col, token = chunk_iotas()
 
         def step(c, slot, state):
-            v_new = u_s[slot].astype(jnp.float32) - matmul(w_s.at[slot], state_s.at[slot],
-                                                           (CHUNK, block_v), interpret=interpret)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
-            v_new_s[...] = v_new.astype(dtype)
-
             b_t, rel = rows_vector(b_s, slot), rows_vector(seg_s, slot)
             from_start, to_end, carry = boundary_factors(b_t, rel, token)
-            keep = pair_mask(row, col, rel)
-            qg = scaled_rows(q_s[slot].astype(jnp.float32), from_start)
+            qg = scaled_rows(q_s[slot].astype(jnp.float32), from_start).astype(dtype)
+            # the products of the state loaded last step, and the scores: one wait (one each with 128
+            # value columns: three such accumulators and the state would not fit in registers)
+            v_new, o, scores = matmuls(
+                ([(neg_w_s.at[slot], state_s.at[slot])], (CHUNK, block_v), u_s[slot].astype(jnp.float32)),
+                ([(qg, state_s.at[slot])], (CHUNK, block_v), None),
+                ([(q_s.at[slot], k_s.at[slot].T)], (CHUNK, CHUNK), None),
+                interpret=interpret, one_by_one=block_v > 64)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores are done
+            v_new_s[...] = v_new.astype(dtype)
             kd_s[...] = scaled_rows(k_s[slot].astype(jnp.float32), to_end).astype(dtype)
             plgpu.commit_smem()
-
-            o = matmul(qg.astype(dtype), state_s.at[slot], (CHUNK, block_v), interpret=interpret)
-            scores = matmul(q_s.at[slot], k_s.at[slot].T, (CHUNK, CHUNK), interpret=interpret)
-            if has_gates:
-                scores = scores * pair_decays(b_t, row, col)
-            o = matmul(jnp.where(keep, scores, 0.0).astype(dtype), v_new_s, (CHUNK, block_v),
-                       interpret=interpret, init=o)
-            o_s[...] = (scale * o).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_s, at.values(o_ref)(c))
             plgpu.copy_smem_to_gmem(v_new_s, at.values(v_new_ref)(c))
             plgpu.copy_smem_to_gmem(state_s.at[slot], at.state(hs_ref)(c))
 
+            if has_gates:
+                scores = scores * pair_decays(b_t, row, col)
+            scores = jnp.where(pair_mask(row, col, rel), scores, 0.0).astype(dtype)
             decayed = state if carry is None else state * carry
-            state = matmul(kd_s.T, v_new_s, (K, block_v), interpret=interpret, init=decayed)
+            o, state = matmuls(([(scores, v_new_s)], (CHUNK, block_v), o),
+                               ([(kd_s.T, v_new_s)], (K, block_v), decayed), interpret=interpret)
+            o_s[...] = (scale * o).astype(dtype)
             state_s[1 - slot] = state.astype(dtype)
             plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, at.values(o_ref)(c))
             return state
 
         state = run(step, state)
         store_state(f32_s, state, at.whole_state(final_ref))
 
-    operands = [q, k, w, u] + ([b] if has_gates else []) + ([rel] if has_seg else []) + (
+    operands = [q, k, neg_w, u] + ([b] if has_gates else []) + ([rel] if has_seg else []) + (
         [h0] if has_h0 else [])
     out_type = (jax.ShapeDtypeStruct((B, T, H, V), dtype),
                 jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dtype),
