@@ -156,9 +156,11 @@ def chunk_pipeline(sources, bars, num_chunks, *, reverse=False):
 
 class chunk_windows:
     """Chunk ``c``'s windows (``at.tokens(ref)(c)``, GMEM refs for TMA) of one (batch, head) in
-    ``[B, T, H, D]`` arrays (``values``: columns ``cols`` of D only), ``[B, H, T]`` (``per_head``),
-    ``[B, T]`` (``segments``) and ``[B, H, NT, K, V]`` (``state``: columns ``cols`` of V); and the
-    ``[K, V]`` block of a ``[B, H, K, V]`` state (``whole_state``)."""
+    ``[B, T, H, D]`` arrays (``values``: columns ``cols`` of D only; ``tokens`` of a ``[B, T, H]``
+    array is one head's strided column, for plain loads and stores), the rows of ``[B, T, ...]``
+    arrays (``token_rows``: segments ``[B, T]``, or per-token vectors ``[B, T, H]`` with every head,
+    as TMA cannot move one head's 4-byte column) and ``[B, H, NT, K, V]`` (``state``: columns ``cols``
+    of V); and the ``[K, V]`` block of a ``[B, H, K, V]`` state (``whole_state``)."""
 
     def __init__(self, bi, hi, cols=slice(None)):
         self.bi, self.hi, self.cols = bi, hi, cols
@@ -172,10 +174,7 @@ class chunk_windows:
     def values(self, ref):
         return lambda c: ref.at[self.bi, self._rows(c), self.hi, self.cols]
 
-    def per_head(self, ref):
-        return lambda c: ref.at[self.bi, self.hi, self._rows(c)]
-
-    def segments(self, ref):
+    def token_rows(self, ref):
         return lambda c: ref.at[self.bi, self._rows(c)]
 
     def state(self, ref):

@@ -19,7 +19,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from ..common import (CHUNK, chunk_relative_segments, dot_dtype_for, pad_time, saved_for_backward,
                       segment_index, state_block_v)
@@ -51,9 +50,10 @@ def delta_pallas(q, k, v, g, beta, *, scale, initial_state, output_final_state, 
     """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``g`` None: plain rule.
 
     ``backend``: "mosaic" or "triton"; "auto" takes Triton for now. The Mosaic kernels are 1.5-2.0x
-    faster on their own, but the first train step measured with them (Gated DeltaNet GPT-2 Medium,
-    H200) was slower, 265.8 vs 228.6 ms: the transposes of ``per_head_rows`` had joined the layer's
-    large fusions. They now run apart; until a train step confirms it, "auto" stays on Triton.
+    faster on their own, but train steps measured with them (Gated DeltaNet GPT-2 Medium, H200) were
+    slower, 270 vs 232 ms: their beta and gates then went ``[B, H, T]``, and XLA turned the transposes
+    into relayouts of the layer's large fusions (docs/benchmarks.md). They now read ``[B, T, H]``;
+    until a train step confirms it, "auto" stays on Triton.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -78,18 +78,11 @@ def _padded(T, *arrays):
     return [None if x is None else pad_time(x, length) for x in arrays]
 
 
-def per_head_rows(x):
-    """``[B, T, H]`` -> ``[B, H, T]`` float32: a chunk's slice of one head is contiguous (TMA).
-
-    The transposes to and from this layout run as fusions of their own (``optimization_barrier``):
-    without it XLA fused them into the layer's large element-wise fusions and emitted those as
-    transposes, about 2 ms a layer in a GPT-2 Medium train step (H200 profile, docs/benchmarks.md)."""
-    return jnp.swapaxes(lax.optimization_barrier(x), 1, 2).astype(jnp.float32)
-
-
-def per_token(x):
-    """``[B, H, T]`` -> ``[B, T, H]``, the inverse of ``per_head_rows`` (a fusion of its own too)."""
-    return lax.optimization_barrier(jnp.swapaxes(x, 1, 2))
+def heads_padded(x):
+    """``[B, T, H]`` -> float32 ``[B, T, Hp]``, ``Hp`` the next multiple of 4: the Mosaic kernels load
+    a chunk's rows of every head by TMA, which moves rows of 16-byte multiples."""
+    H = x.shape[-1]
+    return jnp.pad(x.astype(jnp.float32), [(0, 0), (0, 0), (0, -H % 4)])
 
 
 def chunk_cumsum(g):
@@ -104,9 +97,9 @@ def _forward(q, k, v, beta, g, initial_state, seg, scale, interpret, use_mosaic)
     qp, kp, vp, betap, gp = _padded(T, q, k, v, beta, g)
     if use_mosaic:
         rel = None if seg is None else chunk_relative_segments(seg)
-        b = None if gp is None else per_head_rows(chunk_cumsum(gp))
+        b = None if gp is None else heads_padded(chunk_cumsum(gp))
         h0 = None if initial_state is None else initial_state.astype(jnp.float32)
-        neg_w, u, x = chunk_transform_mosaic(kp, vp, per_head_rows(betap), b, rel, interpret=interpret)
+        neg_w, u, x = chunk_transform_mosaic(kp, vp, heads_padded(betap), b, rel, interpret=interpret)
         o, hs, v_new, final = state_outputs_mosaic(qp, kp, neg_w, u, b, rel, h0, scale=scale,
                                                    interpret=interpret)
         return (o[:, :T], final), (neg_w, x, hs, v_new)  # the Mosaic backward reads -W
@@ -147,15 +140,16 @@ def _delta_bwd(scale, interpret, use_mosaic, residuals, cotangents):
 def _mosaic_backward(q, k, v, beta, g, seg, neg_w, x, hs, v_new, do, dfinal, *, scale, interpret):
     """The backward on Mosaic GPU (``mosaic_backward.py``): ``((dq, dk, dv, dbeta, dg), dh0)``."""
     rel = None if seg is None else chunk_relative_segments(seg)
-    b = None if g is None else per_head_rows(chunk_cumsum(g))
+    H = q.shape[2]
+    b = None if g is None else heads_padded(chunk_cumsum(g))
     dhs, dv_new, dh0 = state_grad_pass_mosaic(q, k, neg_w, do, b, rel, dfinal.astype(jnp.float32), scale=scale,
                                               interpret=interpret)
     dq, dk_output, db_output, d_to_end = output_path_grads(q, k, v_new, do, b, rel, hs, dhs, scale=scale,
                                                            interpret=interpret)
-    dv, dbeta, dk, db_wy = wy_path_grads(k, v, per_head_rows(beta), b, rel, x, hs, dv_new, dk_output,
+    dv, dbeta, dk, db_wy = wy_path_grads(k, v, heads_padded(beta), b, rel, x, hs, dv_new, dk_output,
                                          interpret=interpret)
-    dg = None if g is None else per_token(gate_grads(db_output + db_wy, d_to_end)).astype(g.dtype)
-    return (dq, dk, dv, per_token(dbeta).astype(beta.dtype), dg), dh0
+    dg = None if g is None else gate_grads(db_output + db_wy, d_to_end)[..., :H].astype(g.dtype)
+    return (dq, dk, dv, dbeta[..., :H].astype(beta.dtype), dg), dh0
 
 
 _delta.defvjp(_delta_fwd, _delta_bwd)

@@ -14,6 +14,8 @@ Gate gradients leave the kernels per token, as gradients of the cumulative gates
 the diagonal pair factors left out as in ``backward._gate_grad``) and of the chunk-end factors
 ``e^{b_last - b_s}`` (``d_to_end``, the ``gamma`` term added at the chunk's last token);
 ``gate_grads`` turns them into gradients of the log gates with masked prefix and suffix sums.
+Per-token vectors come and go ``[B, T, Hp]`` (see ``mosaic_forward``): read from slabs of every head,
+written as the program's strided column.
 """
 
 import jax
@@ -41,19 +43,19 @@ def _pair_gate_grads(pairs, row, col):
 
 
 def gate_grads(db, d_to_end):
-    """``dg [B, H, T]`` float32 from ``db``, ``d_to_end`` ``[B, H, T]`` (see the module doc): token
+    """``dg [B, T, H]`` float32 from ``db``, ``d_to_end`` ``[B, T, H]`` (see the module doc): token
     ``j``'s log gate enters ``b_t`` for ``t >= j`` in its chunk, and ``e^{b_last - b_s}`` for ``s < j``."""
-    B, H, T = db.shape
-    db, d_to_end = (x.reshape(B, H, T // CHUNK, CHUNK) for x in (db, d_to_end))
-    later = jnp.flip(jnp.cumsum(jnp.flip(db, -1), axis=-1), -1)
+    B, T, H = db.shape
+    db, d_to_end = (x.reshape(B, T // CHUNK, CHUNK, H) for x in (db, d_to_end))
+    later = jnp.flip(jnp.cumsum(jnp.flip(db, 2), axis=2), 2)
     # the exclusive prefix sum shifted, not cumsum minus the term: no +x - x noise under strong decay
-    earlier = jnp.cumsum(jnp.pad(d_to_end[..., :-1], [(0, 0)] * 3 + [(1, 0)]), axis=-1)
-    return (later + earlier).reshape(B, H, T)
+    earlier = jnp.cumsum(jnp.pad(d_to_end[:, :, :-1], [(0, 0), (0, 0), (1, 0), (0, 0)]), axis=2)
+    return (later + earlier).reshape(B, T, H)
 
 
 def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
-    """``(dq [B,T,H,K] bf16, dk [B,T,H,K] float32, db [B,H,T], d_to_end [B,H,T])`` (the last two
-    float32, None without gates): ``o = (m e^b q) S + (q k^T * D) v'`` and
+    """``(dq [B,T,H,K] bf16, dk [B,T,H,K] float32, db [B,T,Hp], d_to_end [B,T,Hp])`` (the last two
+    float32, None without gates; ``b [B,T,Hp]`` as ``db``): ``o = (m e^b q) S + (q k^T * D) v'`` and
     ``S' = gamma S + (n e^{b_last - b} k)^T v'`` differentiated per chunk, ``dhs`` the gradients of
     the states leaving the chunks."""
     B, T, H, K = q.shape
@@ -67,18 +69,17 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
         seg_ref = refs.pop(0) if has_seg else None
         hs_ref, dhs_ref, dq_ref, dk_ref, *refs = refs
         db_ref, d_to_end_ref = refs[:2] if has_gates else (None, None)
-        (q_s, k_s, v_new_s, do_s, b_s, seg_s, h_s, dh_s, dq_s, dk_s, db_s, d_to_end_s,
-         bars) = refs[2 if has_gates else 0:]
-        ci = lax.axis_index("chunks")
-        at = chunk_windows(lax.axis_index("batch"), lax.axis_index("heads"))
+        (q_s, k_s, v_new_s, do_s, b_s, seg_s, h_s, dh_s, dq_s, dk_s, bars) = refs[2 if has_gates else 0:]
+        ci, hi = lax.axis_index("chunks"), lax.axis_index("heads")
+        at = chunk_windows(lax.axis_index("batch"), hi)
         copies = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(v_new_ref), v_new_s),
                   (at.tokens(do_ref), do_s), (at.state(hs_ref), h_s), (at.state(dhs_ref), dh_s)]
-        copies += [(at.per_head(b_ref), b_s)] if has_gates else []
-        copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        copies += [(at.token_rows(b_ref), b_s)] if has_gates else []
+        copies += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
         load_chunk(copies, ci, bars)
 
         row, col, token = chunk_iotas()
-        b_t, rel = rows_vector(b_s), rows_vector(seg_s)
+        b_t, rel = rows_vector(b_s, head=hi), rows_vector(seg_s)
         from_start, to_end, carry = boundary_factors(b_t, rel, token)
         keep, keep_t = row >= col, row <= col  # P's pairs, and P^T's
         if has_seg:
@@ -109,26 +110,21 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
             d_to_end = jnp.sum(k_s[...].astype(jnp.float32) * dk_end, axis=1) * to_end
             state_products = h_s[...].astype(jnp.float32) * dh_s[...].astype(jnp.float32)
             carried = carry * jnp.sum(jnp.sum(state_products, axis=1))  # one axis at a time (Mosaic)
-            db_s[...] = db + jnp.where(token == CHUNK - 1, carried, 0.0)
-            d_to_end_s[...] = d_to_end
+            at.tokens(db_ref)(ci)[...] = db + jnp.where(token == CHUNK - 1, carried, 0.0)
+            at.tokens(d_to_end_ref)(ci)[...] = d_to_end
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(dq_s, at.tokens(dq_ref)(ci))
         plgpu.copy_smem_to_gmem(dk_s, at.tokens(dk_ref)(ci))
-        if has_gates:
-            plgpu.copy_smem_to_gmem(db_s, at.per_head(db_ref)(ci))
-            plgpu.copy_smem_to_gmem(d_to_end_s, at.per_head(d_to_end_ref)(ci))
         plgpu.wait_smem_to_gmem(0)
 
     operands = [q, k, v_new, do] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [hs, dhs]
     out_type = [jax.ShapeDtypeStruct((B, T, H, K), dtype), jax.ShapeDtypeStruct((B, T, H, K), jnp.float32)]
-    out_type += [jax.ShapeDtypeStruct((B, H, T), jnp.float32)] * 2 if has_gates else []
-    vector = plgpu.SMEM((CHUNK,), jnp.float32)
+    out_type += [jax.ShapeDtypeStruct(b.shape, jnp.float32)] * 2 if has_gates else []
     scratch = [smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
-               smem_tile((CHUNK, V), dtype), vector if has_gates else None,
+               smem_tile((CHUNK, V), dtype), plgpu.SMEM((CHUNK, b.shape[-1]), jnp.float32) if has_gates else None,
                plgpu.SMEM((CHUNK,), jnp.int32) if has_seg else None,
                smem_tile((K, V), dtype), smem_tile((K, V), dtype), smem_tile((CHUNK, K), dtype),
-               smem_tile((CHUNK, K), jnp.float32), vector if has_gates else None,
-               vector if has_gates else None, plgpu.Barrier(num_barriers=6 + has_gates + has_seg)]
+               smem_tile((CHUNK, K), jnp.float32), plgpu.Barrier(num_barriers=6 + has_gates + has_seg)]
     out = scoped_kernel(body, operands, tuple(out_type), scratch, grid=(B, H, T // CHUNK),
                         grid_names=("batch", "heads", "chunks"), name="delta_output_path_grads_mosaic",
                       interpret=interpret)
@@ -136,7 +132,8 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
 
 
 def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
-    """``(dv [B,T,H,V] bf16, dbeta [B,H,T] float32, dk [B,T,H,K] bf16, db [B,H,T] float32 or None)``
+    """``(dv [B,T,H,V] bf16, dbeta [B,T,Hp] float32, dk [B,T,H,K] bf16, db [B,T,Hp] float32 or None)``,
+    ``beta`` and ``b`` ``[B,T,Hp]`` as in ``mosaic_forward.chunk_transform_mosaic``,
     through ``[W | U] = X [kb | vb]``, ``kb = diag(beta m e^b) K``, ``vb = diag(beta) V`` and
     ``A = strict_lower(beta_t (k_t.k_s) D[t, s])``; ``dk`` adds ``dk_output``, the output path's."""
     B, T, H, K = k.shape
@@ -150,19 +147,18 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
         seg_ref = refs.pop(0) if has_seg else None
         x_ref, hs_ref, dv_new_ref, dk_output_ref, dv_ref, dbeta_ref, dk_ref, *refs = refs
         db_ref = refs.pop(0) if has_gates else None
-        (k_s, v_s, beta_s, b_s, seg_s, x_s, h_s, dv_new_s, dk_f32_s, keys_s, values_s, pairs_s, dbeta_s,
-         db_s, bars) = refs
-        ci = lax.axis_index("chunks")
-        at = chunk_windows(lax.axis_index("batch"), lax.axis_index("heads"))
-        copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.per_head(beta_ref), beta_s),
+        (k_s, v_s, beta_s, b_s, seg_s, x_s, h_s, dv_new_s, dk_f32_s, keys_s, values_s, pairs_s, bars) = refs
+        ci, hi = lax.axis_index("chunks"), lax.axis_index("heads")
+        at = chunk_windows(lax.axis_index("batch"), hi)
+        copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.token_rows(beta_ref), beta_s),
                   (at.tokens(x_ref), x_s), (at.state(hs_ref), h_s), (at.tokens(dv_new_ref), dv_new_s),
                   (at.tokens(dk_output_ref), dk_f32_s)]
-        copies += [(at.per_head(b_ref), b_s)] if has_gates else []
-        copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        copies += [(at.token_rows(b_ref), b_s)] if has_gates else []
+        copies += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
         load_chunk(copies, ci, bars)
 
         row, col, token = chunk_iotas()
-        beta_t, b_t, rel = rows_vector(beta_s), rows_vector(b_s), rows_vector(seg_s)
+        beta_t, b_t, rel = rows_vector(beta_s, head=hi), rows_vector(b_s, head=hi), rows_vector(seg_s)
         from_start, _, _ = boundary_factors(b_t, rel, token)
         key_scale = beta_t if from_start is None else beta_t * from_start
         keep = pair_mask(row, col, rel, strict=True)
@@ -193,33 +189,29 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
         dbeta += jnp.sum(da * kk, axis=1)
         pairs_s[...] = dkk.astype(dtype)
         dv_s[...] = scaled_rows(dvb, beta_t).astype(dtype)
-        dbeta_s[...] = dbeta
+        at.tokens(dbeta_ref)(ci)[...] = dbeta
         if has_gates:
-            db_s[...] = jnp.sum(kb * dkb, axis=1) + _pair_gate_grads(dkk * kk, row, col)
+            at.tokens(db_ref)(ci)[...] = jnp.sum(kb * dkb, axis=1) + _pair_gate_grads(dkk * kk, row, col)
         plgpu.commit_smem()
         dk = (mm(dkk.astype(dtype), k_s, (CHUNK, K)) + mm(pairs_s.T, k_s, (CHUNK, K))
               + scaled_rows(dkb, key_scale) + dk_f32_s[...])
         keys_s[...] = dk.astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(dv_s, at.tokens(dv_ref)(ci))
-        plgpu.copy_smem_to_gmem(dbeta_s, at.per_head(dbeta_ref)(ci))
         plgpu.copy_smem_to_gmem(keys_s, at.tokens(dk_ref)(ci))
-        if has_gates:
-            plgpu.copy_smem_to_gmem(db_s, at.per_head(db_ref)(ci))
         plgpu.wait_smem_to_gmem(0)
 
     operands = [k, v, beta] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [
         x, hs, dv_new, dk_output]
-    per_head = jax.ShapeDtypeStruct((B, H, T), jnp.float32)
-    out_type = [jax.ShapeDtypeStruct((B, T, H, V), dtype), per_head, jax.ShapeDtypeStruct((B, T, H, K), dtype)]
-    out_type += [per_head] if has_gates else []
-    vector = plgpu.SMEM((CHUNK,), jnp.float32)
-    scratch = [smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype), vector,
-               vector if has_gates else None, plgpu.SMEM((CHUNK,), jnp.int32) if has_seg else None,
+    per_token = jax.ShapeDtypeStruct(beta.shape, jnp.float32)
+    out_type = [jax.ShapeDtypeStruct((B, T, H, V), dtype), per_token, jax.ShapeDtypeStruct((B, T, H, K), dtype)]
+    out_type += [per_token] if has_gates else []
+    heads = plgpu.SMEM((CHUNK, beta.shape[-1]), jnp.float32)
+    scratch = [smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype), heads,
+               heads if has_gates else None, plgpu.SMEM((CHUNK,), jnp.int32) if has_seg else None,
                smem_tile((CHUNK, CHUNK), dtype), smem_tile((K, V), dtype), smem_tile((CHUNK, V), dtype),
                smem_tile((CHUNK, K), jnp.float32), smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
-               smem_tile((CHUNK, CHUNK), dtype), vector, vector if has_gates else None,
-               plgpu.Barrier(num_barriers=7 + has_gates + has_seg)]
+               smem_tile((CHUNK, CHUNK), dtype), plgpu.Barrier(num_barriers=7 + has_gates + has_seg)]
     out = scoped_kernel(body, operands, tuple(out_type), scratch, grid=(B, H, T // CHUNK),
                         grid_names=("batch", "heads", "chunks"), name="delta_wy_path_grads_mosaic",
                       interpret=interpret)
@@ -251,8 +243,8 @@ def state_grad_pass_mosaic(q, k, neg_w, do, b, rel, dht, *, scale, interpret):
         (q_s, k_s, neg_w_s, do_s, b_s, seg_s, dstate_s, qg_s, dv_new_s, f32_s, bars) = scratch
         sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(neg_w_ref), neg_w_s),
                    (at.values(do_ref), do_s)]
-        sources += [(at.per_head(b_ref), b_s)] if has_gates else []
-        sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        sources += [(at.token_rows(b_ref), b_s)] if has_gates else []
+        sources += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
         run = chunk_pipeline(sources, bars, num_chunks, reverse=True)
         plgpu.copy_gmem_to_smem(at.whole_state(dht_ref), f32_s, bars.at[2 * len(sources)])
         plgpu.barrier_wait(bars.at[2 * len(sources)])
@@ -262,7 +254,7 @@ def state_grad_pass_mosaic(q, k, neg_w, do, b, rel, dht, *, scale, interpret):
         row, col, token = chunk_iotas()
 
         def step(c, slot, dstate):
-            b_t, rel_t = rows_vector(b_s, slot), rows_vector(seg_s, slot)
+            b_t, rel_t = rows_vector(b_s, slot, head=hi), rows_vector(seg_s, slot)
             from_start, to_end, carry = boundary_factors(b_t, rel_t, token)
             kd = scaled_rows(k_s[slot].astype(jnp.float32), to_end).astype(dtype)
             # P^T (unscaled) and the state gradient's term of dv': one wait (as in the forward pass)
@@ -294,6 +286,6 @@ def state_grad_pass_mosaic(q, k, neg_w, do, b, rel, dht, *, scale, interpret):
     operands = [q, k, neg_w, do] + ([b] if has_gates else []) + ([rel] if has_seg else []) + [dht]
     out_type = (jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dtype),
                 jax.ShapeDtypeStruct((B, T, H, V), dtype), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32))
-    return scoped_kernel(body, operands, out_type, pass_scratch(K, block_v, has_gates, has_seg),
+    return scoped_kernel(body, operands, out_type, pass_scratch(K, block_v, b.shape[-1] if has_gates else 0, has_seg),
                          grid=(B, H, V // block_v), grid_names=("batch", "heads", "v_blocks"),
                          name="delta_state_grad_pass_mosaic", interpret=interpret)

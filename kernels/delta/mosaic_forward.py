@@ -18,8 +18,10 @@ state pass and output kernel become one pass here.
    next chunk's tiles load (TMA, double-buffered) while this one computes, and the products go to
    the tensor cores in two groups (``matmuls``): the pass is bound by the latency of its chain.
 
-Per-token vectors (``beta``, the within-chunk gate cumsum ``b``) arrive ``[B, H, T]`` float32, so
-a chunk's slice is contiguous for TMA; segments as chunk-relative indices
+Per-token vectors (``beta``, the within-chunk gate cumsum ``b``) arrive ``[B, T, H]`` float32, in
+the model's layout: TMA loads a chunk's rows of every head (``H`` a multiple of 4: rows of 16-byte
+multiples) and each program reads its head's column. A ``[B, H, T]`` layout would need transposes,
+which XLA folds into the neighbouring fusions as relayouts, slowly. Segments as chunk-relative indices
 (``common.chunk_relative_segments``): ``m`` is ``rel == 0``, ``n`` is ``rel == rel_last`` and
 ``gamma`` needs ``rel_last == 0``.
 """
@@ -49,11 +51,15 @@ def chunk_iotas():
             plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=ROWS))
 
 
-def rows_vector(ref, slot=None):
-    """A per-token SMEM vector (``ref.at[slot]`` when double-buffered) as ROWS; None without one."""
+def rows_vector(ref, slot=None, head=None):
+    """A per-token SMEM vector (``ref.at[slot]`` when double-buffered) as ROWS, or column ``head`` of
+    a ``[C, H]`` slab of every head's (a strided load); None without one."""
     if ref is None:
         return None
-    return plgpu.load(ref if slot is None else ref.at[slot], layout=ROWS)
+    ref = ref if slot is None else ref.at[slot]
+    if head is None:
+        return plgpu.load(ref, layout=ROWS)
+    return plgpu.load(ref.at[:, head], layout=ROWS, optimized=False)
 
 
 def pair_mask(row, col, rel, *, strict=False):
@@ -110,8 +116,8 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
     """``(neg_w [B,T,H,K], u [B,T,H,V], x [B,T,H,C])`` bf16: ``-W``, ``U`` and each chunk's
     ``X = (I + A)^-1``.
 
-    ``k [B,T,H,K]``, ``v [B,T,H,V]`` bf16; ``beta``, ``b`` ``[B,H,T]`` float32 (``b`` None for the
-    plain rule); ``rel [B,T]`` int32 or None; T a multiple of ``CHUNK``.
+    ``k [B,T,H,K]``, ``v [B,T,H,V]`` bf16; ``beta``, ``b`` ``[B,T,Hp]`` float32, heads padded to a
+    multiple of 4 (``b`` None for the plain rule); ``rel [B,T]`` int32 or None; T a multiple of ``CHUNK``.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -123,18 +129,18 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
         b_ref = refs.pop(0) if has_gates else None
         seg_ref = refs.pop(0) if has_seg else None
         neg_w_ref, u_ref, x_ref, *scratch = refs
-        ci = lax.axis_index("chunks")
-        at = chunk_windows(lax.axis_index("batch"), lax.axis_index("heads"))
+        ci, hi = lax.axis_index("chunks"), lax.axis_index("heads")
+        at = chunk_windows(lax.axis_index("batch"), hi)
 
         (k_s, v_s, beta_s, b_s, seg_s, x_s, y_s, neg_w_s, u_s, bars) = scratch
-        copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.per_head(beta_ref), beta_s)]
-        copies += [(at.per_head(b_ref), b_s)] if has_gates else []
-        copies += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.token_rows(beta_ref), beta_s)]
+        copies += [(at.token_rows(b_ref), b_s)] if has_gates else []
+        copies += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
         load_chunk(copies, ci, bars)
 
         row, col, token = chunk_iotas()
-        beta_t = rows_vector(beta_s)
-        b_t, rel_t = rows_vector(b_s), rows_vector(seg_s)
+        beta_t = rows_vector(beta_s, head=hi)
+        b_t, rel_t = rows_vector(b_s, head=hi), rows_vector(seg_s)
         from_start, _, _ = boundary_factors(b_t, rel_t, token)
         neg_key_scale = -beta_t if from_start is None else -beta_t * from_start  # X (-kb) = -W
         a = matmul(k_s, k_s.T, (CHUNK, CHUNK), interpret=interpret) * bcast_rows(beta_t, CHUNK)
@@ -159,8 +165,8 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
     operands = [k, v, beta] + ([b] if has_gates else []) + ([rel] if has_seg else [])
     out_type = (jax.ShapeDtypeStruct((B, T, H, K), dtype), jax.ShapeDtypeStruct((B, T, H, V), dtype),
                 jax.ShapeDtypeStruct((B, T, H, CHUNK), dtype))
-    scratch = [smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype), plgpu.SMEM((CHUNK,), jnp.float32),
-               plgpu.SMEM((CHUNK,), jnp.float32) if has_gates else None,
+    heads = plgpu.SMEM((CHUNK, beta.shape[-1]), jnp.float32)
+    scratch = [smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype), heads, heads if has_gates else None,
                plgpu.SMEM((CHUNK,), jnp.int32) if has_seg else None,
                smem_tile((CHUNK, CHUNK), dtype), smem_tile((CHUNK, CHUNK), dtype),
                smem_tile((CHUNK, K), dtype), smem_tile((CHUNK, V), dtype),
@@ -170,15 +176,17 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
                          interpret=interpret)
 
 
-def pass_scratch(K, block_v, has_gates, has_seg, *extra):
+def pass_scratch(K, block_v, gate_heads, has_seg, *extra):
     """The SMEM of a pass over chunks (``state_outputs_mosaic``, ``mosaic_backward.state_grad_pass_mosaic``):
-    double-buffered ``[C, K]`` x 3 and ``[C, block_v]`` tiles, gates and segments; the bf16 state in two
-    slots; one ``[C, K]`` and one ``[C, block_v]`` tile; ``extra``; the float32 state; the barriers."""
+    double-buffered ``[C, K]`` x 3 and ``[C, block_v]`` tiles, gates (``[C, gate_heads]``, 0: none)
+    and segments; the bf16 state in two slots; one ``[C, K]`` and one ``[C, block_v]`` tile; ``extra``;
+    the float32 state; the barriers."""
+    has_gates = gate_heads > 0
     dtype = jnp.bfloat16
     num_sources = 4 + has_gates + has_seg
     return (smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, K), dtype),
             smem_tile((2, CHUNK, K), dtype), smem_tile((2, CHUNK, block_v), dtype),
-            plgpu.SMEM((2, CHUNK), jnp.float32) if has_gates else None,
+            plgpu.SMEM((2, CHUNK, gate_heads), jnp.float32) if has_gates else None,
             plgpu.SMEM((2, CHUNK), jnp.int32) if has_seg else None,
             smem_tile((2, K, block_v), dtype), smem_tile((CHUNK, K), dtype),
             smem_tile((CHUNK, block_v), dtype), *extra, smem_tile((K, block_v), jnp.float32),
@@ -206,7 +214,8 @@ def state_outputs_mosaic(q, k, neg_w, u, b, rel, h0, *, scale, interpret):
     """``(o [B,T,H,V], hs [B,H,NT,K,V], v_new [B,T,H,V])`` bf16 and ``final [B,H,K,V]`` float32.
 
     ``q, k, neg_w [B,T,H,K]``, ``u [B,T,H,V]`` bf16 (``neg_w``, ``u`` from ``chunk_transform_mosaic``);
-    ``b [B,H,T]`` float32 or None; ``rel [B,T]`` int32 or None; ``h0 [B,H,K,V]`` float32 or None.
+    ``b [B,T,Hp]`` float32 or None (``chunk_transform_mosaic``'s); ``rel [B,T]`` int32 or None;
+    ``h0 [B,H,K,V]`` float32 or None.
     """
     B, T, H, K = q.shape
     V = u.shape[-1]
@@ -228,8 +237,8 @@ def state_outputs_mosaic(q, k, neg_w, u, b, rel, h0, *, scale, interpret):
         at = chunk_windows(bi, hi, cols)
         sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(neg_w_ref), neg_w_s),
                    (at.values(u_ref), u_s)]
-        sources += [(at.per_head(b_ref), b_s)] if has_gates else []
-        sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+        sources += [(at.token_rows(b_ref), b_s)] if has_gates else []
+        sources += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
         run = chunk_pipeline(sources, bars, num_chunks)
         if has_h0:
             plgpu.copy_gmem_to_smem(at.whole_state(h0_ref), f32_s, bars.at[2 * len(sources)])
@@ -243,7 +252,7 @@ def state_outputs_mosaic(q, k, neg_w, u, b, rel, h0, *, scale, interpret):
         row, col, token = chunk_iotas()
 
         def step(c, slot, state):
-            b_t, rel = rows_vector(b_s, slot), rows_vector(seg_s, slot)
+            b_t, rel = rows_vector(b_s, slot, head=hi), rows_vector(seg_s, slot)
             from_start, to_end, carry = boundary_factors(b_t, rel, token)
             qg = scaled_rows(q_s[slot].astype(jnp.float32), from_start).astype(dtype)
             # the products of the state loaded last step, and the scores: one wait (one each with 128
@@ -281,7 +290,7 @@ def state_outputs_mosaic(q, k, neg_w, u, b, rel, h0, *, scale, interpret):
                 jax.ShapeDtypeStruct((B, H, num_chunks, K, V), dtype),
                 jax.ShapeDtypeStruct((B, T, H, V), dtype),
                 jax.ShapeDtypeStruct((B, H, K, V), jnp.float32))
-    scratch = pass_scratch(K, block_v, has_gates, has_seg, smem_tile((CHUNK, block_v), dtype))
+    scratch = pass_scratch(K, block_v, b.shape[-1] if has_gates else 0, has_seg, smem_tile((CHUNK, block_v), dtype))
     return scoped_kernel(body, operands, out_type, scratch, grid=(B, H, V // block_v),
                          grid_names=("batch", "heads", "v_blocks"), name="delta_state_outputs_mosaic",
                          interpret=interpret)

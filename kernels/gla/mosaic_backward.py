@@ -149,7 +149,7 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
             at = chunk_windows(bi, hi)
             sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(g_ref), g_s),
                        (at.tokens(v_ref), v_s), (at.tokens(do_ref), do_s), (at.state(hs_ref), h_s)]
-            sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+            sources += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
             run = chunk_pipeline(sources, bars, num_chunks, reverse=True)
 
             row_k = plgpu.broadcasted_iota(jnp.int32, (CHUNK, K), 0, layout=WGMMA)

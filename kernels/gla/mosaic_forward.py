@@ -53,7 +53,7 @@ def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
             at = chunk_windows(bi, hi)
             sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s),
                        (at.tokens(g_ref), g_s)]
-            sources += [(at.segments(seg_ref), seg_s)] if has_seg else []
+            sources += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
             run = chunk_pipeline(sources, bars, num_chunks)
             if has_h0:
                 plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi], f32_s, bars.at[2 * len(sources)])

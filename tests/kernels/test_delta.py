@@ -185,13 +185,13 @@ def test_gate_grads_are_those_of_the_cumulative_gates():
     """The Mosaic backward's per-token gate gradients (of each ``b_t`` and of each ``b_last - b_s``)
     become log-gate gradients as autodiff of the within-chunk cumsum gives them."""
     keys = jax.random.split(jax.random.PRNGKey(12), 3)
-    B, H, T = 2, 3, 2 * CHUNK
-    db, d_to_end = jax.random.normal(keys[0], (B, H, T)), jax.random.normal(keys[1], (B, H, T))
+    B, T, H = 2, 2 * CHUNK, 3
+    db, d_to_end = jax.random.normal(keys[0], (B, T, H)), jax.random.normal(keys[1], (B, T, H))
 
     def linear(g):
-        b = jnp.cumsum(g.reshape(B, H, T // CHUNK, CHUNK), axis=-1)
-        to_end = b[..., -1:] - b
-        return jnp.sum(db * b.reshape(B, H, T)) + jnp.sum(d_to_end * to_end.reshape(B, H, T))
+        b = jnp.cumsum(g.reshape(B, T // CHUNK, CHUNK, H), axis=2)
+        to_end = b[:, :, -1:] - b
+        return jnp.sum(db * b.reshape(B, T, H)) + jnp.sum(d_to_end * to_end.reshape(B, T, H))
 
-    want = jax.grad(linear)(jax.random.normal(keys[2], (B, H, T)))
+    want = jax.grad(linear)(jax.random.normal(keys[2], (B, T, H)))
     assert rel_error(gate_grads(db, d_to_end), want) <= 1e-6
