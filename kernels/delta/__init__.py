@@ -7,9 +7,9 @@ Two backends:
 - Mosaic GPU (the Hopper path: TMA, wgmma), bf16 q, k, v with K and V in {64, 128}: forward, the
   chunk transform then one fused pass for the states, written values and outputs
   (``mosaic_forward.py``); backward, the reverse state-gradient pass then the two chunk-gradient
-  kernels (``mosaic_backward.py``);
+  kernels (``mosaic_backward.py``). ``backend="auto"`` takes these where they apply;
 - Triton (any supported dtype, float32 included): three kernels forward (``forward.py``), three
-  backward (``backward.py``). ``backend="auto"`` takes these for now (see ``delta_pallas``).
+  backward (``backward.py``).
 
 Both save the same residuals (``w``, the inverses ``x``, the chunk states and written values), the
 Mosaic forward with ``w`` negated (see ``mosaic_forward.py``).
@@ -49,18 +49,16 @@ def delta_pallas(q, k, v, g, beta, *, scale, initial_state, output_final_state, 
                  interpret=False, backend="auto"):
     """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``g`` None: plain rule.
 
-    ``backend``: "mosaic" or "triton"; "auto" takes Triton for now. The Mosaic kernels are 1.5-2.0x
-    faster on their own, but train steps measured with them (Gated DeltaNet GPT-2 Medium, H200) were
-    slower, 270 vs 232 ms: their beta and gates then went ``[B, H, T]``, and XLA turned the transposes
-    into relayouts of the layer's large fusions (docs/benchmarks.md). They now read ``[B, T, H]``;
-    until a train step confirms it, "auto" stays on Triton.
+    ``backend``: "mosaic" or "triton"; "auto" takes Mosaic where it applies (``mosaic_supports``):
+    1.5-2x faster than Triton alone, and a Gated DeltaNet GPT-2 Medium step on an H200 runs 7 % faster
+    with them (docs/benchmarks.md).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if backend == "mosaic" and not mosaic_supports(q, k, v):
         raise ValueError(f"backend='mosaic' needs bf16 q, k, v and K, V in {mosaic_forward.HEAD_DIMS}; got "
                          f"{q.dtype}, K={q.shape[-1]}, V={v.shape[-1]}. Use 'auto' or 'triton'.")
-    use_mosaic = backend == "mosaic"
+    use_mosaic = backend == "mosaic" or (backend == "auto" and mosaic_supports(q, k, v))
     B, T = q.shape[:2]
     padded = -(-T // CHUNK) * CHUNK
     seg = segment_index(segment_ids, B, T, padded)
