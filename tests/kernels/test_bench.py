@@ -25,13 +25,13 @@ def test_gla_stages_time_each_kernel(capsys):
 
 def test_profile_traces_the_pallas_forward_backward(tmp_path, capsys):
     """On CPU the trace has no device kernels to list; on a GPU the same call lists them (docs/benchmarks.md)."""
-    bench.main(["delta_rule", "--shape", "1,64,1,64,64", "--impls", "chunked,pallas,pallas:mosaic",
+    bench.main(["delta_rule", "--shape", "1,64,1,64,64", "--impls", "reference,pallas:triton,pallas:mosaic",
                 "--profile", str(tmp_path)])
     out = capsys.readouterr().out
-    for impl, folder in [("pallas", "pallas"), ("pallas:mosaic", "pallas_mosaic")]:  # each Pallas impl, one trace
+    for impl in ("pallas:triton", "pallas:mosaic"):  # each Pallas impl, one trace of its own
         assert f"{impl} fwd+bwd, device ms per kernel:" in out
-        assert list(tmp_path.glob(f"{folder}/plugins/profile/*/*.trace.json.gz"))
-    assert "chunked fwd+bwd" not in out
+        assert list(tmp_path.glob(f"{impl.replace(':', '_')}/plugins/profile/*/*.trace.json.gz"))
+    assert "reference fwd+bwd" not in out
 
 
 @pytest.mark.parametrize("op,shape", [("gla", "1,64,1,32,64"), ("gated_delta_rule", "1,64,1,64,64")])
