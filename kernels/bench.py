@@ -35,10 +35,9 @@ def _median_ms(fn, *args, warmup=3, queued=10, min_runs=10, max_runs=200, budget
     for once, as a training loop runs them (and as ``triton.testing.do_bench`` times FLA): the device
     time, without the host's launch latency after each wait."""
     for _ in range(warmup):
+        start = time.perf_counter()
         jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    if time.perf_counter() - start > 0.1:  # the slow token scan: one call per sample
+    if time.perf_counter() - start > 0.1:  # the last warm-up call says: the slow token scan, one call per sample
         queued = 1
     times = []
     while len(times) < max_runs and (len(times) < min_runs or sum(times) * queued < budget_s):
@@ -204,8 +203,9 @@ def bench_op(op, shape, dtype, impls, configs=None, profile_dir=None):
     if configs and op == "gla":
         print("pallas kernels alone, ms by num_warps/num_stages:")
         _pallas_gla_stages(*args, do, configs)
-    for impl in (impl for impl in outputs if profile_dir and impl.startswith("pallas")):
-        _pallas_kernel_profile(op, impl, args, do, os.path.join(profile_dir, impl.replace(":", "_")))
+    if profile_dir:
+        for impl in (impl for impl in outputs if impl.startswith("pallas")):
+            _pallas_kernel_profile(op, impl, args, do, os.path.join(profile_dir, impl.replace(":", "_")))
     return rows, base["impl"]
 
 

@@ -98,7 +98,7 @@ def matmuls(*sums, interpret, one_by_one=False):
     if interpret:
         return tuple(functools.reduce(lambda acc, ab: matmul(*ab, shape, interpret=True, init=acc), terms, init)
                      for terms, shape, init in sums)
-    if one_by_one and len(sums) > 1:
+    if one_by_one:
         return tuple(matmuls(s, interpret=False)[0] for s in sums)
 
     def run(accs):
