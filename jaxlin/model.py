@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
+from jaxlin.ops import mlp as mlp_ops
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS
 from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
 
@@ -28,7 +29,7 @@ REMAT_POLICIES = {
     # the backward pass then recomputes none of them.
     "dots_and_activations": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*ops.SAVEABLE_NAMES, ACTIVATION_NAME)),
+        jax.checkpoint_policies.save_only_these_names(*ops.SAVEABLE_NAMES, ACTIVATION_NAME, mlp_ops.RESIDUAL_NAME)),
 }
 
 
@@ -48,6 +49,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "bfloat16"  # compute dtype; parameters are always float32
     impl: str = "auto"  # linear-attention implementation, see jaxlin.ops
+    # "auto": GELU fused into the MLP's products (jaxlin.ops.mlp) where it applies, unless remat is "dots",
+    # whose memory budget has no room for the fused forward's stored gelu(h); "xla"; "pallas".
+    mlp_impl: str = "auto"
     remat: str = "none"  # a key of REMAT_POLICIES: what each block saves for the backward pass
 
     def __post_init__(self):
@@ -65,6 +69,8 @@ class ModelConfig:
             raise ValueError("model.conv_size must be 0 (off) or >= 2")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat: unknown {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if self.mlp_impl not in mlp_ops.IMPLS:
+            raise ValueError(f"model.mlp_impl: unknown {self.mlp_impl!r}; expected one of {mlp_ops.IMPLS}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
 
@@ -96,12 +102,19 @@ class ModelConfig:
 
 
 class MLP(nnx.Module):
-    def __init__(self, d_model: int, *, out_std: float, dtype, rngs: nnx.Rngs):
+    """c_fc, GELU (tanh form), c_proj; ``impl`` as ModelConfig.mlp_impl."""
+
+    def __init__(self, d_model: int, *, out_std: float, dtype, rngs: nnx.Rngs, impl: str = "auto"):
         self.c_fc = linear(d_model, 4 * d_model, dtype=dtype, rngs=rngs)
         self.c_proj = linear(4 * d_model, d_model, dtype=dtype, rngs=rngs, std=out_std)
+        self.impl = impl
 
     def __call__(self, x):
-        return self.c_proj(activation(jax.nn.gelu(self.c_fc(x), approximate=True)))
+        w_fc, w_proj = (layer.kernel[...].astype(layer.dtype) for layer in (self.c_fc, self.c_proj))
+        x = x.astype(self.c_fc.dtype)
+        if self.impl == "pallas" or (self.impl == "auto" and mlp_ops.fused_applies(x, w_fc)):
+            return mlp_ops.gelu_mlp(x, w_fc, w_proj)
+        return jnp.dot(activation(jax.nn.gelu(jnp.dot(x, w_fc), approximate=True)), w_proj)
 
 
 def layer_norm(d: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -123,7 +136,8 @@ class Block(nnx.Module):
         self.attn = ATTENTION_KINDS[kind](config.n_embd, config.n_head, out_std=out_std, dtype=dtype, rngs=rngs,
                                           **kwargs)
         self.ln_2 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
-        self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs)
+        mlp_impl = "xla" if config.mlp_impl == "auto" and config.remat == "dots" else config.mlp_impl
+        self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs, impl=mlp_impl)
 
     def __call__(self, x, segment_ids=None, state=None, return_state=False):
         y, new_state = self.attn(activation(self.ln_1(x)), segment_ids=segment_ids, state=state,

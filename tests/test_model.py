@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from jaxlin.layers.common import causal_conv
-from jaxlin.model import GPT, ModelConfig, count_params
+from jaxlin.model import GPT, MLP, ModelConfig, count_params
 
 KINDS = ["gla", "deltanet", "gated_deltanet", "softmax"]
 
@@ -96,6 +96,7 @@ def test_bfloat16_compute_keeps_float32_params():
     (dict(conv_size=1), "conv_size"),
     (dict(dtype="float16"), "model.dtype"),
     (dict(remat="some"), "model.remat"),
+    (dict(mlp_impl="cublas"), "model.mlp_impl"),
 ])
 def test_bad_configs(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -128,6 +129,70 @@ def test_remat_policies_keep_what_they_name(attn, remat, capsys):
     assert "named 'linear_attention_output'" in saved
     assert "named 'linear_attention_residual'" in saved
     assert ("named 'activation'" in saved) == (remat == "dots_and_activations")
+
+
+def test_remat_saves_the_fused_mlp_residuals(capsys, monkeypatch):
+    """Under "dots_and_activations" the fused MLP's h and gelu(h) are saved: otherwise the backward pass
+    would re-run the fused c_fc product to get them back. (The products are replaced by their formulas:
+    interpret mode's callbacks cannot be differentiated under remat.)"""
+    from kernels import gelu_matmul
+
+    def product(x, w, **_):
+        h = jnp.dot(x, w)
+        return h, jax.nn.gelu(h, approximate=True)
+
+    monkeypatch.setattr(gelu_matmul, "gelu_product", product)
+    monkeypatch.setattr(gelu_matmul, "gelu_grad_product",
+                        lambda dy, w_t, h, **_: jnp.dot(dy, w_t) * gelu_matmul.gelu_derivative(h))
+    cfg = ModelConfig(vocab_size=256, n_layer=1, n_head=2, n_embd=64, block_size=64, dtype="bfloat16",
+                      impl="chunked", mlp_impl="pallas", remat="dots_and_activations")
+    graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    tokens = jnp.zeros((2, 64), jnp.int32)
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: jnp.sum(nnx.merge(graphdef, p).hidden(tokens).astype(jnp.float32)), params)
+    assert capsys.readouterr().out.count("named 'gelu_matmul_residual'") == 2
+
+
+def test_fused_gelu_mlp_matches_xla():
+    """The MLP with GELU in its products' epilogues (kernels in interpret mode here) computes XLA's MLP."""
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(1), (2, 64, 64), jnp.bfloat16)
+    mlps = {impl: MLP(64, out_std=0.02, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl=impl) for impl in ("xla", "pallas")}
+
+    def value_and_grads(mlp):
+        graphdef, params = nnx.split(mlp, nnx.Param)
+        y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+        dparams, dx = vjp(dy)
+        return y, dx, dparams["c_fc"]["kernel"][...], dparams["c_proj"]["kernel"][...]
+
+    for got, want in zip(value_and_grads(mlps["pallas"]), value_and_grads(mlps["xla"])):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_mlp_auto_keeps_xla_where_it_does_not_apply():
+    """On CPU, and under remat "dots" (no room for the fused forward's stored gelu(h)), auto is XLA's MLP."""
+    assert GPT(tiny(remat="dots"), rngs=nnx.Rngs(0)).h[0].mlp.impl == "xla"
+    mlp = GPT(tiny(dtype="bfloat16"), rngs=nnx.Rngs(0)).h[0].mlp
+    assert mlp.impl == "auto"
+    traced = str(jax.make_jaxpr(mlp)(jnp.ones((2, 64, 64), jnp.bfloat16)))
+    assert "custom_vjp" not in traced and "tanh" in traced
+
+
+def test_gla_layer_gives_the_kernels_gates_in_the_compute_dtype(monkeypatch):
+    """FLA's layer under autocast hands its kernel bf16 gates; the Mosaic GLA kernels (what "auto" takes on
+    a GPU) read nothing else."""
+    from jaxlin import ops
+    seen = {}
+    real_gla = ops.gla
+
+    def spy(q, k, v, g, **kwargs):
+        seen.update(q=q.dtype, g=g.dtype)
+        return real_gla(q, k, v, g, **kwargs)
+
+    monkeypatch.setattr(ops, "gla", spy)
+    GPT(tiny(dtype="bfloat16"), rngs=nnx.Rngs(0))(jnp.ones((1, 8), jnp.int32))
+    assert seen == dict(q=jnp.bfloat16, g=jnp.bfloat16)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_and_activations"])

@@ -44,6 +44,9 @@ class GatedLinearAttention(nnx.Module):
             self, x, self.g_proj, self.gk_proj.layers[0], segment_ids=segment_ids, state=state,
             return_state=return_state)
         gk = jax.nn.log_sigmoid(self.gk_proj.layers[1](gk).astype(jnp.float32)) / self.gate_logit_normalizer
+        # In the compute dtype, as FLA's layer under autocast gives its kernel: the kernels sum the gates in
+        # float32, and the Mosaic GPU kernels read bf16 gates only.
+        gk = gk.astype(q.dtype)
         o, recurrent = ops.gla(
             q, k, v, split_heads(gk, self.n_head), initial_state=state.get("recurrent"),
             output_final_state=return_state, segment_ids=segment_ids, impl=self.impl,

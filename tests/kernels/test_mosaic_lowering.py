@@ -79,3 +79,15 @@ def test_gla_kernels_lower(B, H, K, V, packed):
 
     h0_t = jnp.swapaxes(h0, -1, -2)
     assert "gla_backward_mosaic" in _lower(backward, q, k, v, g, h0_t, v, h0_t)
+
+
+@pytest.mark.parametrize("tokens,width", [(32 * 1024, 1024), (256, 64)])
+def test_gelu_matmul_kernels_lower(tokens, width):
+    """GPT-2 Medium's MLP and the smallest shape the tiles take: the forward and backward products fit
+    in SMEM beside their operand rings."""
+    from kernels import gelu_matmul
+    x = jax.ShapeDtypeStruct((tokens, width), jnp.bfloat16)
+    w_fc = jax.ShapeDtypeStruct((width, 4 * width), jnp.bfloat16)
+    h = jax.ShapeDtypeStruct((tokens, 4 * width), jnp.bfloat16)
+    assert "forward_kernel" in _lower(gelu_matmul.gelu_product, x, w_fc)
+    assert "backward_kernel" in _lower(gelu_matmul.gelu_grad_product, x, w_fc, h)

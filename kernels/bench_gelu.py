@@ -1,0 +1,110 @@
+"""Time the MLP with GELU in the products' epilogues against XLA: median ms, calls queued.
+
+    python -m kernels.bench_gelu [--tokens 32768] [--width 1024] [--tiles m,n,k,stages,per_sm ...]
+        [--json out.json]
+
+Rows: the ``c_fc`` product alone (XLA's cuBLAS call: the floor), the product with GELU (``h`` and
+``gelu(h)``), the backward product with GELU's derivative, and the whole MLP forward+backward
+(``gelu(x @ w_fc) @ w_proj``, its three gradients), each as XLA runs it and as the fused kernels
+do; ``--tiles`` also times the fused products with other tiles (``kernels.gelu_matmul.Tiles``).
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import gelu_matmul as gm
+from .bench import _median_ms
+
+
+def _xla_mlp(x, w_fc, w_proj):
+    return jnp.dot(jax.nn.gelu(jnp.dot(x, w_fc), approximate=True), w_proj)
+
+
+def _fwd_bwd(mlp):
+    def run(x, w_fc, w_proj, dy):
+        y, vjp = jax.vjp(mlp, x, w_fc, w_proj)
+        return y, vjp(dy)
+    return jax.jit(run)
+
+
+def _max_rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32 * 1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--tiles", nargs="*", default=[], metavar="M,N,K,STAGES,PER_SM")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    m, d = args.tokens, args.width
+    interpret = jax.default_backend() != "gpu"  # the kernels' code on CPU, for checking, not timing
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (m, d), jnp.bfloat16)
+    w_fc = (jax.random.normal(keys[1], (d, 4 * d)) * d ** -0.5).astype(jnp.bfloat16)
+    w_proj = (jax.random.normal(keys[2], (4 * d, d)) * (4 * d) ** -0.5).astype(jnp.bfloat16)
+    dy = jax.random.normal(keys[3], (m, d), jnp.bfloat16)
+    h = jnp.dot(x, w_fc)
+    w_t = w_proj.T
+    xla_gelu_grad = jax.jit(lambda dy, w_t, h: (jnp.dot(dy, w_t, preferred_element_type=jnp.float32)
+                                                * jax.vmap(jax.grad(lambda z: jax.nn.gelu(z, approximate=True)))(
+                                                    h.astype(jnp.float32).ravel()).reshape(h.shape)
+                                                ).astype(h.dtype))
+    rows = {
+        "product alone (XLA)": (jax.jit(jnp.dot), (x, w_fc)),
+        "product + gelu (XLA)": (jax.jit(lambda x, w: (lambda h: (h, jax.nn.gelu(h, approximate=True)))(x @ w)),
+                                 (x, w_fc)),
+        "product + gelu (fused)": (jax.jit(functools.partial(gm.gelu_product, interpret=interpret)), (x, w_fc)),
+        "grad product * gelu' (XLA)": (xla_gelu_grad, (dy, w_t, h)),
+        "grad product * gelu' (fused)": (jax.jit(functools.partial(gm.gelu_grad_product, interpret=interpret)),
+                                         (dy, w_t, h)),
+        "mlp fwd+bwd (XLA)": (_fwd_bwd(_xla_mlp), (x, w_fc, w_proj, dy)),
+        "mlp fwd+bwd (fused)": (_fwd_bwd(lambda *a: gm.gelu_mlp(*a, interpret)), (x, w_fc, w_proj, dy)),
+    }
+    for text in args.tiles:
+        tiles = dataclasses.replace(gm.FORWARD_TILES, **dict(zip(("m", "n", "k", "stages", "per_sm"),
+                                                                  map(int, text.split(",")))))
+        rows[f"product + gelu (fused, {text})"] = (
+            jax.jit(lambda x, w, t=tiles: gm.gelu_product(x, w, tiles=t, interpret=interpret)), (x, w_fc))
+        rows[f"grad product * gelu' (fused, {text})"] = (
+            jax.jit(lambda dy, w_t, h, t=tiles: gm.gelu_grad_product(dy, w_t, h, tiles=t, interpret=interpret)),
+            (dy, w_t, h))
+    print(f"device: {jax.devices()[0].device_kind}, tokens {m}, width {d}")
+    flops = 2 * m * d * 4 * d
+    records, failed = [], set()
+    for name, (fn, operands) in rows.items():
+        try:
+            ms = _median_ms(fn, *operands)
+        except Exception as e:  # noqa: BLE001 (tiles that do not fit in SMEM): the rest still count
+            print(f"{name:<44} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            failed.add(name)
+            continue
+        tflops = flops / ms / 1e9 * (3 if "fwd+bwd" in name else 1) * (2 if "mlp" in name else 1)
+        print(f"{name:<44} {ms:8.3f} ms  {tflops:6.0f} TFLOP/s")
+        records.append(dict(row=name, ms=ms, tokens=m, width=d, device=jax.devices()[0].device_kind))
+    # Every fused row against XLA's, max abs error over max abs value.
+    want = {"product + gelu": rows["product + gelu (XLA)"][0](x, w_fc),
+            "grad product * gelu'": xla_gelu_grad(dy, w_t, h),
+            "mlp fwd+bwd": rows["mlp fwd+bwd (XLA)"][0](x, w_fc, w_proj, dy)}
+    errors = {}
+    for name, (fn, operands) in rows.items():
+        if "fused" in name and name not in failed:
+            got = fn(*operands)
+            errors[name] = max(_max_rel_err(a, b) for a, b in zip(jax.tree.leaves(got),
+                                                                    jax.tree.leaves(want[name.split(" (")[0]])))
+            print(f"{name:<44} max error vs XLA {errors[name]:.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=records, errors=errors), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
