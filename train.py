@@ -22,11 +22,13 @@ def main(argv):
     import jax
 
     from jaxlin.train import loop  # after flag parsing: keeps --help fast
+    from jaxlin.train.config import apply_xla_flags
 
+    config = _CONFIG.value
+    apply_xla_flags(config)
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
 
-    config = _CONFIG.value
     if _DATA_DIR.value:
         config.data.data_dir = _DATA_DIR.value
     if _EXPORT_ONLY.value:

@@ -70,7 +70,7 @@ def main(argv=None):
         "mlp fwd+bwd (fused)": (_fwd_bwd(lambda *a: gm.gelu_mlp(*a, interpret)), (x, w_fc, w_proj, dy)),
     }
     for text in args.tiles:
-        tiles = dataclasses.replace(gm.FORWARD_TILES, **dict(zip(("m", "n", "k", "stages", "per_sm"),
+        tiles = dataclasses.replace(gm.TILES, **dict(zip(("m", "n", "k", "stages", "per_sm"),
                                                                   map(int, text.split(",")))))
         rows[f"product + gelu (fused, {text})"] = (
             jax.jit(lambda x, w, t=tiles: gm.gelu_product(x, w, tiles=t, interpret=interpret)), (x, w_fc))

@@ -56,14 +56,13 @@ class Tiles:
                              f"n of {cta_n} and k of {self.k} (see supports())")
 
 
-FORWARD_TILES = BACKWARD_TILES = Tiles()
+TILES = Tiles()  # the fastest of the tiles timed on an H200 (docs/benchmarks.md)
 
 
 def supports(x, w_fc) -> bool:
     """bf16 operands whose shapes the tiles divide: both products are ``[tokens, d] x [d, 4 d]``."""
     m, (d, n) = math.prod(x.shape[:-1]), w_fc.shape
-    tiles = FORWARD_TILES
-    divisible = m % tiles.m == 0 and d % tiles.k == 0 and n % (COMPUTE_WARPGROUPS * tiles.n) == 0
+    divisible = m % TILES.m == 0 and d % TILES.k == 0 and n % (COMPUTE_WARPGROUPS * TILES.n) == 0
     return x.dtype == w_fc.dtype == jnp.bfloat16 and divisible
 
 
@@ -141,7 +140,7 @@ def _sub_tiles(tiles):
     return [(i, j) for i in range(tiles.m // e) for j in range(tiles.n // e)]
 
 
-def _forward_kernel(x_gmem, w_gmem, h_gmem, a_gmem, *, tiles):
+def _gelu_product_kernel(x_gmem, w_gmem, h_gmem, a_gmem, *, tiles):
     e = tiles.epilogue
     subs = _sub_tiles(tiles)
 
@@ -163,7 +162,7 @@ def _forward_kernel(x_gmem, w_gmem, h_gmem, a_gmem, *, tiles):
     pl.run_scoped(scoped, ring, out_smem, collective_axes="wg")
 
 
-def _backward_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, *, tiles):
+def _gelu_grad_product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, *, tiles):
     e = tiles.epilogue
     subs = _sub_tiles(tiles)
 
@@ -211,15 +210,15 @@ def _launch(kernel, operands, out_type, *, tiles, interpret):
     )(*operands)
 
 
-def gelu_product(x, w, *, interpret=False, tiles=FORWARD_TILES):
+def gelu_product(x, w, *, interpret=False, tiles=TILES):
     """``(h, gelu(h))`` for ``h = x @ w``: x ``[M, K]``, w ``[K, N]``, both bf16."""
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
-    return _launch(_forward_kernel, (x, w), (out, out), tiles=tiles, interpret=interpret)
+    return _launch(_gelu_product_kernel, (x, w), (out, out), tiles=tiles, interpret=interpret)
 
 
-def gelu_grad_product(dy, w_t, h, *, interpret=False, tiles=BACKWARD_TILES):
+def gelu_grad_product(dy, w_t, h, *, interpret=False, tiles=TILES):
     """``(dy @ w_t) * gelu'(h)``: dy ``[M, K]``, w_t ``[K, N]``, h ``[M, N]``, all bf16."""
-    return _launch(_backward_kernel, (dy, w_t, h), jax.ShapeDtypeStruct(h.shape, h.dtype), tiles=tiles,
+    return _launch(_gelu_grad_product_kernel, (dy, w_t, h), jax.ShapeDtypeStruct(h.shape, h.dtype), tiles=tiles,
                    interpret=interpret)
 
 

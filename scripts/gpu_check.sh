@@ -2,11 +2,12 @@
 # On a GPU machine, in one call: compiled kernel tests, the kernel benchmarks and the train-step benchmark,
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
-#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gla, delta, train, train-delta
-#   (default: all but train-delta)
+#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, gla, delta, gelu, train,
+#   train-delta (default: all but train-delta)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
-# delta rules' Mosaic and bf16 cases.
+# delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape
+# (not yet run compiled: their GPU check so far is `gelu`, the bench, which compares every row with XLA's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_logs}
@@ -29,12 +30,15 @@ stage() {  # name, seconds, command...: the log keeps everything, the terminal t
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gla delta train)
+[ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gelu-tests gla delta gelu train)
 shapes="--shape 32,1024,16,32,64 --shape 32,1024,16,64,64 --shape 8,4096,16,64,64"
 for name in "${stages[@]}"; do
   case $name in
     tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage tests 360 python3 -m pytest tests/kernels/test_gla.py \
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
+    gelu-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage gelu-tests 120 python3 -m pytest \
+             tests/kernels/test_gelu_matmul.py -vv -p no:cacheprovider -W ignore ;;
+    gelu) stage gelu 120 python3 -m kernels.bench_gelu --json "$out/gelu.json" ;;
     gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
     delta-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage delta-tests 300 python3 -m pytest tests/kernels/test_delta.py \
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
@@ -48,6 +52,7 @@ for name in "${stages[@]}"; do
                --config configs/gpt2_medium_gated_deltanet.py --config.model.impl=$impl \
                --json "$out/train_delta_${impl#pallas:}.json"
            done ;;
-    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gla, delta, train or train-delta)" >&2; exit 2 ;;
+    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, gla, delta, gelu, train or" \
+            "train-delta)" >&2; exit 2 ;;
   esac
 done

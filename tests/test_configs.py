@@ -1,5 +1,6 @@
 """Every experiment config builds a valid model config; the depth-adaptive and hybrid layouts are as specified."""
 
+import os
 import runpy
 from pathlib import Path
 
@@ -44,3 +45,28 @@ def test_small_real_run_size():
     n = count_params(nnx.eval_shape(lambda: GPT(gla, rngs=nnx.Rngs(0))))
     assert 20e6 <= n <= 50e6  # issue 8: a 20-50M parameter model
     assert (softmax.attn, softmax.n_layer, softmax.n_embd) == ("softmax", gla.n_layer, gla.n_embd)
+
+
+def test_xla_flags_go_before_the_environments(monkeypatch):
+    """The config's flags are prepended: XLA takes the last of repeated flags, so the environment's win."""
+    from jax._src import xla_bridge
+
+    from jaxlin.train.config import apply_xla_flags, default_config
+    config = default_config()
+    config.train.xla_flags = "--xla_gpu_enable_triton_gemm=false"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    apply_xla_flags(config)
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false --xla_force_host_platform_device_count=2"
+
+
+def test_xla_flags_after_a_backend_started_are_refused_loudly(monkeypatch, caplog):
+    from jax._src import xla_bridge
+
+    from jaxlin.train.config import apply_xla_flags, default_config
+    config = default_config()
+    config.train.xla_flags = "--xla_gpu_enable_triton_gemm=false"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    apply_xla_flags(config)
+    assert os.environ["XLA_FLAGS"] == "" and "not applied" in caplog.text

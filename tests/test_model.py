@@ -228,3 +228,10 @@ def test_short_conv_gradients_match_autodiff_of_the_formula():
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
     for got, want in zip(vjp(dy), vjp_ref(dy)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_gelu_mlp_refuses_a_mesh_of_several_devices():
+    mlp = MLP(64, out_std=0.02, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), impl="pallas")
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="one device"):
+        mlp(jnp.ones((2, 64, 64), jnp.bfloat16))

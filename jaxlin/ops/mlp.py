@@ -25,6 +25,10 @@ def gelu_mlp(x, w_fc, w_proj):
     """``gelu(x @ w_fc) @ w_proj`` (GELU's tanh form): x ``[..., d]``, w_fc ``[d, 4 d]``, w_proj ``[4 d, d]``,
     all bf16."""
     from kernels import gelu_matmul
+    devices = jax.sharding.get_abstract_mesh().size
+    if devices > 1:
+        raise ValueError(f"the fused GELU MLP runs on one device, not partitioned over a mesh of {devices}; "
+                         "use model.mlp_impl='auto' or 'xla'")
     if not (x.dtype == w_fc.dtype == w_proj.dtype == jnp.bfloat16):
         raise ValueError(f"the fused GELU MLP needs bf16 operands, got x {x.dtype}, w_fc {w_fc.dtype}, "
                          f"w_proj {w_proj.dtype}; use model.mlp_impl='xla' for float32")

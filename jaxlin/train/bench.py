@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from jaxlin.model import GPT
 from jaxlin.train import flops, profiling, sharding
-from jaxlin.train.config import model_config
+from jaxlin.train.config import apply_xla_flags, model_config
 from jaxlin.train.optimizer import make_optimizer
 from jaxlin.train.step import create_train_state, loss_fn, train_step
 
@@ -112,6 +112,7 @@ def bench(config, steps: int, sharded: bool, phases: bool = True, profile_dir: s
 
 def main(argv):
     del argv
+    apply_xla_flags(_CONFIG.value)
     results = bench(_CONFIG.value, _STEPS.value, _SHARDED.value, _PHASES.value, _PROFILE.value)
     if "profile" in results:
         print(profiling.format_table(results["profile"]))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 
 import ml_collections
 
@@ -43,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
         seed=1337,
         loss_chunk=2048,  # tokens per slice of the vocabulary projection in the loss (bounds logits memory)
         max_nonfinite=20,  # consecutive non-finite steps before training stops
+        xla_flags="",  # prepended to $XLA_FLAGS by train.py and the bench (the environment's own flags win)
     ))
     c.log = ml_collections.ConfigDict(dict(
         every=10,  # steps between metric records
@@ -55,6 +58,19 @@ def default_config() -> ml_collections.ConfigDict:
     # data x fsdp must equal num_devices; -1: all remaining devices (num_devices=-1: every device present).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1))
     return c
+
+
+def apply_xla_flags(config: ml_collections.ConfigDict) -> None:
+    """Prepends ``train.xla_flags`` to $XLA_FLAGS, so that flags already in the environment win. XLA
+    reads XLA_FLAGS once, when JAX starts its first backend: call this before anything touches a device."""
+    flags = config.train.get("xla_flags", "")
+    if not flags:
+        return
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        logging.getLogger(__name__).warning("train.xla_flags=%r not applied: a JAX backend was already started", flags)
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -18,7 +18,7 @@ import jax
 # First match wins; names are CUDA kernel names as XLA and Pallas emit them.
 CATEGORIES = (
     ("matmul", re.compile(r"gemm|nvjet|cutlass|cublas|xmma|sm90_|wgmma", re.I)),
-    ("pallas", re.compile(r"^(gla|delta)_")),
+    ("pallas", re.compile(r"^(gla|delta|gelu)_")),
     ("collective", re.compile(r"nccl|all_reduce|all_gather|reduce_scatter", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy", re.I)),
     ("reduction", re.compile(r"reduce|reduction", re.I)),

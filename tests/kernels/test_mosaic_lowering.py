@@ -89,5 +89,5 @@ def test_gelu_matmul_kernels_lower(tokens, width):
     x = jax.ShapeDtypeStruct((tokens, width), jnp.bfloat16)
     w_fc = jax.ShapeDtypeStruct((width, 4 * width), jnp.bfloat16)
     h = jax.ShapeDtypeStruct((tokens, 4 * width), jnp.bfloat16)
-    assert "forward_kernel" in _lower(gelu_matmul.gelu_product, x, w_fc)
-    assert "backward_kernel" in _lower(gelu_matmul.gelu_grad_product, x, w_fc, h)
+    assert "gelu_product_kernel" in _lower(gelu_matmul.gelu_product, x, w_fc)
+    assert "gelu_grad_product_kernel" in _lower(gelu_matmul.gelu_grad_product, x, w_fc, h)
