@@ -27,8 +27,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ..common import CHUNK
 from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk, matmul, matmuls,
                       same_document, scoped_kernel, smem_tile)
-from .mosaic_forward import (boundary_factors, chunk_iotas, pair_decays, pair_mask, pass_scratch, rows_vector,
-                             scaled_rows, state_block_v, store_state)
+from .mosaic_forward import (boundary_factors, chunk_iotas, mosaic_state_block_v, pair_decays, pair_mask,
+                             pass_scratch, rows_vector, scaled_rows, store_state)
 
 
 def _as_rows(vec, row, col):
@@ -228,7 +228,7 @@ def state_grad_pass_mosaic(q, k, neg_w, do, b, rel, dht, *, scale, interpret):
     B, T, H, K = q.shape
     V = do.shape[-1]
     num_chunks = T // CHUNK
-    block_v = state_block_v(B, H, K, V)
+    block_v = mosaic_state_block_v(B, H, K, V)
     has_gates, has_seg = b is not None, rel is not None
     dtype = jnp.bfloat16
 

@@ -202,7 +202,7 @@ def store_state(f32_s, state, window):
     plgpu.wait_smem_to_gmem(0)
 
 
-def state_block_v(batch, heads, k_dim, v_dim, min_programs=128):
+def mosaic_state_block_v(batch, heads, k_dim, v_dim, min_programs=128):
     """V columns per program: halved to 64 (the least with 128-byte swizzled state rows) while there
     are fewer than ``min_programs`` programs (about one per SM), and always with K = V = 128, whose
     full-width pass would need about 310 KB of SMEM (227 KB on Hopper)."""
@@ -220,7 +220,7 @@ def state_outputs_mosaic(q, k, neg_w, u, b, rel, h0, *, scale, interpret):
     B, T, H, K = q.shape
     V = u.shape[-1]
     num_chunks = T // CHUNK
-    block_v = state_block_v(B, H, K, V)
+    block_v = mosaic_state_block_v(B, H, K, V)
     has_gates, has_seg, has_h0 = b is not None, rel is not None, h0 is not None
     dtype = jnp.bfloat16
 
