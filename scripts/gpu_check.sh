@@ -3,7 +3,7 @@
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, gla, delta, gelu, train,
-#   train-delta (default: all but train-delta)
+#   train-delta, train-all, profile (default: the first seven)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape
@@ -52,7 +52,18 @@ for name in "${stages[@]}"; do
                --config configs/gpt2_medium_gated_deltanet.py --config.model.impl=$impl \
                --json "$out/train_delta_${impl#pallas:}.json"
            done ;;
-    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, gla, delta, gelu, train or" \
-            "train-delta)" >&2; exit 2 ;;
+    train-all) for config in gla deltanet gated_deltanet hybrid softmax; do  # every GPT-2 Medium config
+             # one log each and one JSON line each in train_all.jsonl: a device call returns 8 files at most
+             rm -f "/tmp/train_$config.json"
+             stage "train-$config" 150 python3 -m jaxlin.train.bench --steps 10 --nophases \
+               --config "configs/gpt2_medium_$config.py" --json "/tmp/train_$config.json"
+             [ -f "/tmp/train_$config.json" ] && python3 -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))" \
+               "/tmp/train_$config.json" >>"$out/train_all.jsonl"
+           done ;;
+    profile) stage profile 240 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py \
+               --profile /tmp/gla_profile --json "$out/profile.json"
+             gzip -c /tmp/gla_profile/train_step.hlo.txt >"$out/profile_hlo.txt.gz" ;;  # fusions -> source lines
+    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, gla, delta, gelu, train," \
+            "train-delta, train-all or profile)" >&2; exit 2 ;;
   esac
 done
