@@ -57,8 +57,9 @@ for name in "${stages[@]}"; do
              rm -f "/tmp/train_$config.json"
              stage "train-$config" 150 python3 -m jaxlin.train.bench --steps 10 --nophases \
                --config "configs/gpt2_medium_$config.py" --json "/tmp/train_$config.json"
-             [ -f "/tmp/train_$config.json" ] && python3 -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))" \
-               "/tmp/train_$config.json" >>"$out/train_all.jsonl"
+             [ -f "/tmp/train_$config.json" ] && python3 -c "import json, sys
+print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tmp/train_$config.json" "$config" \
+               >>"$out/train_all.jsonl"
            done ;;
     profile) stage profile 240 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py \
                --profile /tmp/gla_profile --json "$out/profile.json"
