@@ -184,6 +184,14 @@ class chunk_windows:
         return ref.at[self.bi, self.hi, :, self.cols]
 
 
+def load_tile(window, buffer, bar):
+    """TMA-loads the GMEM ref ``window`` into the SMEM ``buffer``, waits on ``bar`` and returns the tile
+    in registers (a pass's initial state or state gradient)."""
+    plgpu.copy_gmem_to_smem(window, buffer, bar)
+    plgpu.barrier_wait(bar)
+    return buffer[...]
+
+
 def load_chunk(copies, c, bars):
     """TMA-loads chunk ``c`` of each ``(window, buffer)`` pair and waits for all; ``len(copies)`` barriers."""
     for i, (window, buffer) in enumerate(copies):

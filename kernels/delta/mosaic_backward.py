@@ -25,8 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
-from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk, matmul, matmuls,
-                      same_document, scoped_kernel, smem_tile)
+from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk, load_tile, matmul,
+                      matmuls, same_document, scoped_kernel, smem_tile)
 from .mosaic_forward import (boundary_factors, chunk_iotas, mosaic_state_block_v, pair_decays, pair_mask,
                              pass_scratch, rows_vector, scaled_rows, store_state)
 
@@ -246,9 +246,7 @@ def state_grad_pass_mosaic(q, k, neg_w, do, b, rel, dht, *, scale, interpret):
         sources += [(at.token_rows(b_ref), b_s)] if has_gates else []
         sources += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
         run = chunk_pipeline(sources, bars, num_chunks, reverse=True)
-        plgpu.copy_gmem_to_smem(at.whole_state(dht_ref), f32_s, bars.at[2 * len(sources)])
-        plgpu.barrier_wait(bars.at[2 * len(sources)])
-        dstate = f32_s[...]
+        dstate = load_tile(at.whole_state(dht_ref), f32_s, bars.at[2 * len(sources)])
         dstate_s[0] = dstate.astype(dtype)
         plgpu.commit_smem()
         row, col, token = chunk_iotas()

@@ -34,7 +34,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
 from ..mosaic import (ROWS, WGMMA, as_cols, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk,
-                      matmul, matmuls, same_document, scoped_kernel, smem_tile)
+                      load_tile, matmul, matmuls, same_document, scoped_kernel, smem_tile)
 
 HEAD_DIMS = (64, 128)  # K and V: wgmma tiles (M a multiple of 64) with 128-byte swizzled rows
 
@@ -241,9 +241,7 @@ def state_outputs_mosaic(q, k, neg_w, u, b, rel, h0, *, scale, interpret):
         sources += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
         run = chunk_pipeline(sources, bars, num_chunks)
         if has_h0:
-            plgpu.copy_gmem_to_smem(at.whole_state(h0_ref), f32_s, bars.at[2 * len(sources)])
-            plgpu.barrier_wait(bars.at[2 * len(sources)])
-            state = f32_s[...]
+            state = load_tile(at.whole_state(h0_ref), f32_s, bars.at[2 * len(sources)])
         else:
             state = plgpu.layout_cast(jnp.zeros((K, block_v), jnp.float32), WGMMA)
         state_s[0] = state.astype(dtype)

@@ -25,8 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK, MAX_WHOLE_CHUNK_DECAY
-from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, matmul, pick_row,
-                      same_document, scoped_kernel, smem_tile)
+from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_tile, matmul,
+                      pick_row, same_document, scoped_kernel, smem_tile)
 
 def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
     """``(o [B,T,H,V], hs [B,H,NT,V,K] bf16, final [B,H,V,K] float32)``.
@@ -55,9 +55,7 @@ def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
         sources += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
         run = chunk_pipeline(sources, bars, num_chunks)
         if has_h0:
-            plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi], f32_s, bars.at[2 * len(sources)])
-            plgpu.barrier_wait(bars.at[2 * len(sources)])
-            state = f32_s[...]
+            state = load_tile(h0_ref.at[bi, hi], f32_s, bars.at[2 * len(sources)])
         else:
             state = plgpu.layout_cast(jnp.zeros((V, K), jnp.float32), WGMMA)
         state_s[0] = state.astype(dtype)
