@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
+from jaxlin.ops import conv as conv_ops
 from jaxlin.ops import mlp as mlp_ops
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS
 from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
@@ -52,6 +53,9 @@ class ModelConfig:
     # "auto": GELU fused into the MLP's products (jaxlin.ops.mlp) where it applies, unless remat is "dots",
     # whose memory budget has no room for the fused forward's stored gelu(h); "xla"; "pallas".
     mlp_impl: str = "auto"
+    # The recurrent layers' short convs and gated norm (jaxlin.ops.conv, jaxlin.ops.norm): "auto" their
+    # Pallas kernels on one GPU, "xla", "pallas".
+    elementwise_impl: str = "auto"
     remat: str = "none"  # a key of REMAT_POLICIES: what each block saves for the backward pass
 
     def __post_init__(self):
@@ -71,6 +75,9 @@ class ModelConfig:
             raise ValueError(f"model.remat: unknown {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         if self.mlp_impl not in mlp_ops.IMPLS:
             raise ValueError(f"model.mlp_impl: unknown {self.mlp_impl!r}; expected one of {mlp_ops.IMPLS}")
+        if self.elementwise_impl not in conv_ops.IMPLS:
+            raise ValueError(f"model.elementwise_impl: unknown {self.elementwise_impl!r}; expected one of "
+                             f"{conv_ops.IMPLS}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
 
@@ -131,7 +138,8 @@ class Block(nnx.Module):
         kwargs = {}
         if kind in RECURRENT_KINDS:
             kwargs = dict(expand_k=config.per_layer("expand_k")[layer], expand_v=config.per_layer("expand_v")[layer],
-                          conv_size=config.per_layer("conv_size")[layer], norm_eps=config.norm_eps, impl=config.impl)
+                          conv_size=config.per_layer("conv_size")[layer], norm_eps=config.norm_eps, impl=config.impl,
+                          elementwise_impl=config.elementwise_impl)
         self.ln_1 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
         self.attn = ATTENTION_KINDS[kind](config.n_embd, config.n_head, out_std=out_std, dtype=dtype, rngs=rngs,
                                           **kwargs)

@@ -39,8 +39,10 @@ COMPUTE_WARPGROUPS = 2
 class Tiles:
     """One compute warpgroup's ``m x n`` output tile (the two lie side by side along n), the depth
     ``k`` of each loaded slice, the SMEM ring's ``stages``, the ``epilogue`` sub-tile side, the width
-    of the snake in which output tiles are visited (neighbours share operand slices in L2), and the
-    programs per SM (with two, one program's epilogue can overlap the other's products)."""
+    of the snake in which output tiles are visited (neighbours share operand slices in L2), the
+    programs per SM (with two, one program's epilogue can overlap the other's products), and the wgmma
+    groups ``in_flight`` when a step ends (its SMEM slot is released that many steps later; with 1 the
+    next step's products are issued before the last ones finish)."""
     m: int = 128
     n: int = 128
     k: int = 64
@@ -48,6 +50,7 @@ class Tiles:
     epilogue: int = 64
     snake_width: int = 8
     per_sm: int = 1
+    in_flight: int = 0
 
     def check(self, m, k, n):
         cta_n = COMPUTE_WARPGROUPS * self.n
@@ -94,7 +97,8 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
     m_tiles, n_tiles = m // tiles.m, n // cta_n
 
     def pipeline(body, context):
-        ring = dict(memory_space=plgpu.SMEM, transforms=_swizzled((tiles.m, tiles.k), a_gmem.dtype))
+        ring = dict(memory_space=plgpu.SMEM, transforms=_swizzled((tiles.m, tiles.k), a_gmem.dtype),
+                    delay_release=tiles.in_flight)
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k // tiles.k,), memory_registers=40, wg_axis="wg", num_compute_wgs=COMPUTE_WARPGROUPS,
             max_concurrent_steps=tiles.stages, compute_context=context,
@@ -124,7 +128,7 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
 
             def step(_, a_smem, b_smem, acc_ref):
                 plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, pl.ds(wg * tiles.n, tiles.n)])
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(tiles.in_flight)
                 return acc_ref
 
             pipeline(step, context)(a_gmem.at[rows, :], b_gmem.at[:, pl.ds(ni * cta_n, cta_n)],

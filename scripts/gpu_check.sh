@@ -2,8 +2,8 @@
 # On a GPU machine, in one call: compiled kernel tests, the kernel benchmarks and the train-step benchmark,
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
-#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, gla, delta, gelu, train,
-#   train-delta, train-all, profile (default: the first seven)
+#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, conv-tests, gla, delta, gelu,
+#   conv, train, train-delta, train-all, profile (default: tests to train, but for the conv stages)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape
@@ -39,6 +39,9 @@ for name in "${stages[@]}"; do
     gelu-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage gelu-tests 120 python3 -m pytest \
              tests/kernels/test_gelu_matmul.py -vv -p no:cacheprovider -W ignore ;;
     gelu) stage gelu 120 python3 -m kernels.bench_gelu --json "$out/gelu.json" ;;
+    conv-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage conv-tests 150 python3 -m pytest tests/kernels/test_gated_norm.py \
+             tests/kernels/test_short_conv.py -vv -p no:cacheprovider -W ignore ;;
+    conv) stage conv 120 python3 -m kernels.bench_elementwise --json "$out/conv.json" ;;
     gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
     delta-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage delta-tests 300 python3 -m pytest tests/kernels/test_delta.py \
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
@@ -64,7 +67,7 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     profile) stage profile 240 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py \
                --profile /tmp/gla_profile --json "$out/profile.json"
              gzip -c /tmp/gla_profile/train_step.hlo.txt >"$out/profile_hlo.txt.gz" ;;  # fusions -> source lines
-    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, gla, delta, gelu, train," \
-            "train-delta, train-all or profile)" >&2; exit 2 ;;
+    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, conv-tests, gla, delta, gelu," \
+            "conv, train, train-delta, train-all or profile)" >&2; exit 2 ;;
   esac
 done

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlin.layers.common import causal_conv
+from jaxlin.ops.conv import causal_conv
 from jaxlin.model import GPT, MLP, ModelConfig, count_params
 
 KINDS = ["gla", "deltanet", "gated_deltanet", "softmax"]

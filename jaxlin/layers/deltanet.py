@@ -20,7 +20,7 @@ class DeltaNet(nnx.Module):
 
     def __init__(self, d_model: int, n_head: int, *, expand_k: float = 1.0, expand_v: float = 1.0,
                  conv_size: int = 4, use_gate: bool = False, norm_eps: float = 1e-5, out_std: float,
-                 impl: str = "auto", dtype=jnp.bfloat16, rngs: nnx.Rngs):
+                 impl: str = "auto", elementwise_impl: str = "auto", dtype=jnp.bfloat16, rngs: nnx.Rngs):
         key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
         if key_dim % n_head or value_dim % n_head:
             raise ValueError(
@@ -40,9 +40,9 @@ class DeltaNet(nnx.Module):
             dt = jnp.exp(jax.random.uniform(key_dt, (n_head,), jnp.float32, math.log(1e-3), math.log(0.1)))
             dt = jnp.maximum(dt, 1e-4)
             self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))  # inverse softplus
-        self.conv = QKVConv(key_dim, value_dim, conv_size, rngs=rngs) if conv_size else None
+        self.conv = QKVConv(key_dim, value_dim, conv_size, impl=elementwise_impl, rngs=rngs) if conv_size else None
         self.g_proj = linear(d_model, value_dim, dtype=dtype, rngs=rngs) if use_gate else None
-        self.o_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps)
+        self.o_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps, impl=elementwise_impl)
         self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):

@@ -16,7 +16,7 @@ class GatedLinearAttention(nnx.Module):
 
     def __init__(self, d_model: int, n_head: int, *, expand_k: float = 0.5, expand_v: float = 1.0,
                  conv_size: int = 4, gate_low_rank: int = 16, gate_logit_normalizer: float = 16.0,
-                 norm_eps: float = 1e-5, out_std: float, impl: str = "auto", dtype=jnp.bfloat16,
+                 norm_eps: float = 1e-5, out_std: float, impl: str = "auto", elementwise_impl: str = "auto", dtype=jnp.bfloat16,
                  rngs: nnx.Rngs):
         key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
         if key_dim % n_head or value_dim % n_head:
@@ -34,8 +34,8 @@ class GatedLinearAttention(nnx.Module):
             linear(d_model, gate_low_rank, dtype=dtype, rngs=rngs),
             linear(gate_low_rank, key_dim, dtype=dtype, rngs=rngs, bias=True),
         )
-        self.conv = QKVConv(key_dim, value_dim, conv_size, rngs=rngs) if conv_size else None
-        self.g_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps)
+        self.conv = QKVConv(key_dim, value_dim, conv_size, impl=elementwise_impl, rngs=rngs) if conv_size else None
+        self.g_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps, impl=elementwise_impl)
         self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):

@@ -1,0 +1,95 @@
+"""Time the recurrent layers' element-wise steps, XLA against their Pallas kernels: the short convolutions
+(``kernels.short_conv``: forward, and backward with the joined projection's gradient) and the gated
+RMSNorm (``kernels.gated_norm``). Median ms of queued calls, and the largest difference from XLA.
+
+    python -m kernels.bench_elementwise [--batch 32] [--seq 1024] [--conv 512,512,1024] [--rest 1024,16]
+        [--heads 16] [--segments N] [--json out.json]
+
+Defaults: GPT-2 Medium's GLA layer (q, k, v convolved; g and the gate's low-rank input passed through;
+16 heads of 64 values normed).
+"""
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlin.ops import conv, norm
+from .bench import _median_ms
+
+
+def _widths(text):
+    return [int(w) for w in text.split(",")] if text else []
+
+
+def _max_errors(want, got):
+    return [float(np.abs(np.float32(a) - np.float32(b)).max() / np.abs(np.float32(a)).max())
+            for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got))]
+
+
+def _conv_rows(B, T, widths, rest, segment_ids):
+    keys = jax.random.split(jax.random.key(0), 3)
+    y = jax.random.normal(keys[0], (B, T, sum(widths) + sum(rest)), jnp.bfloat16)
+    kernels = [jax.random.uniform(k, (4, w), jnp.float32, -0.5, 0.5)
+               for k, w in zip(jax.random.split(keys[1], len(widths)), widths)]
+    grads = tuple(jax.random.normal(k, (B, T, w), jnp.bfloat16)
+                  for k, w in zip(jax.random.split(keys[2], len(widths) + len(rest)), widths + rest))
+    split = lambda impl: lambda y, kernels: sum(conv.conv_and_split(y, kernels, rest, segment_ids=segment_ids,
+                                                                   impl=impl), ())
+    forward = lambda impl: jax.jit(split(impl))
+    backward = lambda impl: jax.jit(lambda y, kernels, grads: jax.vjp(split(impl), y, kernels)[1](grads))
+    moved = 2 * y.size * 2 + sum(g.size * 2 for g in grads)  # the backward's y read and written, grads read
+    return {f"conv {d} ({impl})": (fn(impl.lower()), args, moved)
+            for d, fn, args in (("forward", forward, (y, kernels)), ("backward", backward, (y, kernels, grads)))
+            for impl in ("XLA", "Pallas")}
+
+
+def _norm_rows(B, T, heads, dim):
+    keys = jax.random.split(jax.random.key(1), 4)
+    x, g, dout = (jax.random.normal(k, (B, T, heads, dim), jnp.bfloat16) for k in keys[:3])
+    w = jax.random.uniform(keys[3], (dim,), jnp.float32, 0.5, 1.5)
+    run = lambda impl: lambda x, g, w: norm.gated_rms_norm(x, w, g, eps=1e-5, impl=impl)
+    forward = lambda impl: jax.jit(run(impl))
+    backward = lambda impl: jax.jit(lambda x, g, w, dout: jax.vjp(run(impl), x, g, w)[1](dout))
+    moved = 5 * x.size * 2  # the backward's x, g, dout read, dx, dg written
+    return {f"gated norm {d} ({impl})": (fn(impl.lower()), args, moved)
+            for d, fn, args in (("forward", forward, (x, g, w)), ("backward", backward, (x, g, w, dout)))
+            for impl in ("XLA", "Pallas")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--conv", default="512,512,1024")
+    parser.add_argument("--rest", default="1024,16")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--segments", type=int, default=0, help="documents per row (0: no segment ids)")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    widths, rest, B, T = _widths(args.conv), _widths(args.rest), args.batch, args.seq
+    segment_ids = None
+    if args.segments:
+        segment_ids = jnp.broadcast_to(jnp.arange(T) * args.segments // T, (B, T)).astype(jnp.int32)
+    rows = {**_conv_rows(B, T, widths, rest, segment_ids), **_norm_rows(B, T, args.heads, widths[-1] // args.heads)}
+    print(f"device: {jax.devices()[0].device_kind}, B {B}, T {T}, conv {widths}, rest {rest}, heads {args.heads}, "
+          f"segments {args.segments}")
+    records, errors = [], {}
+    for name, (fn, operands, moved) in rows.items():
+        ms = _median_ms(fn, *operands)
+        print(f"{name:<28} {ms:8.3f} ms  {moved / ms / 1e9:6.0f} GB/s (the backward's bytes)")
+        records.append(dict(row=name, ms=ms, batch=B, seq=T, conv=widths, rest=rest, segments=args.segments))
+        if "Pallas" in name:
+            want = rows[name.replace("Pallas", "XLA")][0](*operands)
+            errors[name] = _max_errors(want, fn(*operands))
+            print(f"{'':<28} max error vs XLA (max abs over max abs), each output: "
+                  + " ".join(f"{e:.1e}" for e in errors[name]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=records, errors=errors), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
