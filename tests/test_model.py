@@ -97,6 +97,7 @@ def test_bfloat16_compute_keeps_float32_params():
     (dict(dtype="float16"), "model.dtype"),
     (dict(remat="some"), "model.remat"),
     (dict(mlp_impl="cublas"), "model.mlp_impl"),
+    (dict(elementwise_impl="triton"), "model.elementwise_impl"),
 ])
 def test_bad_configs(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -168,6 +169,24 @@ def test_fused_gelu_mlp_matches_xla():
     for got, want in zip(value_and_grads(mlps["pallas"]), value_and_grads(mlps["xla"])):
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+@pytest.mark.parametrize("attn", ["gla", "gated_deltanet"])
+def test_elementwise_kernels_match_xla(attn):
+    """The short convs' and gated norm's kernels (interpret mode) give XLA's loss and gradients, with
+    packed documents and under the remat policy of the GPT-2 Medium configs."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, 256)
+    segment_ids = jnp.zeros((2, 64), jnp.int32).at[:, 20:].set(1).at[1, 45:].set(2)
+
+    def loss_and_grads(impl):
+        cfg = tiny(attn, vocab_size=256, impl="chunked", elementwise_impl=impl, remat="dots_and_activations")
+        graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens, segment_ids=segment_ids) ** 2)
+        return jax.value_and_grad(loss)(params)
+
+    want, got = loss_and_grads("xla"), loss_and_grads("pallas")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
 def test_mlp_auto_keeps_xla_where_it_does_not_apply():
