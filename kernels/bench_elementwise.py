@@ -3,10 +3,11 @@
 RMSNorm (``kernels.gated_norm``). Median ms of queued calls, and the largest difference from XLA.
 
     python -m kernels.bench_elementwise [--batch 32] [--seq 1024] [--conv 512,512,1024] [--rest 1024,16]
-        [--heads 16] [--segments N] [--json out.json]
+        [--heads 16] [--segments N] [--conv-tiles ROWS,COLS,STEPS,WARPS ...] [--json out.json]
 
 Defaults: GPT-2 Medium's GLA layer (q, k, v convolved; g and the gate's low-rank input passed through;
-16 heads of 64 values normed).
+16 heads of 64 values normed). ``--conv-tiles`` also times the conv kernels with other tilings
+(``kernels.short_conv.Tiles``).
 """
 
 import argparse
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlin.ops import conv, norm
+from . import short_conv
 from .bench import _median_ms
 
 
@@ -29,7 +31,7 @@ def _max_errors(want, got):
             for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got))]
 
 
-def _conv_rows(B, T, widths, rest, segment_ids):
+def _conv_rows(B, T, widths, rest, segment_ids, tilings):
     keys = jax.random.split(jax.random.key(0), 3)
     y = jax.random.normal(keys[0], (B, T, sum(widths) + sum(rest)), jnp.bfloat16)
     kernels = [jax.random.uniform(k, (4, w), jnp.float32, -0.5, 0.5)
@@ -40,10 +42,21 @@ def _conv_rows(B, T, widths, rest, segment_ids):
                                                                    impl=impl), ())
     forward = lambda impl: jax.jit(split(impl))
     backward = lambda impl: jax.jit(lambda y, kernels, grads: jax.vjp(split(impl), y, kernels)[1](grads))
-    moved = 2 * y.size * 2 + sum(g.size * 2 for g in grads)  # the backward's y read and written, grads read
-    return {f"conv {d} ({impl})": (fn(impl.lower()), args, moved)
+    moved = {"forward": 2 * sum(widths) * B * T * 2,  # conv columns read and written
+             "backward": 2 * y.size * 2 + sum(g.size * 2 for g in grads)}  # y read and written, grads read
+    rows = {f"conv {d} ({impl})": (fn(impl.lower()), args, moved[d])
             for d, fn, args in (("forward", forward, (y, kernels)), ("backward", backward, (y, kernels, grads)))
             for impl in ("XLA", "Pallas")}
+    kernel = jnp.concatenate(kernels, axis=1)
+    interpret = jax.default_backend() != "gpu"  # the kernels' code on CPU, for checking, not timing
+    for text in tilings:
+        tiles = short_conv.Tiles(*map(int, text.split(",")))
+        rows[f"conv forward (Pallas, {text})"] = (jax.jit(lambda y, k, t=tiles: short_conv.conv_forward(
+            y, k, widths, segment_ids, tiles=t, interpret=interpret)), (y, kernel), moved["forward"])
+        rows[f"conv backward (Pallas, {text})"] = (jax.jit(lambda y, k, g, t=tiles: short_conv.conv_join_backward(
+            y, k, g[:len(widths)], g[len(widths):], segment_ids, tiles=t, interpret=interpret)),
+            (y, kernel, grads), moved["backward"])
+    return rows
 
 
 def _norm_rows(B, T, heads, dim):
@@ -53,8 +66,8 @@ def _norm_rows(B, T, heads, dim):
     run = lambda impl: lambda x, g, w: norm.gated_rms_norm(x, w, g, eps=1e-5, impl=impl)
     forward = lambda impl: jax.jit(run(impl))
     backward = lambda impl: jax.jit(lambda x, g, w, dout: jax.vjp(run(impl), x, g, w)[1](dout))
-    moved = 5 * x.size * 2  # the backward's x, g, dout read, dx, dg written
-    return {f"gated norm {d} ({impl})": (fn(impl.lower()), args, moved)
+    moved = {"forward": 3 * x.size * 2, "backward": 5 * x.size * 2}  # x, g (, dout) read; out (dx, dg) written
+    return {f"gated norm {d} ({impl})": (fn(impl.lower()), args, moved[d])
             for d, fn, args in (("forward", forward, (x, g, w)), ("backward", backward, (x, g, w, dout)))
             for impl in ("XLA", "Pallas")}
 
@@ -67,24 +80,25 @@ def main(argv=None):
     parser.add_argument("--rest", default="1024,16")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--segments", type=int, default=0, help="documents per row (0: no segment ids)")
+    parser.add_argument("--conv-tiles", nargs="*", default=[], metavar="ROWS,COLS,STEPS,WARPS")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     widths, rest, B, T = _widths(args.conv), _widths(args.rest), args.batch, args.seq
     segment_ids = None
     if args.segments:
         segment_ids = jnp.broadcast_to(jnp.arange(T) * args.segments // T, (B, T)).astype(jnp.int32)
-    rows = {**_conv_rows(B, T, widths, rest, segment_ids), **_norm_rows(B, T, args.heads, widths[-1] // args.heads)}
+    rows = {**_conv_rows(B, T, widths, rest, segment_ids, args.conv_tiles), **_norm_rows(B, T, args.heads, widths[-1] // args.heads)}
     print(f"device: {jax.devices()[0].device_kind}, B {B}, T {T}, conv {widths}, rest {rest}, heads {args.heads}, "
           f"segments {args.segments}")
     records, errors = [], {}
     for name, (fn, operands, moved) in rows.items():
         ms = _median_ms(fn, *operands)
-        print(f"{name:<28} {ms:8.3f} ms  {moved / ms / 1e9:6.0f} GB/s (the backward's bytes)")
+        print(f"{name:<40} {ms:8.3f} ms  {moved / ms / 1e6:6.0f} GB/s")
         records.append(dict(row=name, ms=ms, batch=B, seq=T, conv=widths, rest=rest, segments=args.segments))
-        if "Pallas" in name:
+        if name.endswith("(Pallas)"):
             want = rows[name.replace("Pallas", "XLA")][0](*operands)
             errors[name] = _max_errors(want, fn(*operands))
-            print(f"{'':<28} max error vs XLA (max abs over max abs), each output: "
+            print(f"{'':<40} max error vs XLA (max abs over max abs), each output: "
                   + " ".join(f"{e:.1e}" for e in errors[name]))
     if args.json:
         with open(args.json, "w") as f:

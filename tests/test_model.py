@@ -254,3 +254,13 @@ def test_fused_gelu_mlp_refuses_a_mesh_of_several_devices():
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="one device"):
         mlp(jnp.ones((2, 64, 64), jnp.bfloat16))
+
+
+def test_elementwise_kernels_refuse_a_mesh_of_several_devices():
+    """Forced on under a mesh, the kernels refuse with the fix; auto keeps XLA there."""
+    from jaxlin.ops import conv
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        assert not conv.kernels_apply("auto")
+        with pytest.raises(ValueError, match="elementwise_impl='auto' or 'xla'"):
+            conv.kernels_apply("pallas")

@@ -105,8 +105,11 @@ def kernels_apply(impl: str = "auto") -> bool:
     mesh)."""
     if impl not in IMPLS:
         raise ValueError(f"element-wise kernels' impl must be one of {IMPLS}, got {impl!r}")
-    one_gpu = jax.default_backend() == "gpu" and jax.sharding.get_abstract_mesh().size <= 1
-    return impl == "pallas" or (impl == "auto" and one_gpu)
+    devices = jax.sharding.get_abstract_mesh().size
+    if impl == "pallas" and devices > 1:
+        raise ValueError(f"the element-wise Pallas kernels run on one device, not partitioned over a mesh of "
+                         f"{devices}; use model.elementwise_impl='auto' or 'xla'")
+    return impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu" and devices <= 1)
 
 
 def conv_and_split(y, kernels, rest_widths, *, segment_ids=None, impl="auto"):

@@ -78,3 +78,19 @@ def test_lowers_for_cuda_at_gpt2_medium_shape(packed):
         text = jax.jit(both).trace(spec(B, T, 3088), spec(4, 2048, dtype=jnp.float32), grads, seg).lower(
             lowering_platforms=("cuda",)).as_text()
     assert "conv_forward" in text and "conv_join_backward" in text
+
+
+@pytest.mark.parametrize("tiles", [short_conv.Tiles(rows=8, cols=32, steps=2, warps=4),
+                                   short_conv.Tiles(rows=16, cols=16, steps=1, warps=4)])
+def test_tiles_that_split_the_sequence_over_programs(tiles):
+    """Several programs along time (37 rows: 3 programs of 2 x 8, or 3 of 16), the gathered first block and
+    the sliced ones after it, and column blocks narrower than a piece."""
+    B, T, widths, rest = 2, 37, [32, 32, 64], [64, 5]
+    y, kernels, grads = _inputs(B, T, widths, rest, jnp.float32, seed=4)
+    segment_ids = packed_segments(B, T, (9, 20))
+    want_out, (want_dy, want_dk) = _vjp("xla", y, kernels, tuple(rest), grads, segment_ids)
+    kernel = jnp.concatenate(kernels, axis=1)
+    out = short_conv.conv_forward(y, kernel, widths, segment_ids, interpret=True, tiles=tiles)
+    dy, dk = short_conv.conv_join_backward(y, kernel, grads[:3], grads[3:], segment_ids, interpret=True, tiles=tiles)
+    for got, want in zip((*out, dy, dk), (*want_out[:3], want_dy, jnp.concatenate(want_dk, axis=1))):
+        assert rel_error(got, want) < 1e-5
