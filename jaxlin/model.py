@@ -13,6 +13,7 @@ from flax import nnx
 from jaxlin import ops
 from jaxlin.ops import conv as conv_ops
 from jaxlin.ops import mlp as mlp_ops
+from jaxlin.ops import norm as norm_ops
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS
 from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
 
@@ -56,6 +57,9 @@ class ModelConfig:
     # The recurrent layers' short convs and gated norm (jaxlin.ops.conv, jaxlin.ops.norm): "auto" their
     # Pallas kernels on one GPU, "xla", "pallas".
     elementwise_impl: str = "auto"
+    # The blocks' LayerNorms with the residual adds: "xla" (Flax's LayerNorm), or "pallas" (kernels.layer_norm,
+    # one pass each way; not yet timed on a GPU, so not the default).
+    layer_norm_impl: str = "xla"
     remat: str = "none"  # a key of REMAT_POLICIES: what each block saves for the backward pass
 
     def __post_init__(self):
@@ -75,6 +79,9 @@ class ModelConfig:
             raise ValueError(f"model.remat: unknown {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         if self.mlp_impl not in mlp_ops.IMPLS:
             raise ValueError(f"model.mlp_impl: unknown {self.mlp_impl!r}; expected one of {mlp_ops.IMPLS}")
+        if self.layer_norm_impl not in norm_ops.LAYER_NORM_IMPLS:
+            raise ValueError(f"model.layer_norm_impl: unknown {self.layer_norm_impl!r}; expected one of "
+                             f"{norm_ops.LAYER_NORM_IMPLS}")
         if self.elementwise_impl not in conv_ops.IMPLS:
             raise ValueError(f"model.elementwise_impl: unknown {self.elementwise_impl!r}; expected one of "
                              f"{conv_ops.IMPLS}")
@@ -146,12 +153,24 @@ class Block(nnx.Module):
         self.ln_2 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
         mlp_impl = "xla" if config.mlp_impl == "auto" and config.remat == "dots" else config.mlp_impl
         self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs, impl=mlp_impl)
+        self.layer_norm_impl = config.layer_norm_impl
 
     def __call__(self, x, segment_ids=None, state=None, return_state=False):
-        y, new_state = self.attn(activation(self.ln_1(x)), segment_ids=segment_ids, state=state,
-                                 return_state=return_state)
-        x = x + y
-        return x + self.mlp(activation(self.ln_2(x))), new_state
+        attend = lambda h: self.attn(activation(h), segment_ids=segment_ids, state=state, return_state=return_state)
+        if norm_ops.layer_norm_applies(x, self.layer_norm_impl):
+            x, h = self._norm(self.ln_1, x, None)
+            y, new_state = attend(h)
+            x, h = self._norm(self.ln_2, x, y)
+        else:
+            y, new_state = attend(self.ln_1(x))
+            x = x + y
+            h = self.ln_2(x)
+        return x + self.mlp(activation(h)), new_state
+
+    @staticmethod
+    def _norm(ln: nnx.LayerNorm, x, residual):
+        """``(x + residual, ln(x + residual))`` in one kernel (``(x, ln(x))`` without a residual)."""
+        return norm_ops.residual_layer_norm(x, residual, ln.scale[...], ln.bias[...], eps=ln.epsilon)
 
 
 def _block_forward(block: Block, x, segment_ids):

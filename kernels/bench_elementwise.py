@@ -1,9 +1,10 @@
-"""Time the recurrent layers' element-wise steps, XLA against their Pallas kernels: the short convolutions
-(``kernels.short_conv``: forward, and backward with the joined projection's gradient) and the gated
-RMSNorm (``kernels.gated_norm``). Median ms of queued calls, and the largest difference from XLA.
+"""Time the layers' element-wise steps, XLA against their Pallas kernels: the short convolutions
+(``kernels.short_conv``: forward, and backward with the joined projection's gradient), the gated RMSNorm
+(``kernels.gated_norm``) and the blocks' LayerNorm with its residual add (``kernels.layer_norm``). Median
+ms of queued calls, and the largest difference from XLA.
 
     python -m kernels.bench_elementwise [--batch 32] [--seq 1024] [--conv 512,512,1024] [--rest 1024,16]
-        [--heads 16] [--segments N] [--conv-tiles ROWS,COLS,STEPS,WARPS ...] [--json out.json]
+        [--heads 16] [--width 1024] [--segments N] [--conv-tiles ROWS,COLS,STEPS,WARPS ...] [--json out.json]
 
 Defaults: GPT-2 Medium's GLA layer (q, k, v convolved; g and the gate's low-rank input passed through;
 16 heads of 64 values normed). ``--conv-tiles`` also times the conv kernels with other tilings
@@ -16,6 +17,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxlin.ops import conv, norm
 from . import short_conv
@@ -72,6 +74,29 @@ def _norm_rows(B, T, heads, dim):
             for impl in ("XLA", "Pallas")}
 
 
+def _layer_norm_rows(B, T, width):
+    keys = jax.random.split(jax.random.key(2), 4)
+    x, r, dsum, dout = (jax.random.normal(k, (B, T, width), jnp.bfloat16) for k in keys)
+    graphdef, params = nnx.split(nnx.LayerNorm(width, epsilon=1e-5, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                               rngs=nnx.Rngs(0)), nnx.Param)
+
+    def run(impl):
+        def sum_and_norm(x, r, params):
+            ln = nnx.merge(graphdef, params)
+            if impl == "pallas":
+                return norm.residual_layer_norm(x, r, ln.scale[...], ln.bias[...], eps=ln.epsilon)
+            return x + r, ln(x + r)
+        return sum_and_norm
+
+    forward = lambda impl: jax.jit(run(impl))
+    backward = lambda impl: jax.jit(lambda x, r, params, grads: jax.vjp(run(impl), x, r, params)[1](grads))
+    moved = {"forward": 4 * x.size * 2, "backward": 5 * x.size * 2}  # x, r (, 2 grads) read; sum, norm (dx) out
+    return {f"layer norm + residual {d} ({impl})": (fn(impl.lower()), args, moved[d])
+            for d, fn, args in (("forward", forward, (x, r, params)),
+                                ("backward", backward, (x, r, params, (dsum, dout))))
+            for impl in ("XLA", "Pallas")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -79,6 +104,7 @@ def main(argv=None):
     parser.add_argument("--conv", default="512,512,1024")
     parser.add_argument("--rest", default="1024,16")
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--width", type=int, default=1024, help="the model's width (the LayerNorm's)")
     parser.add_argument("--segments", type=int, default=0, help="documents per row (0: no segment ids)")
     parser.add_argument("--conv-tiles", nargs="*", default=[], metavar="ROWS,COLS,STEPS,WARPS")
     parser.add_argument("--json")
@@ -87,7 +113,8 @@ def main(argv=None):
     segment_ids = None
     if args.segments:
         segment_ids = jnp.broadcast_to(jnp.arange(T) * args.segments // T, (B, T)).astype(jnp.int32)
-    rows = {**_conv_rows(B, T, widths, rest, segment_ids, args.conv_tiles), **_norm_rows(B, T, args.heads, widths[-1] // args.heads)}
+    rows = {**_conv_rows(B, T, widths, rest, segment_ids, args.conv_tiles),
+            **_norm_rows(B, T, args.heads, widths[-1] // args.heads), **_layer_norm_rows(B, T, args.width)}
     print(f"device: {jax.devices()[0].device_kind}, B {B}, T {T}, conv {widths}, rest {rest}, heads {args.heads}, "
           f"segments {args.segments}")
     records, errors = [], {}

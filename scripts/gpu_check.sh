@@ -2,12 +2,13 @@
 # On a GPU machine, in one call: compiled kernel tests, the kernel benchmarks and the train-step benchmark,
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
-#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, conv-tests, gla, delta, gelu,
-#   conv, train, train-delta, train-all, profile (default: tests to train, but for the conv stages)
+#   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
+#   gelu, elementwise, train, train-layer-norm, train-delta, train-all, profile (default: tests, delta-tests,
+#   gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
-# delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape
-# (not yet run compiled: their GPU check so far is `gelu`, the bench, which compares every row with XLA's).
+# delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape,
+# `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_logs}
@@ -39,9 +40,10 @@ for name in "${stages[@]}"; do
     gelu-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage gelu-tests 120 python3 -m pytest \
              tests/kernels/test_gelu_matmul.py -vv -p no:cacheprovider -W ignore ;;
     gelu) stage gelu 150 python3 -m kernels.bench_gelu --tiles 128,128,64,2,1,0,1 --json "$out/gelu.json" ;;  # + ping-pong
-    conv-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage conv-tests 300 python3 -m pytest tests/kernels/test_gated_norm.py \
-             tests/kernels/test_short_conv.py -vv -p no:cacheprovider -W ignore ;;
-    conv) stage conv 120 python3 -m kernels.bench_elementwise --json "$out/conv.json" ;;
+    elementwise-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage elementwise-tests 300 python3 -m pytest \
+             tests/kernels/test_gated_norm.py tests/kernels/test_short_conv.py tests/kernels/test_layer_norm.py \
+             -vv -p no:cacheprovider -W ignore ;;
+    elementwise) stage elementwise 150 python3 -m kernels.bench_elementwise --json "$out/elementwise.json" ;;
     gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
     delta-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage delta-tests 300 python3 -m pytest tests/kernels/test_delta.py \
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
@@ -50,6 +52,8 @@ for name in "${stages[@]}"; do
              gated_delta_rule --shape 32,1024,16,64,64 --shape 4,2048,16,128,128 \
              --impls pallas:triton,pallas:mosaic --json $out/gated_delta_rule.json" ;;
     train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
+    train-layer-norm) stage train-layer-norm 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             --config configs/gpt2_medium_gla.py --config.model.layer_norm_impl=pallas --json "$out/train_layer_norm.json" ;;
     train-delta) for impl in pallas:triton pallas:mosaic; do  # the delta kernels' two backends, paired
              stage "train-delta-${impl#pallas:}" 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
                --config configs/gpt2_medium_gated_deltanet.py --config.model.impl=$impl \
@@ -67,7 +71,7 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     profile) stage profile 240 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py \
                --profile /tmp/gla_profile --json "$out/profile.json"
              gzip -c /tmp/gla_profile/train_step.hlo.txt >"$out/profile_hlo.txt.gz" ;;  # fusions -> source lines
-    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, conv-tests, gla, delta, gelu," \
-            "conv, train, train-delta, train-all or profile)" >&2; exit 2 ;;
+    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
+            "gelu, elementwise, train, train-layer-norm, train-delta, train-all or profile)" >&2; exit 2 ;;
   esac
 done

@@ -98,6 +98,7 @@ def test_bfloat16_compute_keeps_float32_params():
     (dict(remat="some"), "model.remat"),
     (dict(mlp_impl="cublas"), "model.mlp_impl"),
     (dict(elementwise_impl="triton"), "model.elementwise_impl"),
+    (dict(layer_norm_impl="auto"), "model.layer_norm_impl"),
 ])
 def test_bad_configs(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -189,6 +190,20 @@ def test_elementwise_kernels_match_xla(attn):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
+def test_layer_norm_kernels_match_flax():
+    """The LayerNorm kernels with the residual adds (interpret mode) give Flax's loss and gradients."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, 256)
+
+    def loss_and_grads(impl):
+        cfg = tiny("gla", vocab_size=256, impl="chunked", layer_norm_impl=impl, remat="dots_and_activations")
+        graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        return jax.value_and_grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2))(params)
+
+    want, got = loss_and_grads("xla"), loss_and_grads("pallas")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(np.abs(b).max()))
+
+
 def test_mlp_auto_keeps_xla_where_it_does_not_apply():
     """On CPU, and under remat "dots" (no room for the fused forward's stored gelu(h)), auto is XLA's MLP."""
     assert GPT(tiny(remat="dots"), rngs=nnx.Rngs(0)).h[0].mlp.impl == "xla"
@@ -258,9 +273,11 @@ def test_fused_gelu_mlp_refuses_a_mesh_of_several_devices():
 
 def test_elementwise_kernels_refuse_a_mesh_of_several_devices():
     """Forced on under a mesh, the kernels refuse with the fix; auto keeps XLA there."""
-    from jaxlin.ops import conv
+    from jaxlin.ops import conv, norm
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
         assert not conv.kernels_apply("auto")
         with pytest.raises(ValueError, match="elementwise_impl='auto' or 'xla'"):
             conv.kernels_apply("pallas")
+        with pytest.raises(ValueError, match="layer_norm_impl='xla'"):
+            norm.layer_norm_applies(jnp.ones((64, 64)), "pallas")

@@ -1,5 +1,7 @@
-"""The gated RMSNorm after the recurrence (FLA's FusedRMSNormGated): the formula in XLA, and on one GPU
-``kernels.gated_norm`` (one pass forward, one backward)."""
+"""The norms: the gated RMSNorm after the recurrence (FLA's FusedRMSNormGated), the formula in XLA and on
+one GPU ``kernels.gated_norm`` (one pass forward, one backward); and the blocks' LayerNorms with the
+residual stream in ``kernels.layer_norm`` (where the model's ``layer_norm_impl`` asks; otherwise the blocks
+run Flax's LayerNorm)."""
 
 import functools
 
@@ -7,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from .conv import kernels_apply
+
+LAYER_NORM_IMPLS = ("xla", "pallas")
 
 
 def gated_rms_norm(x, weight, gate=None, *, eps, impl="auto"):
@@ -42,3 +46,49 @@ def _gated_norm_bwd(eps, interpret, residuals, dout):
 
 
 _gated_norm.defvjp(_gated_norm_fwd, _gated_norm_bwd)
+
+
+def residual_layer_norm(x, residual, scale, bias, *, eps):
+    """``(x + residual, LayerNorm(x + residual))`` over the last axis by ``kernels.layer_norm`` (interpret
+    mode off the GPU); with ``residual`` None, ``(x, LayerNorm(x))``. Returning the sum (or x) lets the
+    backward add the residual stream's gradient in the same pass. Callers check ``layer_norm_applies``."""
+    shape, D = x.shape, x.shape[-1]
+    outputs = _layer_norm(x.reshape(-1, D), None if residual is None else residual.reshape(-1, D), scale, bias,
+                          eps, jax.default_backend() != "gpu")
+    return tuple(o.reshape(shape) for o in outputs)
+
+
+def layer_norm_applies(x, impl: str) -> bool:
+    """Whether ``impl`` (ModelConfig.layer_norm_impl) runs ``residual_layer_norm`` on x: "pallas" on one
+    device, for rows the kernel's programs cover (others take Flax's LayerNorm)."""
+    if impl not in LAYER_NORM_IMPLS:
+        raise ValueError(f"layer norm impl must be one of {LAYER_NORM_IMPLS}, got {impl!r}")
+    if impl == "xla":
+        return False
+    devices = jax.sharding.get_abstract_mesh().size
+    if devices > 1:
+        raise ValueError(f"the LayerNorm kernel runs on one device, not partitioned over a mesh of {devices}; "
+                         "use model.layer_norm_impl='xla'")
+    from kernels import layer_norm
+    return layer_norm.supports(x.reshape(-1, x.shape[-1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _layer_norm(x, residual, scale, bias, eps, interpret):
+    from kernels import layer_norm
+    return layer_norm.layer_norm_forward(x, residual, scale, bias, eps=eps, interpret=interpret)
+
+
+def _layer_norm_fwd(x, residual, scale, bias, eps, interpret):
+    return _layer_norm(x, residual, scale, bias, eps, interpret), (x, residual, scale, bias)
+
+
+def _layer_norm_bwd(eps, interpret, residuals, grads):
+    from kernels import layer_norm
+    x, residual, scale, bias = residuals
+    dsum, dout = grads
+    dx, dscale, dbias = layer_norm.layer_norm_backward(x, residual, scale, dsum, dout, eps=eps, interpret=interpret)
+    return dx, None if residual is None else dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
