@@ -42,10 +42,16 @@ def _backward_kernel(x_ref, g_ref, w_ref, dout_ref, dx_ref, dg_ref, dw_ref, *, e
     dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
+def supports(x) -> bool:
+    """Rows ``[N, D]`` that whole programs cover, ``D`` a power of two (Triton's block shapes)."""
+    N, D = x.shape
+    return N % ROWS == 0 and D & (D - 1) == 0
+
+
 def _check(x, g, w):
-    if x.ndim != 2 or g.shape != x.shape or w.shape != x.shape[1:] or x.shape[0] % ROWS:
-        raise ValueError(f"gated_norm: x and g must be [N, D] with N a multiple of {ROWS}, w [D]; got x {x.shape}, "
-                         f"g {g.shape}, w {w.shape}")
+    if x.ndim != 2 or not supports(x) or g.shape != x.shape or w.shape != x.shape[1:]:
+        raise ValueError(f"gated_norm: x and g must be [N, D] with N a multiple of {ROWS} and D a power of two, "
+                         f"w [D]; got x {x.shape}, g {g.shape}, w {w.shape}")
 
 
 def _rows(D):

@@ -15,11 +15,14 @@ LAYER_NORM_IMPLS = ("xla", "pallas")
 
 def gated_rms_norm(x, weight, gate=None, *, eps, impl="auto"):
     """``x * rsqrt(mean(x^2) + eps) * weight``, times ``silu(gate)`` when given, over the last axis, in
-    float32; returned in x's dtype. x and gate ``[..., D]``, weight ``[D]``."""
-    if gate is not None and kernels_apply(impl) and x.size % (x.shape[-1] * 64) == 0:
-        D = x.shape[-1]
-        out = _gated_norm(x.reshape(-1, D), gate.reshape(-1, D), weight, eps, jax.default_backend() != "gpu")
-        return out.reshape(x.shape)
+    float32; returned in x's dtype. x and gate ``[..., D]``, weight ``[D]``. The kernel takes gated calls
+    whose rows it supports; the rest run the formula in XLA."""
+    if gate is not None and kernels_apply(impl):
+        from kernels import gated_norm
+        rows = x.reshape(-1, x.shape[-1])
+        if gated_norm.supports(rows):
+            out = _gated_norm(rows, gate.reshape(rows.shape), weight, eps, jax.default_backend() != "gpu")
+            return out.reshape(x.shape)
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * weight
     if gate is not None:

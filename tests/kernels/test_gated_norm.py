@@ -39,6 +39,7 @@ def test_value_and_gradients_match_autodiff(dtype, gate_scale):
 
 
 def test_rows_the_programs_do_not_divide_take_xla():
+    assert not gated_norm.supports(jnp.ones((64, 48)))  # D not a power of two
     x = jax.random.normal(jax.random.key(1), (1, 3, 2, 32))  # 6 rows
     w = jnp.ones((32,))
     assert jnp.allclose(norm.gated_rms_norm(x, w, x, eps=1e-5, impl="pallas"),
