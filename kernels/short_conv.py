@@ -32,11 +32,15 @@ from .common import compiler_params
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """A program covers ``cols`` columns of one piece and ``steps`` blocks of ``rows`` rows, one after
-    another (the kernel gradient's partial sums stay in registers across them), with ``warps`` warps."""
+    another (the kernel gradient's partial sums stay in registers across them), with ``warps`` warps. The
+    backward takes ``passes``: 1 recomputes the pre-activation for each of the ``K`` rows that read an
+    input row; 2 stores its gradient once, in y's dtype, and forms y's gradient from it in a second kernel
+    (fewer loads and sigmoids, one more round trip to memory; not yet timed on a GPU)."""
     rows: int
     cols: int
     steps: int
     warps: int
+    passes: int = 1
 
 
 # The fastest of nine tilings timed on an H200 at GPT-2 Medium's GLA shape (docs/benchmarks.md).
@@ -159,6 +163,60 @@ def _backward_kernel(y_ref, w_ref, seg_ref, *refs, pieces, n_conv, T, tiles):
     _for_each_piece(pieces, tiles, lambda i, *a: (conv_piece if i < n_conv else pass_piece)(i, *a))
 
 
+def _pre_gradient_kernel(y_ref, w_ref, seg_ref, *refs, pieces, T, tiles):
+    """The two-pass backward's first kernel: the pre-activation's gradient of each conv piece, stored in
+    y's dtype, and the kernel gradient's sum over this program's rows."""
+    *d_refs, dpre_ref, dw_ref = refs
+    K = w_ref.shape[0]
+
+    def piece(i, c0, col, width, first_row):
+        w = [_load_row(w_ref, j, col + c0, col + width, tiles) for j in range(K)]
+
+        def step(t0, dw, gather):
+            same = _same_segment(seg_ref, t0, T, tiles)
+            # taps[j]: row t - (K-1-j) of y, zero where it lies in another segment
+            taps = [jnp.where(same(j - (K - 1), 0), _load(y_ref, t0 - (K - 1 - j), col + c0, T, col + width, tiles,
+                                                          gather and j < K - 1), 0.0) for j in range(K)]
+            pre = sum(w[j] * taps[j] for j in range(K))
+            sig = jax.nn.sigmoid(pre)
+            dpre = _load(d_refs[i], t0, c0, T, width, tiles) * sig * (1.0 + pre * (1.0 - sig))
+            _store(dpre_ref, t0, col + c0, dpre, T, col + width)
+            return tuple(dw[j] + dpre * taps[j] for j in range(K))
+
+        zeros = tuple(jnp.zeros((tiles.rows, tiles.cols), jnp.float32) for _ in range(K))
+        dw = _over_row_blocks(step, zeros, first_row, tiles)
+        for j in range(K):
+            _store(dw_ref, j, col + c0, jnp.sum(dw[j], axis=0, keepdims=True), K, col + width)
+    _for_each_piece(pieces, tiles, piece)
+
+
+def _input_gradient_kernel(dpre_ref, w_ref, seg_ref, *refs, pieces, n_conv, T, tiles):
+    """The two-pass backward's second kernel: y's gradient from the stored pre-activation gradient (rows
+    after each input row only: slices, never gathers), and the pass-through pieces copied in."""
+    *d_refs, dy_ref = refs
+    K = w_ref.shape[0]
+
+    def conv_piece(i, c0, col, width, first_row):
+        w = [_load_row(w_ref, j, col + c0, col + width, tiles) for j in range(K)]
+
+        def step(t0, carry, gather):
+            same = _same_segment(seg_ref, t0, T, tiles)
+            # Row t0 + r of y feeds row t0 + r + (K-1-j) through tap j.
+            dx = sum(w[j] * jnp.where(same(K - 1 - j, 0), _load(dpre_ref, t0 + K - 1 - j, col + c0, T, col + width,
+                                                                  tiles), 0.0) for j in range(K))
+            _store(dy_ref, t0, col + c0, dx, T, col + width)
+            return carry
+        _over_row_blocks(step, 0, first_row, tiles)
+
+    def pass_piece(i, c0, col, width, first_row):
+        def step(t0, carry, gather):
+            _store(dy_ref, t0, col + c0, _load(d_refs[i - n_conv], t0, c0, T, width, tiles), T, col + width)
+            return carry
+        _over_row_blocks(step, 0, first_row, tiles)
+
+    _for_each_piece(pieces, tiles, lambda i, *a: (conv_piece if i < n_conv else pass_piece)(i, *a))
+
+
 def _call(kernel, name, y, kernel_weights, segment_ids, operands, out_shape, out_specs, n_blocks, tiles,
           interpret):
     B, T, W = y.shape
@@ -207,10 +265,21 @@ def conv_join_backward(y, kernel, conv_grads, pass_grads, segment_ids=None, *, i
         raise ValueError(f"conv_join_backward: gradient widths {widths} must sum to y's {W} columns, the "
                          f"convolved ones to the kernel's {C}")
     pieces, n_blocks = _piece_blocks(widths, tiles)
-    num_t = pl.cdiv(T, tiles.rows * tiles.steps)
-    out_shape = [jax.ShapeDtypeStruct(y.shape, y.dtype), jax.ShapeDtypeStruct((B, num_t, K, C), jnp.float32)]
+    grads = [g.reshape(B, T, -1) for g in (*conv_grads, *pass_grads)]
+    n_conv = len(conv_grads)
+    dw_shape = jax.ShapeDtypeStruct((B, pl.cdiv(T, tiles.rows * tiles.steps), K, C), jnp.float32)
     dw_spec = pl.BlockSpec((None, None, K, C), lambda b, t, c: (b, t, 0, 0))
-    dy, dw = _call(functools.partial(_backward_kernel, pieces=pieces, n_conv=len(conv_grads)), "conv_join_backward",
-                   y, kernel, segment_ids, [g.reshape(B, T, -1) for g in (*conv_grads, *pass_grads)], out_shape,
-                   [None, dw_spec], n_blocks, tiles, interpret)
+    dy_shape = jax.ShapeDtypeStruct(y.shape, y.dtype)
+    if tiles.passes == 1:
+        dy, dw = _call(functools.partial(_backward_kernel, pieces=pieces, n_conv=n_conv), "conv_join_backward", y,
+                       kernel, segment_ids, grads, [dy_shape, dw_shape], [None, dw_spec], n_blocks, tiles, interpret)
+    elif tiles.passes == 2:
+        conv_pieces, n_conv_blocks = _piece_blocks(widths[:n_conv], tiles)
+        dpre, dw = _call(functools.partial(_pre_gradient_kernel, pieces=conv_pieces), "conv_pre_gradient", y, kernel,
+                         segment_ids, grads[:n_conv], [jax.ShapeDtypeStruct((B, T, C), y.dtype), dw_shape],
+                         [None, dw_spec], n_conv_blocks, tiles, interpret)
+        dy = _call(functools.partial(_input_gradient_kernel, pieces=pieces, n_conv=n_conv), "conv_join_input_gradient",
+                   dpre, kernel, segment_ids, grads[n_conv:], [dy_shape], [None], n_blocks, tiles, interpret)[0]
+    else:
+        raise ValueError(f"conv_join_backward: Tiles.passes must be 1 or 2, got {tiles.passes}")
     return dy, dw.sum(axis=(0, 1))

@@ -43,7 +43,8 @@ for name in "${stages[@]}"; do
     elementwise-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage elementwise-tests 300 python3 -m pytest \
              tests/kernels/test_gated_norm.py tests/kernels/test_short_conv.py tests/kernels/test_layer_norm.py \
              -vv -p no:cacheprovider -W ignore ;;
-    elementwise) stage elementwise 150 python3 -m kernels.bench_elementwise --json "$out/elementwise.json" ;;
+    elementwise) stage elementwise 180 python3 -m kernels.bench_elementwise --conv-tiles 8,128,16,4,2 16,64,8,4,2 \
+             --json "$out/elementwise.json" ;;  # + the two-pass conv backward
     gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
     delta-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage delta-tests 300 python3 -m pytest tests/kernels/test_delta.py \
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;

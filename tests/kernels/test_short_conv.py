@@ -5,6 +5,8 @@ Interpret mode on CPU at small, awkward shapes; compiled at GPT-2 Medium's shape
 The Triton lowering is checked on any machine against an abstract H100.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -66,25 +68,29 @@ def test_widths_that_do_not_add_up_are_refused():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_lowers_for_cuda_at_gpt2_medium_shape(packed):
+@pytest.mark.parametrize("passes", [1, 2])
+def test_lowers_for_cuda_at_gpt2_medium_shape(packed, passes):
     B, T = 32, 1024
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     grads = tuple(spec(B, T, w) for w in (512, 512, 1024, 1024, 16))
     seg = spec(B, T, dtype=jnp.int32) if packed else None
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H100 80GB HBM3", 132, "gpu"))
+    tiles = dataclasses.replace(short_conv.BACKWARD_TILES, passes=passes)
     both = lambda y, kernel, grads, seg: (short_conv.conv_forward(y, kernel, (512, 512, 1024), seg),
-                                          short_conv.conv_join_backward(y, kernel, grads[:3], grads[3:], seg))
+                                          short_conv.conv_join_backward(y, kernel, grads[:3], grads[3:], seg,
+                                                                        tiles=tiles))
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(both).trace(spec(B, T, 3088), spec(4, 2048, dtype=jnp.float32), grads, seg).lower(
             lowering_platforms=("cuda",)).as_text()
-    assert "conv_forward" in text and "conv_join_backward" in text
+    assert "conv_forward" in text and ("conv_join_backward" if passes == 1 else "conv_join_input_gradient") in text
 
 
 @pytest.mark.parametrize("tiles", [short_conv.Tiles(rows=8, cols=32, steps=2, warps=4),
-                                   short_conv.Tiles(rows=16, cols=16, steps=1, warps=4)])
+                                   short_conv.Tiles(rows=16, cols=16, steps=1, warps=4),
+                                   short_conv.Tiles(rows=8, cols=32, steps=2, warps=4, passes=2)])
 def test_tiles_that_split_the_sequence_over_programs(tiles):
     """Several programs along time (37 rows: 3 programs of 2 x 8, or 3 of 16), the gathered first block and
-    the sliced ones after it, and column blocks narrower than a piece."""
+    the sliced ones after it, column blocks narrower than a piece, and the two-pass backward."""
     B, T, widths, rest = 2, 37, [32, 32, 64], [64, 5]
     y, kernels, grads = _inputs(B, T, widths, rest, jnp.float32, seed=4)
     segment_ids = packed_segments(B, T, (9, 20))
