@@ -30,7 +30,8 @@ def _sum_and_stats(x_ref, r_ref, rows, eps):
     return s, centred, lax.rsqrt(jnp.mean(centred * centred, axis=1, keepdims=True) + eps)
 
 
-def _forward_kernel(x_ref, r_ref, scale_ref, bias_ref, sum_ref, out_ref, *, eps):
+def _forward_kernel(x_ref, r_ref, scale_ref, bias_ref, *outs, eps):
+    sum_ref, out_ref = outs if r_ref is not None else (None, *outs)  # no residual: x is its own sum
     rows = pl.ds(0, x_ref.shape[0])
     s, centred, rstd = _sum_and_stats(x_ref, r_ref, rows, eps)
     if sum_ref is not None:
@@ -81,10 +82,8 @@ def layer_norm_forward(x, residual, scale, bias, *, eps, interpret=False):
     rows, vector = pl.BlockSpec((ROWS, D), lambda i: (i, 0)), pl.BlockSpec((D,), lambda i: (0,))
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] * (2 if residual is not None else 1)
 
-    def kernel(x_ref, r_ref, scale_ref, bias_ref, *outs):
-        _forward_kernel(x_ref, r_ref, scale_ref, bias_ref, *(outs if r_ref is not None else (None, *outs)), eps=eps)
     outputs = pl.pallas_call(
-        kernel, grid=(N // ROWS,), in_specs=[rows, None if residual is None else rows, vector, vector],
+        functools.partial(_forward_kernel, eps=eps), grid=(N // ROWS,), in_specs=[rows, None if residual is None else rows, vector, vector],
         out_specs=[rows] * len(out_shape), out_shape=out_shape,
         compiler_params=compiler_params(num_warps=WARPS, num_stages=2), interpret=interpret,
         name="layer_norm_forward",

@@ -108,18 +108,52 @@ def _same_segment(seg_ref, t0, T, tiles):
     return lambda a, b: (seg(a) == seg(b))[:, None]
 
 
+def _kernel_rows(w_ref, col, width, tiles):
+    """The conv kernel's ``K`` rows over this program's columns (``col`` on), zero from ``width`` on."""
+    return [_load_row(w_ref, j, col, width, tiles) for j in range(w_ref.shape[0])]
+
+
+def _taps(y_ref, K, same, t0, col, width, T, tiles, gather):
+    """taps[j]: the rows of y that tap j of rows ``t0 + [0, rows)`` reads (``K-1-j`` earlier), zero where
+    they lie in another segment. With ``gather`` (a sequence's first block) the taps that reach before
+    ``t0`` gather their rows."""
+    return [jnp.where(same(j - (K - 1), 0), _load(y_ref, t0 - (K - 1 - j), col, T, width, tiles,
+                                                  gather and j < K - 1), 0.0) for j in range(K)]
+
+
+def _silu_grad(pre):
+    """d silu(pre) / d pre."""
+    sig = jax.nn.sigmoid(pre)
+    return sig * (1.0 + pre * (1.0 - sig))
+
+
+def _sum_kernel_grad(step, dw_ref, col, width, first_row, tiles):
+    """Runs ``step(t0, dw, gather)`` over this program's row blocks, ``dw`` the kernel gradient's ``K``
+    per-element partial sums, and stores their column sums."""
+    K = dw_ref.shape[0]
+    zeros = tuple(jnp.zeros((tiles.rows, tiles.cols), jnp.float32) for _ in range(K))
+    dw = _over_row_blocks(step, zeros, first_row, tiles)
+    for j in range(K):
+        _store(dw_ref, j, col, jnp.sum(dw[j], axis=0, keepdims=True), K, width)
+
+
+def _copy_piece(d_ref, dy_ref, c0, col, width, first_row, T, tiles):
+    """A pass-through piece's gradient, copied into y's at its columns."""
+    def step(t0, carry, gather):
+        _store(dy_ref, t0, col + c0, _load(d_ref, t0, c0, T, width, tiles), T, col + width)
+        return carry
+    _over_row_blocks(step, 0, first_row, tiles)
+
+
 def _forward_kernel(y_ref, w_ref, seg_ref, *out_refs, pieces, T, tiles):
     K = w_ref.shape[0]
 
     def piece(i, c0, col, width, first_row):
-        w = [_load_row(w_ref, j, col + c0, col + width, tiles) for j in range(K)]
+        w = _kernel_rows(w_ref, col + c0, col + width, tiles)
 
         def step(t0, carry, gather):
-            same = _same_segment(seg_ref, t0, T, tiles)
-            pre = 0.0
-            for j in range(K):  # tap j of row t reads row t - (K-1-j)
-                x = _load(y_ref, t0 - (K - 1 - j), col + c0, T, col + width, tiles, gather and j < K - 1)
-                pre += w[j] * jnp.where(same(j - (K - 1), 0), x, 0.0)
+            taps = _taps(y_ref, K, _same_segment(seg_ref, t0, T, tiles), t0, col + c0, col + width, T, tiles, gather)
+            pre = sum(w[j] * taps[j] for j in range(K))
             _store(out_refs[i], t0, c0, pre * jax.nn.sigmoid(pre), T, width)
             return carry
         _over_row_blocks(step, 0, first_row, tiles)
@@ -133,7 +167,7 @@ def _backward_kernel(y_ref, w_ref, seg_ref, *refs, pieces, n_conv, T, tiles):
     K = w_ref.shape[0]
 
     def conv_piece(i, c0, col, width, first_row):
-        w = [_load_row(w_ref, j, col + c0, col + width, tiles) for j in range(K)]
+        w = _kernel_rows(w_ref, col + c0, col + width, tiles)
 
         def step(t0, dw, gather):
             same = _same_segment(seg_ref, t0, T, tiles)
@@ -142,25 +176,19 @@ def _backward_kernel(y_ref, w_ref, seg_ref, *refs, pieces, n_conv, T, tiles):
             dpre = []
             for s in range(K):
                 pre = sum(w[j] * jnp.where(same(s - (K - 1) + j, s), x[s - (K - 1) + j], 0.0) for j in range(K))
-                sig = jax.nn.sigmoid(pre)
-                dpre.append(_load(d_refs[i], t0 + s, c0, T, width, tiles) * sig * (1.0 + pre * (1.0 - sig)))
+                dpre.append(_load(d_refs[i], t0 + s, c0, T, width, tiles) * _silu_grad(pre))
             # Row t0 + r of y feeds row t0 + r + (K-1-j) through tap j.
             dx = sum(w[j] * jnp.where(same(K - 1 - j, 0), dpre[K - 1 - j], 0.0) for j in range(K))
             _store(dy_ref, t0, col + c0, dx, T, col + width)
             return tuple(dw[j] + dpre[0] * jnp.where(same(j - (K - 1), 0), x[j - (K - 1)], 0.0) for j in range(K))
+        _sum_kernel_grad(step, dw_ref, col + c0, col + width, first_row, tiles)
 
-        zeros = tuple(jnp.zeros((tiles.rows, tiles.cols), jnp.float32) for _ in range(K))
-        dw = _over_row_blocks(step, zeros, first_row, tiles)
-        for j in range(K):
-            _store(dw_ref, j, col + c0, jnp.sum(dw[j], axis=0, keepdims=True), K, col + width)
-
-    def pass_piece(i, c0, col, width, first_row):
-        def step(t0, carry, gather):
-            _store(dy_ref, t0, col + c0, _load(d_refs[i], t0, c0, T, width, tiles), T, col + width)
-            return carry
-        _over_row_blocks(step, 0, first_row, tiles)
-
-    _for_each_piece(pieces, tiles, lambda i, *a: (conv_piece if i < n_conv else pass_piece)(i, *a))
+    def piece(i, c0, col, width, first_row):
+        if i < n_conv:
+            conv_piece(i, c0, col, width, first_row)
+        else:
+            _copy_piece(d_refs[i], dy_ref, c0, col, width, first_row, T, tiles)
+    _for_each_piece(pieces, tiles, piece)
 
 
 def _pre_gradient_kernel(y_ref, w_ref, seg_ref, *refs, pieces, T, tiles):
@@ -170,23 +198,14 @@ def _pre_gradient_kernel(y_ref, w_ref, seg_ref, *refs, pieces, T, tiles):
     K = w_ref.shape[0]
 
     def piece(i, c0, col, width, first_row):
-        w = [_load_row(w_ref, j, col + c0, col + width, tiles) for j in range(K)]
+        w = _kernel_rows(w_ref, col + c0, col + width, tiles)
 
         def step(t0, dw, gather):
-            same = _same_segment(seg_ref, t0, T, tiles)
-            # taps[j]: row t - (K-1-j) of y, zero where it lies in another segment
-            taps = [jnp.where(same(j - (K - 1), 0), _load(y_ref, t0 - (K - 1 - j), col + c0, T, col + width, tiles,
-                                                          gather and j < K - 1), 0.0) for j in range(K)]
-            pre = sum(w[j] * taps[j] for j in range(K))
-            sig = jax.nn.sigmoid(pre)
-            dpre = _load(d_refs[i], t0, c0, T, width, tiles) * sig * (1.0 + pre * (1.0 - sig))
+            taps = _taps(y_ref, K, _same_segment(seg_ref, t0, T, tiles), t0, col + c0, col + width, T, tiles, gather)
+            dpre = _load(d_refs[i], t0, c0, T, width, tiles) * _silu_grad(sum(w[j] * taps[j] for j in range(K)))
             _store(dpre_ref, t0, col + c0, dpre, T, col + width)
             return tuple(dw[j] + dpre * taps[j] for j in range(K))
-
-        zeros = tuple(jnp.zeros((tiles.rows, tiles.cols), jnp.float32) for _ in range(K))
-        dw = _over_row_blocks(step, zeros, first_row, tiles)
-        for j in range(K):
-            _store(dw_ref, j, col + c0, jnp.sum(dw[j], axis=0, keepdims=True), K, col + width)
+        _sum_kernel_grad(step, dw_ref, col + c0, col + width, first_row, tiles)
     _for_each_piece(pieces, tiles, piece)
 
 
@@ -197,7 +216,7 @@ def _input_gradient_kernel(dpre_ref, w_ref, seg_ref, *refs, pieces, n_conv, T, t
     K = w_ref.shape[0]
 
     def conv_piece(i, c0, col, width, first_row):
-        w = [_load_row(w_ref, j, col + c0, col + width, tiles) for j in range(K)]
+        w = _kernel_rows(w_ref, col + c0, col + width, tiles)
 
         def step(t0, carry, gather):
             same = _same_segment(seg_ref, t0, T, tiles)
@@ -208,13 +227,12 @@ def _input_gradient_kernel(dpre_ref, w_ref, seg_ref, *refs, pieces, n_conv, T, t
             return carry
         _over_row_blocks(step, 0, first_row, tiles)
 
-    def pass_piece(i, c0, col, width, first_row):
-        def step(t0, carry, gather):
-            _store(dy_ref, t0, col + c0, _load(d_refs[i - n_conv], t0, c0, T, width, tiles), T, col + width)
-            return carry
-        _over_row_blocks(step, 0, first_row, tiles)
-
-    _for_each_piece(pieces, tiles, lambda i, *a: (conv_piece if i < n_conv else pass_piece)(i, *a))
+    def piece(i, c0, col, width, first_row):
+        if i < n_conv:
+            conv_piece(i, c0, col, width, first_row)
+        else:
+            _copy_piece(d_refs[i - n_conv], dy_ref, c0, col, width, first_row, T, tiles)
+    _for_each_piece(pieces, tiles, piece)
 
 
 def _call(kernel, name, y, kernel_weights, segment_ids, operands, out_shape, out_specs, n_blocks, tiles,
