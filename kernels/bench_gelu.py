@@ -1,6 +1,7 @@
 """Time the MLP with GELU in the products' epilogues against XLA: median ms, calls queued.
 
-    python -m kernels.bench_gelu [--tokens 32768] [--width 1024] [--tiles m,n,k,stages,per_sm[,in_flight[,pingpong]] ...]
+    python -m kernels.bench_gelu [--tokens 32768] [--width 1024]
+        [--tiles m,n,k,stages,per_sm[,in_flight[,pingpong]] ...]
         [--json out.json]
 
 Rows: the ``c_fc`` product alone (XLA's cuBLAS call: the floor), the product with GELU (``h`` and

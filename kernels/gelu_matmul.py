@@ -101,7 +101,9 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
     ``wg`` calls ``prologue(rows, cols, wg, *refs, *scratch)`` before its products and
     ``epilogue(acc, rows, cols, wg, *refs, *scratch)`` after, ``acc`` its float32 accumulator of
     output ``[rows, cols]``. Returns the SMEM ring's allocations and the body that takes them and
-    ``scratch``."""
+    ``scratch``. ``tiles.pingpong`` takes ``_pingpong_product_kernel``, under the same contract."""
+    if tiles.pingpong:
+        return _pingpong_product_kernel(a_gmem, b_gmem, *refs, tiles=tiles, epilogue=epilogue, prologue=prologue)
     m, k = a_gmem.shape
     n = b_gmem.shape[1]
     cta_n = COMPUTE_WARPGROUPS * tiles.n
@@ -259,8 +261,7 @@ def _gelu_product_kernel(x_gmem, w_gmem, h_gmem, a_gmem, *, tiles):
                 plgpu.copy_smem_to_gmem(out_smem.at[wg, slot, o],
                                         out.at[rows, cols].at[pl.ds(i * e, e), pl.ds(j * e, e)])
 
-    product = _pingpong_product_kernel if tiles.pingpong else _product_kernel
-    ring, scoped = product(x_gmem, w_gmem, h_gmem, a_gmem, tiles=tiles, epilogue=epilogue)
+    ring, scoped = _product_kernel(x_gmem, w_gmem, h_gmem, a_gmem, tiles=tiles, epilogue=epilogue)
     out_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, 2, 2, e, e), h_gmem.dtype, transforms=_swizzled((e, e), h_gmem.dtype))
     pl.run_scoped(scoped, ring, out_smem, collective_axes="wg")
 
@@ -286,8 +287,8 @@ def _gelu_grad_product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, *, tiles):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(h_smem.at[wg, s], dh_gmem.at[rows, cols].at[pl.ds(i * e, e), pl.ds(j * e, e)])
 
-    product = _pingpong_product_kernel if tiles.pingpong else _product_kernel
-    ring, scoped = product(dy_gmem, w_t_gmem, h_gmem, dh_gmem, tiles=tiles, epilogue=epilogue, prologue=prologue)
+    ring, scoped = _product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, tiles=tiles, epilogue=epilogue,
+                                   prologue=prologue)
     h_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, len(subs), e, e), h_gmem.dtype,
                         transforms=_swizzled((e, e), h_gmem.dtype))
     bars = plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS * len(subs))

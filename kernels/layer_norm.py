@@ -83,7 +83,8 @@ def layer_norm_forward(x, residual, scale, bias, *, eps, interpret=False):
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] * (2 if residual is not None else 1)
 
     outputs = pl.pallas_call(
-        functools.partial(_forward_kernel, eps=eps), grid=(N // ROWS,), in_specs=[rows, None if residual is None else rows, vector, vector],
+        functools.partial(_forward_kernel, eps=eps), grid=(N // ROWS,),
+        in_specs=[rows, None if residual is None else rows, vector, vector],
         out_specs=[rows] * len(out_shape), out_shape=out_shape,
         compiler_params=compiler_params(num_warps=WARPS, num_stages=2), interpret=interpret,
         name="layer_norm_forward",

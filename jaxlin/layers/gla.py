@@ -16,8 +16,8 @@ class GatedLinearAttention(nnx.Module):
 
     def __init__(self, d_model: int, n_head: int, *, expand_k: float = 0.5, expand_v: float = 1.0,
                  conv_size: int = 4, gate_low_rank: int = 16, gate_logit_normalizer: float = 16.0,
-                 norm_eps: float = 1e-5, out_std: float, impl: str = "auto", elementwise_impl: str = "auto", dtype=jnp.bfloat16,
-                 rngs: nnx.Rngs):
+                 norm_eps: float = 1e-5, out_std: float, impl: str = "auto", elementwise_impl: str = "auto",
+                 dtype=jnp.bfloat16, rngs: nnx.Rngs):
         key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
         if key_dim % n_head or value_dim % n_head:
             raise ValueError(
