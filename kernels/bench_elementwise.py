@@ -33,6 +33,16 @@ def _max_errors(want, got):
             for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got))]
 
 
+def _xla_and_pallas_rows(name, run, inputs, grads, moved):
+    """Rows ``"{name} forward|backward (XLA|Pallas)"``: ``run(impl)(*inputs)``, and its gradients under
+    ``grads``, each with its operands and the bytes it moves (``moved[direction]``)."""
+    forward = lambda impl: jax.jit(run(impl))
+    backward = lambda impl: jax.jit(lambda inputs, grads: jax.vjp(run(impl), *inputs)[1](grads))
+    return {f"{name} {d} ({impl})": (fn(impl.lower()), args, moved[d])
+            for d, fn, args in (("forward", forward, inputs), ("backward", backward, (inputs, grads)))
+            for impl in ("XLA", "Pallas")}
+
+
 def _conv_rows(B, T, widths, rest, segment_ids, tilings):
     keys = jax.random.split(jax.random.key(0), 3)
     y = jax.random.normal(keys[0], (B, T, sum(widths) + sum(rest)), jnp.bfloat16)
@@ -42,13 +52,9 @@ def _conv_rows(B, T, widths, rest, segment_ids, tilings):
                   for k, w in zip(jax.random.split(keys[2], len(widths) + len(rest)), widths + rest))
     split = lambda impl: lambda y, kernels: sum(conv.conv_and_split(y, kernels, rest, segment_ids=segment_ids,
                                                                    impl=impl), ())
-    forward = lambda impl: jax.jit(split(impl))
-    backward = lambda impl: jax.jit(lambda y, kernels, grads: jax.vjp(split(impl), y, kernels)[1](grads))
     moved = {"forward": 2 * sum(widths) * B * T * 2,  # conv columns read and written
              "backward": 2 * y.size * 2 + sum(g.size * 2 for g in grads)}  # y read and written, grads read
-    rows = {f"conv {d} ({impl})": (fn(impl.lower()), args, moved[d])
-            for d, fn, args in (("forward", forward, (y, kernels)), ("backward", backward, (y, kernels, grads)))
-            for impl in ("XLA", "Pallas")}
+    rows = _xla_and_pallas_rows("conv", split, (y, kernels), grads, moved)
     kernel = jnp.concatenate(kernels, axis=1)
     interpret = jax.default_backend() != "gpu"  # the kernels' code on CPU, for checking, not timing
     for text in tilings:
@@ -66,12 +72,8 @@ def _norm_rows(B, T, heads, dim):
     x, g, dout = (jax.random.normal(k, (B, T, heads, dim), jnp.bfloat16) for k in keys[:3])
     w = jax.random.uniform(keys[3], (dim,), jnp.float32, 0.5, 1.5)
     run = lambda impl: lambda x, g, w: norm.gated_rms_norm(x, w, g, eps=1e-5, impl=impl)
-    forward = lambda impl: jax.jit(run(impl))
-    backward = lambda impl: jax.jit(lambda x, g, w, dout: jax.vjp(run(impl), x, g, w)[1](dout))
     moved = {"forward": 3 * x.size * 2, "backward": 5 * x.size * 2}  # x, g (, dout) read; out (dx, dg) written
-    return {f"gated norm {d} ({impl})": (fn(impl.lower()), args, moved[d])
-            for d, fn, args in (("forward", forward, (x, g, w)), ("backward", backward, (x, g, w, dout)))
-            for impl in ("XLA", "Pallas")}
+    return _xla_and_pallas_rows("gated norm", run, (x, g, w), dout, moved)
 
 
 def _layer_norm_rows(B, T, width):
@@ -88,13 +90,8 @@ def _layer_norm_rows(B, T, width):
             return x + r, ln(x + r)
         return sum_and_norm
 
-    forward = lambda impl: jax.jit(run(impl))
-    backward = lambda impl: jax.jit(lambda x, r, params, grads: jax.vjp(run(impl), x, r, params)[1](grads))
     moved = {"forward": 4 * x.size * 2, "backward": 5 * x.size * 2}  # x, r (, 2 grads) read; sum, norm (dx) out
-    return {f"layer norm + residual {d} ({impl})": (fn(impl.lower()), args, moved[d])
-            for d, fn, args in (("forward", forward, (x, r, params)),
-                                ("backward", backward, (x, r, params, (dsum, dout))))
-            for impl in ("XLA", "Pallas")}
+    return _xla_and_pallas_rows("layer norm + residual", run, (x, r, params), (dsum, dout), moved)
 
 
 def main(argv=None):
