@@ -80,3 +80,16 @@ def check_inputs(q, k, v, *, g=None, g_rank=None, beta=None, initial_state=None,
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
     return B, T, H, K, V
+
+
+def on_one_gpu() -> bool:
+    """Whether the code runs on one GPU: where the single-device kernels (fused GELU MLP, element-wise
+    kernels, LayerNorm), which are not partitioned over a mesh, apply by default."""
+    return jax.default_backend() == "gpu" and jax.sharding.get_abstract_mesh().size <= 1
+
+
+def require_one_device(what: str, fix: str) -> None:
+    """Refuses a single-device kernel asked for under a mesh of several devices, naming the config fix."""
+    devices = jax.sharding.get_abstract_mesh().size
+    if devices > 1:
+        raise ValueError(f"{what}: one device only, not partitioned over a mesh of {devices}; use {fix}")

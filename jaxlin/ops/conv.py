@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import on_one_gpu, require_one_device
+
 IMPLS = ("auto", "xla", "pallas")
 
 
@@ -105,11 +107,9 @@ def kernels_apply(impl: str = "auto") -> bool:
     mesh)."""
     if impl not in IMPLS:
         raise ValueError(f"element-wise kernels' impl must be one of {IMPLS}, got {impl!r}")
-    devices = jax.sharding.get_abstract_mesh().size
-    if impl == "pallas" and devices > 1:
-        raise ValueError(f"the element-wise Pallas kernels run on one device, not partitioned over a mesh of "
-                         f"{devices}; use model.elementwise_impl='auto' or 'xla'")
-    return impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu" and devices <= 1)
+    if impl == "pallas":
+        require_one_device("the element-wise Pallas kernels", "model.elementwise_impl='auto' or 'xla'")
+    return impl == "pallas" or (impl == "auto" and on_one_gpu())
 
 
 def conv_and_split(y, kernels, rest_widths, *, segment_ids=None, impl="auto"):

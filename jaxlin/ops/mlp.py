@@ -7,6 +7,8 @@ says whether ``impl="auto"`` of the model's MLP takes it. The XLA formula lives 
 import jax
 import jax.numpy as jnp
 
+from .checks import on_one_gpu, require_one_device
+
 IMPLS = ("auto", "xla", "pallas")
 # kernels.gelu_matmul.RESIDUAL_NAME (not imported here, so that jaxlin runs without the kernels package):
 # the fused forward's h and gelu(h), which the backward reads.
@@ -15,7 +17,7 @@ RESIDUAL_NAME = "gelu_matmul_residual"
 
 def fused_applies(x, w_fc) -> bool:
     """On one GPU (the kernels are not partitioned over a mesh), with bf16 operands the tiles divide."""
-    if jax.default_backend() != "gpu" or jax.sharding.get_abstract_mesh().size > 1:
+    if not on_one_gpu():
         return False
     from kernels import gelu_matmul
     return gelu_matmul.supports(x, w_fc)
@@ -25,10 +27,7 @@ def gelu_mlp(x, w_fc, w_proj):
     """``gelu(x @ w_fc) @ w_proj`` (GELU's tanh form): x ``[..., d]``, w_fc ``[d, 4 d]``, w_proj ``[4 d, d]``,
     all bf16."""
     from kernels import gelu_matmul
-    devices = jax.sharding.get_abstract_mesh().size
-    if devices > 1:
-        raise ValueError(f"the fused GELU MLP runs on one device, not partitioned over a mesh of {devices}; "
-                         "use model.mlp_impl='auto' or 'xla'")
+    require_one_device("the fused GELU MLP", "model.mlp_impl='auto' or 'xla'")
     if not (x.dtype == w_fc.dtype == w_proj.dtype == jnp.bfloat16):
         raise ValueError(f"the fused GELU MLP needs bf16 operands, got x {x.dtype}, w_fc {w_fc.dtype}, "
                          f"w_proj {w_proj.dtype}; use model.mlp_impl='xla' for float32")

@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from .checks import require_one_device
 from .conv import kernels_apply
 
 LAYER_NORM_IMPLS = ("xla", "pallas")
@@ -68,10 +69,7 @@ def layer_norm_applies(x, impl: str) -> bool:
         raise ValueError(f"layer norm impl must be one of {LAYER_NORM_IMPLS}, got {impl!r}")
     if impl == "xla":
         return False
-    devices = jax.sharding.get_abstract_mesh().size
-    if devices > 1:
-        raise ValueError(f"the LayerNorm kernel runs on one device, not partitioned over a mesh of {devices}; "
-                         "use model.layer_norm_impl='xla'")
+    require_one_device("the LayerNorm kernel", "model.layer_norm_impl='xla'")
     from kernels import layer_norm
     return layer_norm.supports(x.reshape(-1, x.shape[-1]))
 
