@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.mesh import AbstractDevice
 
 ON_GPU = os.environ.get("KERNELS_ON_GPU") == "1"
 LONG = 1000 if ON_GPU else 130
@@ -38,3 +39,11 @@ def rel_error(x, ref):
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     assert np.all(np.isfinite(x)), "non-finite values"
     return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def lower_triton_for_cuda(f, *args):
+    """The lowered text of ``jax.jit(f)`` for CUDA on any machine: the Triton lowering asks for a GPU, so an
+    abstract H100 stands in for one."""
+    h100 = AbstractDevice("NVIDIA H100 80GB HBM3", 132, "gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

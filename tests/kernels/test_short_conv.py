@@ -10,11 +10,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
-from jax._src.mesh import AbstractDevice
 
 from jaxlin.ops import conv
 from kernels import short_conv
-from tests.kernels.kernel_checks import ON_GPU, packed_segments, rel_error
+from tests.kernels.kernel_checks import ON_GPU, lower_triton_for_cuda, packed_segments, rel_error
 
 # (B, T, conv widths, pass-through widths): GLA's layout (q, k, v convolved; g and the gate's input
 # passed through), lengths and widths that the program tiles do not divide.
@@ -74,14 +73,11 @@ def test_lowers_for_cuda_at_gpt2_medium_shape(packed, passes):
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     grads = tuple(spec(B, T, w) for w in (512, 512, 1024, 1024, 16))
     seg = spec(B, T, dtype=jnp.int32) if packed else None
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H100 80GB HBM3", 132, "gpu"))
     tiles = dataclasses.replace(short_conv.BACKWARD_TILES, passes=passes)
     both = lambda y, kernel, grads, seg: (short_conv.conv_forward(y, kernel, (512, 512, 1024), seg),
                                           short_conv.conv_join_backward(y, kernel, grads[:3], grads[3:], seg,
                                                                         tiles=tiles))
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(both).trace(spec(B, T, 3088), spec(4, 2048, dtype=jnp.float32), grads, seg).lower(
-            lowering_platforms=("cuda",)).as_text()
+    text = lower_triton_for_cuda(both, spec(B, T, 3088), spec(4, 2048, dtype=jnp.float32), grads, seg)
     assert "conv_forward" in text and ("conv_join_backward" if passes == 1 else "conv_join_input_gradient") in text
 
 
