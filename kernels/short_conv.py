@@ -35,12 +35,16 @@ class Tiles:
     another (the kernel gradient's partial sums stay in registers across them), with ``warps`` warps. The
     backward takes ``passes``: 1 recomputes the pre-activation for each of the ``K`` rows that read an
     input row; 2 stores its gradient once, in y's dtype, and forms y's gradient from it in a second kernel
-    (fewer loads and sigmoids, one more round trip to memory; not yet timed on a GPU)."""
+    (fewer loads and sigmoids, one more round trip to memory; not yet timed on a GPU). With ``walk`` a
+    program walks its rows one at a time instead, keeping the last ``K - 1`` rows of the input (and of the
+    pre-activation's gradient) in registers: every element is loaded and its sigmoid taken once; ``rows``
+    rows are loaded per step, ahead of their arithmetic (``passes`` does not apply)."""
     rows: int
     cols: int
     steps: int
     warps: int
     passes: int = 1
+    walk: bool = False
 
 
 # The fastest of nine tilings timed on an H200 at GPT-2 Medium's GLA shape (docs/benchmarks.md).
@@ -235,6 +239,114 @@ def _input_gradient_kernel(dpre_ref, w_ref, seg_ref, *refs, pieces, n_conv, T, t
     _for_each_piece(pieces, tiles, piece)
 
 
+def _walk_row_loader(ref, col0, n_cols, T, tiles):
+    """``load(t)``: float32 ``[1, cols]``, row ``t`` of a 2-D ref from column ``col0``; zero outside
+    ``[0, T) x [0, n_cols)`` (the slice starts at a clipped row: interpret mode cannot start before 0)."""
+    cols = col0 + jnp.arange(tiles.cols) < n_cols
+
+    def load(t):
+        mask = ((t >= 0) & (t < T)) & cols[None, :]
+        return plgpu_triton.load(ref.at[pl.ds(jnp.clip(t, 0, T - 1), 1), pl.ds(col0, tiles.cols)], mask=mask,
+                                 other=0.0).astype(jnp.float32)
+    return load
+
+
+def _walk_row_storer(ref, col0, n_cols, T, tiles):
+    """``store(t, value, keep)``: writes ``[1, cols]`` at row ``t`` where ``keep`` and inside the ref."""
+    cols = col0 + jnp.arange(tiles.cols) < n_cols
+
+    def store(t, value, keep=True):
+        mask = (keep & (t >= 0) & (t < T)) & cols[None, :]
+        plgpu_triton.store(ref.at[pl.ds(jnp.clip(t, 0, T - 1), 1), pl.ds(col0, tiles.cols)], value.astype(ref.dtype),
+                           mask=mask)
+    return store
+
+
+def _walk_segment(seg_ref, T):
+    """``seg(t)``: row ``t``'s segment id as ``[1, 1]`` (clipped into range; constant without segments)."""
+    if seg_ref is None:
+        return lambda t: jnp.zeros((1, 1), jnp.int32)
+    return lambda t: seg_ref[pl.ds(jnp.clip(t, 0, T - 1), 1)][:, None]
+
+
+def _walk(first, n_rows, carry, load, row, tiles):
+    """Walks rows ``first .. first + n_rows - 1``: per step, ``load(t)`` for ``tiles.rows`` rows, all before
+    ``row(t, loaded, carry)`` runs on each in turn, so that a step's loads overlap."""
+    def step(t0, carry):
+        loaded = [load(t0 + r) for r in range(tiles.rows)]
+        for r in range(tiles.rows):
+            carry = row(t0 + r, loaded[r], carry)
+        return carry
+    carry = lax.fori_loop(0, n_rows // tiles.rows, lambda i, c: step(first + i * tiles.rows, c), carry)
+    for r in range(n_rows % tiles.rows):  # a tail of fewer rows than a step
+        t = first + n_rows - n_rows % tiles.rows + r
+        carry = row(t, load(t), carry)
+    return carry
+
+
+def _walk_forward_kernel(y_ref, w_ref, seg_ref, *out_refs, pieces, T, tiles):
+    K = w_ref.shape[0]
+
+    def piece(i, c0, col, width, first_row):
+        w = _kernel_rows(w_ref, col + c0, col + width, tiles)
+        load_y, seg = _walk_row_loader(y_ref, col + c0, col + width, T, tiles), _walk_segment(seg_ref, T)
+        store = _walk_row_storer(out_refs[i], c0, width, T, tiles)
+
+        def row(t, loaded, window):
+            xs, segs = window[0] + (loaded[0],), window[1] + (loaded[1],)
+            pre = sum(w[j] * jnp.where(segs[j] == segs[-1], xs[j], 0.0) for j in range(K))
+            store(t, pre * jax.nn.sigmoid(pre))
+            return xs[1:], segs[1:]
+        past = tuple(first_row - (K - 1) + j for j in range(K - 1))
+        window = tuple(load_y(t) for t in past), tuple(seg(t) for t in past)
+        _walk(first_row, tiles.rows * tiles.steps, window, lambda t: (load_y(t), seg(t)), row, tiles)
+    _for_each_piece(pieces, tiles, piece)
+
+
+def _walk_backward_kernel(y_ref, w_ref, seg_ref, *refs, pieces, n_conv, T, tiles):
+    """The one-pass backward, walking rows: at row ``t`` the pre-activation's gradient of ``t`` is formed,
+    and y's gradient of row ``t - (K-1)``, the last row it reaches. The walk runs ``K - 1`` rows past the
+    program's own (they add to its last rows' gradient), but their kernel gradient is the next program's."""
+    *d_refs, dy_ref, dw_ref = refs
+    K = w_ref.shape[0]
+
+    def conv_piece(i, c0, col, width, first_row):
+        w = _kernel_rows(w_ref, col + c0, col + width, tiles)
+        load_y, seg = _walk_row_loader(y_ref, col + c0, col + width, T, tiles), _walk_segment(seg_ref, T)
+        load_d = _walk_row_loader(d_refs[i], c0, width, T, tiles)
+        store = _walk_row_storer(dy_ref, col + c0, col + width, T, tiles)
+        end = first_row + tiles.rows * tiles.steps
+
+        def row(t, loaded, carry):
+            (xs, segs, dpres), dw = carry
+            x, s, d = loaded
+            xs, segs = xs + (x,), segs + (s,)
+            same = [segs[j] == s for j in range(K)]  # tap j of row t reads row t - (K-1-j)
+            pre = sum(w[j] * jnp.where(same[j], xs[j], 0.0) for j in range(K))
+            dpres = dpres + (d * _silu_grad(pre),)
+            own = (t < end).astype(jnp.float32)
+            dw = tuple(dw[j] + own * dpres[-1] * jnp.where(same[j], xs[j], 0.0) for j in range(K))
+            # Row u = t - (K-1) of y feeds row u + (K-1-j) through tap j.
+            dx = sum(w[j] * jnp.where(segs[K - 1 - j] == segs[0], dpres[K - 1 - j], 0.0) for j in range(K))
+            store(t - (K - 1), dx, t - (K - 1) >= first_row)
+            return (xs[1:], segs[1:], dpres[1:]), dw
+
+        past = tuple(first_row - (K - 1) + j for j in range(K - 1))
+        zeros = jnp.zeros((1, tiles.cols), jnp.float32)
+        window = (tuple(load_y(t) for t in past), tuple(seg(t) for t in past), (zeros,) * (K - 1))
+        _, dw = _walk(first_row, tiles.rows * tiles.steps + K - 1, (window, (zeros,) * K),
+                      lambda t: (load_y(t), seg(t), load_d(t)), row, tiles)
+        for j in range(K):
+            _store(dw_ref, j, col + c0, dw[j], K, col + width)
+
+    def piece(i, c0, col, width, first_row):
+        if i < n_conv:
+            conv_piece(i, c0, col, width, first_row)
+        else:
+            _copy_piece(d_refs[i], dy_ref, c0, col, width, first_row, T, tiles)
+    _for_each_piece(pieces, tiles, piece)
+
+
 def _call(kernel, name, y, kernel_weights, segment_ids, operands, out_shape, out_specs, n_blocks, tiles,
           interpret):
     B, T, W = y.shape
@@ -263,7 +375,8 @@ def conv_forward(y, kernel, conv_widths, segment_ids=None, *, interpret=False, t
         raise ValueError(f"conv_forward: widths {list(conv_widths)} must sum to the kernel's {kernel.shape[1]} columns")
     pieces, n_blocks = _piece_blocks(conv_widths, tiles)
     out_shape = [jax.ShapeDtypeStruct((B, T, w), y.dtype) for w in conv_widths]
-    return tuple(_call(functools.partial(_forward_kernel, pieces=pieces), "conv_forward", y, kernel, segment_ids,
+    kernel_fn = _walk_forward_kernel if tiles.walk else _forward_kernel
+    return tuple(_call(functools.partial(kernel_fn, pieces=pieces), "conv_forward", y, kernel, segment_ids,
                        [], out_shape, [None] * len(out_shape), n_blocks, tiles, interpret))
 
 
@@ -288,8 +401,9 @@ def conv_join_backward(y, kernel, conv_grads, pass_grads, segment_ids=None, *, i
     dw_shape = jax.ShapeDtypeStruct((B, pl.cdiv(T, tiles.rows * tiles.steps), K, C), jnp.float32)
     dw_spec = pl.BlockSpec((None, None, K, C), lambda b, t, c: (b, t, 0, 0))
     dy_shape = jax.ShapeDtypeStruct(y.shape, y.dtype)
-    if tiles.passes == 1:
-        dy, dw = _call(functools.partial(_backward_kernel, pieces=pieces, n_conv=n_conv), "conv_join_backward", y,
+    if tiles.walk or tiles.passes == 1:
+        kernel_fn = _walk_backward_kernel if tiles.walk else _backward_kernel
+        dy, dw = _call(functools.partial(kernel_fn, pieces=pieces, n_conv=n_conv), "conv_join_backward", y,
                        kernel, segment_ids, grads, [dy_shape, dw_shape], [None, dw_spec], n_blocks, tiles, interpret)
     elif tiles.passes == 2:
         conv_pieces, n_conv_blocks = _piece_blocks(widths[:n_conv], tiles)

@@ -67,14 +67,15 @@ def test_widths_that_do_not_add_up_are_refused():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("passes", [1, 2])
-def test_lowers_for_cuda_at_gpt2_medium_shape(packed, passes):
+@pytest.mark.parametrize("passes,walk", [(1, False), (2, False), (1, True)])
+def test_lowers_for_cuda_at_gpt2_medium_shape(packed, passes, walk):
     B, T = 32, 1024
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     grads = tuple(spec(B, T, w) for w in (512, 512, 1024, 1024, 16))
     seg = spec(B, T, dtype=jnp.int32) if packed else None
-    tiles = dataclasses.replace(short_conv.BACKWARD_TILES, passes=passes)
-    both = lambda y, kernel, grads, seg: (short_conv.conv_forward(y, kernel, (512, 512, 1024), seg),
+    tiles = dataclasses.replace(short_conv.BACKWARD_TILES, passes=passes, walk=walk)
+    forward_tiles = dataclasses.replace(short_conv.FORWARD_TILES, walk=walk)
+    both = lambda y, kernel, grads, seg: (short_conv.conv_forward(y, kernel, (512, 512, 1024), seg, tiles=forward_tiles),
                                           short_conv.conv_join_backward(y, kernel, grads[:3], grads[3:], seg,
                                                                         tiles=tiles))
     text = lower_triton_for_cuda(both, spec(B, T, 3088), spec(4, 2048, dtype=jnp.float32), grads, seg)
@@ -83,7 +84,9 @@ def test_lowers_for_cuda_at_gpt2_medium_shape(packed, passes):
 
 @pytest.mark.parametrize("tiles", [short_conv.Tiles(rows=8, cols=32, steps=2, warps=4),
                                    short_conv.Tiles(rows=16, cols=16, steps=1, warps=4),
-                                   short_conv.Tiles(rows=8, cols=32, steps=2, warps=4, passes=2)])
+                                   short_conv.Tiles(rows=8, cols=32, steps=2, warps=4, passes=2),
+                                   short_conv.Tiles(rows=4, cols=32, steps=3, warps=4, walk=True),
+                                   short_conv.Tiles(rows=2, cols=16, steps=5, warps=4, walk=True)])
 def test_tiles_that_split_the_sequence_over_programs(tiles):
     """Several programs along time (37 rows: 3 programs of 2 x 8, or 3 of 16), the gathered first block and
     the sliced ones after it, column blocks narrower than a piece, and the two-pass backward."""
