@@ -57,9 +57,9 @@ class ModelConfig:
     # The recurrent layers' short convs and gated norm (jaxlin.ops.conv, jaxlin.ops.norm): "auto" their
     # Pallas kernels on one GPU, "xla", "pallas".
     elementwise_impl: str = "auto"
-    # The blocks' LayerNorms with the residual adds: "xla" (Flax's LayerNorm), or "pallas" (kernels.layer_norm,
-    # one pass each way; not yet timed on a GPU, so not the default).
-    layer_norm_impl: str = "xla"
+    # The blocks' LayerNorms with the residual adds: "auto" kernels.layer_norm (one pass each way) on one GPU,
+    # "xla" (Flax's LayerNorm), "pallas".
+    layer_norm_impl: str = "auto"
     remat: str = "none"  # a key of REMAT_POLICIES: what each block saves for the backward pass
 
     def __post_init__(self):

@@ -4,7 +4,7 @@
 ms of queued calls, and the largest difference from XLA.
 
     python -m kernels.bench_elementwise [--batch 32] [--seq 1024] [--conv 512,512,1024] [--rest 1024,16]
-        [--heads 16] [--width 1024] [--segments N] [--conv-tiles ROWS,COLS,STEPS,WARPS[,PASSES] ...] [--json out.json]
+        [--heads 16] [--width 1024] [--segments N] [--conv-tiles ROWS,COLS,STEPS,WARPS ...] [--json out.json]
 
 Defaults: GPT-2 Medium's GLA layer (q, k, v convolved; g and the gate's low-rank input passed through;
 16 heads of 64 values normed). ``--conv-tiles`` also times the conv kernels with other tilings
@@ -103,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--width", type=int, default=1024, help="the model's width (the LayerNorm's)")
     parser.add_argument("--segments", type=int, default=0, help="documents per row (0: no segment ids)")
-    parser.add_argument("--conv-tiles", nargs="*", default=[], metavar="ROWS,COLS,STEPS,WARPS[,PASSES]")
+    parser.add_argument("--conv-tiles", nargs="*", default=[], metavar="ROWS,COLS,STEPS,WARPS")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     widths, rest, B, T = _widths(args.conv), _widths(args.rest), args.batch, args.seq

@@ -27,7 +27,7 @@ stage() {  # name, seconds, command...: the log keeps everything, the terminal t
   timeout "$seconds" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   grep -v -i "deprecat\|return rule" "$out/$name.log" | tail -n 14
-  [ "$rc" -eq 124 ] && echo "   $name: stopped after ${seconds}s"
+  if [ "$rc" -eq 124 ]; then echo "   $name: stopped after ${seconds}s"; fi
 }
 
 stages=("$@")
@@ -40,11 +40,11 @@ for name in "${stages[@]}"; do
     gelu-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage gelu-tests 120 python3 -m pytest \
              tests/kernels/test_gelu_matmul.py -vv -p no:cacheprovider -W ignore ;;
     gelu) stage gelu 150 python3 -m kernels.bench_gelu --tiles 128,128,64,2,1,0,1 --json "$out/gelu.json" ;;  # + ping-pong
-    elementwise-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage elementwise-tests 300 python3 -m pytest \
+    elementwise-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage elementwise-tests 360 python3 -m pytest \
              tests/kernels/test_gated_norm.py tests/kernels/test_short_conv.py tests/kernels/test_layer_norm.py \
              -vv -p no:cacheprovider -W ignore ;;
-    elementwise) stage elementwise 180 python3 -m kernels.bench_elementwise --conv-tiles 8,128,16,4,2 16,64,8,4,2 \
-             --json "$out/elementwise.json" ;;  # + the two-pass conv backward
+    elementwise) stage elementwise 180 python3 -m kernels.bench_elementwise --conv-tiles 4,256,32,4 8,512,16,8 \
+             --json "$out/elementwise.json" ;;  # + two other walk tilings
     gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
     delta-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage delta-tests 300 python3 -m pytest tests/kernels/test_delta.py \
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;

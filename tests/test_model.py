@@ -98,7 +98,7 @@ def test_bfloat16_compute_keeps_float32_params():
     (dict(remat="some"), "model.remat"),
     (dict(mlp_impl="cublas"), "model.mlp_impl"),
     (dict(elementwise_impl="triton"), "model.elementwise_impl"),
-    (dict(layer_norm_impl="auto"), "model.layer_norm_impl"),
+    (dict(layer_norm_impl="triton"), "model.layer_norm_impl"),
 ])
 def test_bad_configs(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -279,5 +279,6 @@ def test_elementwise_kernels_refuse_a_mesh_of_several_devices():
         assert not conv.kernels_apply("auto")
         with pytest.raises(ValueError, match="elementwise_impl='auto' or 'xla'"):
             conv.kernels_apply("pallas")
-        with pytest.raises(ValueError, match="layer_norm_impl='xla'"):
+        assert not norm.layer_norm_applies(jnp.ones((64, 64)), "auto")
+        with pytest.raises(ValueError, match="layer_norm_impl='auto' or 'xla'"):
             norm.layer_norm_applies(jnp.ones((64, 64)), "pallas")
