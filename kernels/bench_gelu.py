@@ -1,7 +1,7 @@
 """Time the MLP with GELU in the products' epilogues against XLA: median ms, calls queued.
 
     python -m kernels.bench_gelu [--tokens 32768] [--width 1024]
-        [--tiles m,n,k,stages,per_sm[,in_flight[,pingpong]] ...]
+        [--tiles m,n,k,stages,per_sm[,in_flight] ...]
         [--json out.json]
 
 Rows: the ``c_fc`` product alone (XLA's cuBLAS call: the floor), the product with GELU (``h`` and
@@ -43,7 +43,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32 * 1024)
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--tiles", nargs="*", default=[], metavar="M,N,K,STAGES,PER_SM[,IN_FLIGHT[,PINGPONG]]")
+    parser.add_argument("--tiles", nargs="*", default=[], metavar="M,N,K,STAGES,PER_SM[,IN_FLIGHT]")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     m, d = args.tokens, args.width
@@ -71,8 +71,8 @@ def main(argv=None):
         "mlp fwd+bwd (fused)": (_fwd_bwd(lambda *a: gm.gelu_mlp(*a, interpret)), (x, w_fc, w_proj, dy)),
     }
     for text in args.tiles:
-        tiles = dataclasses.replace(gm.TILES, **dict(zip(("m", "n", "k", "stages", "per_sm", "in_flight", "pingpong"),
-                                                                  map(int, text.split(",")))))
+        tiles = dataclasses.replace(gm.TILES, **dict(zip(("m", "n", "k", "stages", "per_sm", "in_flight"),
+                                                         map(int, text.split(",")))))
         rows[f"product + gelu (fused, {text})"] = (
             jax.jit(lambda x, w, t=tiles: gm.gelu_product(x, w, tiles=t, interpret=interpret)), (x, w_fc))
         rows[f"grad product * gelu' (fused, {text})"] = (

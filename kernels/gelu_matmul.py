@@ -10,9 +10,8 @@ The products are persistent and warp-specialized: one memory warpgroup streams `
 of both operands by TMA through a ring of SMEM stages, two compute warpgroups each run wgmma into a
 ``[128, 128]`` float32 accumulator, then apply the epilogue and store by TMA while the memory
 warpgroup is already loading the next output tile's operands. The tensor cores wait while both compute
-warpgroups run the epilogue; ``Tiles(pingpong=True, stages=2)`` schedules the two on tiles of their own,
-each fed by its own memory warpgroup and ring, taking turns on the tensor cores so that one's epilogue
-overlaps the other's products (checked in interpret mode and lowered for CUDA, not yet timed on a GPU).
+warpgroups run the epilogue; a ping-pong schedule (each warpgroup on tiles of its own, taking turns) was
+tried and timed slower on an H200 (0.70 vs 0.57 ms, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,9 +35,8 @@ RESIDUAL_NAME = "gelu_matmul_residual"
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
 COMPUTE_WARPGROUPS = 2
-# Registers per thread: a memory warpgroup gives up all but 40, the compute warpgroups share the rest (of
-# 64k: beside one memory warpgroup, or two in the ping-pong schedule).
-MEMORY_REGISTERS, PINGPONG_COMPUTE_REGISTERS = 40, 216
+# Registers per thread: a memory warpgroup gives up all but 40, the compute warpgroups share the rest.
+MEMORY_REGISTERS = 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +44,9 @@ class Tiles:
     """One compute warpgroup's ``m x n`` output tile (the two lie side by side along n), the depth
     ``k`` of each loaded slice, the SMEM ring's ``stages``, the ``epilogue`` sub-tile side, the width
     of the snake in which output tiles are visited (neighbours share operand slices in L2), the
-    programs per SM (with two, one program's epilogue can overlap the other's products), the wgmma
+    programs per SM (with two, one program's epilogue can overlap the other's products) and the wgmma
     groups ``in_flight`` when a step ends (its SMEM slot is released that many steps later; with 1 the
-    next step's products are issued before the last ones finish), and the schedule: ``pingpong`` gives
-    each compute warpgroup every other ``m x n`` tile of its own, so that one's epilogue overlaps the
-    other's products (the cooperative default: both work on one ``m x 2n`` tile, and the tensor cores
-    wait while they run the epilogue)."""
+    next step's products are issued before the last ones finish)."""
     m: int = 128
     n: int = 128
     k: int = 64
@@ -60,10 +55,9 @@ class Tiles:
     snake_width: int = 8
     per_sm: int = 1
     in_flight: int = 0
-    pingpong: bool = False
 
     def check(self, m, k, n):
-        cta_n = self.n if self.pingpong else COMPUTE_WARPGROUPS * self.n
+        cta_n = COMPUTE_WARPGROUPS * self.n
         if m % self.m or n % cta_n or k % self.k:
             raise ValueError(f"gelu_matmul: a [{m}, {k}] x [{k}, {n}] product needs m a multiple of {self.m}, "
                              f"n of {cta_n} and k of {self.k} (see supports())")
@@ -101,9 +95,7 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
     ``wg`` calls ``prologue(rows, cols, wg, *refs, *scratch)`` before its products and
     ``epilogue(acc, rows, cols, wg, *refs, *scratch)`` after, ``acc`` its float32 accumulator of
     output ``[rows, cols]``. Returns the SMEM ring's allocations and the body that takes them and
-    ``scratch``. ``tiles.pingpong`` takes ``_pingpong_product_kernel``, under the same contract."""
-    if tiles.pingpong:
-        return _pingpong_product_kernel(a_gmem, b_gmem, *refs, tiles=tiles, epilogue=epilogue, prologue=prologue)
+    ``scratch``."""
     m, k = a_gmem.shape
     n = b_gmem.shape[1]
     cta_n = COMPUTE_WARPGROUPS * tiles.n
@@ -151,92 +143,6 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return ring_allocs, scoped
-
-
-def _pingpong_product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None):
-    """``_product_kernel``'s contract, with the ping-pong schedule: compute warpgroup ``w`` takes this
-    program's tiles ``w, w + 2, ...`` (``[tiles.m, tiles.n]`` each), fed by a memory warpgroup and an SMEM
-    ring of its own. The two take turns on the tensor cores: each waits for the other's products to finish
-    before it starts its own, so one's epilogue runs while the other multiplies."""
-    m, k = a_gmem.shape
-    n = b_gmem.shape[1]
-    m_tiles, n_tiles, k_steps = m // tiles.m, n // tiles.n, k // tiles.k
-    pair = COMPUTE_WARPGROUPS * tiles.stages
-    ring = (plgpu.SMEM((pair, tiles.m, tiles.k), a_gmem.dtype, transforms=_swizzled((tiles.m, tiles.k), a_gmem.dtype)),
-            plgpu.SMEM((pair, tiles.k, tiles.n), b_gmem.dtype, transforms=_swizzled((tiles.k, tiles.n), b_gmem.dtype)),
-            plgpu.Barrier(num_arrivals=2, num_barriers=pair),  # loaded: both slices of a slot arrived
-            plgpu.Barrier(num_arrivals=1, num_barriers=pair),  # consumed: the products have read a slot
-            plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WARPGROUPS))  # multiplied: a tile's products ended
-
-    def scoped(ring, *scratch):
-        a_smem, b_smem, loaded, consumed, multiplied = ring
-        thread, sm, programs = lax.axis_index("wg"), lax.axis_index("sm"), lax.axis_size("sm")
-        w = thread % COMPUTE_WARPGROUPS  # the compute warpgroup this thread is or feeds
-        own_tiles = (m_tiles * n_tiles - sm + programs - 1) // programs
-        turns = (own_tiles - w + 1) // 2  # the tiles of warpgroup w: w, w + 2, ...
-
-        def tile(turn):
-            mi, ni = plgpu.planar_snake(sm + (w + 2 * turn) * programs, (m_tiles, n_tiles), 1, tiles.snake_width)
-            return pl.ds(mi * tiles.m, tiles.m), pl.ds(ni * tiles.n, tiles.n)
-
-        def slot_of(turn, kk):
-            return w * tiles.stages + (turn * k_steps + kk) % tiles.stages
-
-        @pl.when(thread >= COMPUTE_WARPGROUPS)
-        def _memory():
-            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-
-            @pl.loop(0, turns * k_steps)
-            def _(step):
-                rows, cols = tile(step // k_steps)
-                depth, slot = pl.ds(step % k_steps * tiles.k, tiles.k), slot_of(0, step)
-
-                @pl.when(step >= tiles.stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-                plgpu.copy_gmem_to_smem(a_gmem.at[rows, depth], a_smem.at[slot], loaded.at[slot])
-                plgpu.copy_gmem_to_smem(b_gmem.at[depth, cols], b_smem.at[slot], loaded.at[slot])
-
-            # Observe the last slots' release too: a barrier's every waiter must see all its phases.
-            @pl.loop(jnp.maximum(turns * k_steps - tiles.stages, 0), turns * k_steps)
-            def _(step):
-                plgpu.barrier_wait(consumed.at[slot_of(0, step)])
-
-        @pl.when(thread < COMPUTE_WARPGROUPS)
-        def _compute():
-            plgpu.set_max_registers(PINGPONG_COMPUTE_REGISTERS, action="increase")
-
-            @pl.loop(0, turns)
-            def _(turn):
-                rows, cols = tile(turn)
-                if prologue is not None:
-                    prologue(rows, cols, w, *refs, *scratch)
-
-                def with_acc(acc_ref):
-                    @pl.when((w > 0) | (turn > 0))  # the other warpgroup's last products have ended
-                    def _():
-                        plgpu.barrier_wait(multiplied.at[1 - w])
-
-                    @pl.loop(0, k_steps)
-                    def _(kk):
-                        slot = slot_of(turn, kk)
-                        plgpu.barrier_wait(loaded.at[slot])
-                        plgpu.wgmma(acc_ref, a_smem.at[slot], b_smem.at[slot])
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(consumed.at[slot])
-                    plgpu.barrier_arrive(multiplied.at[w])
-                    epilogue(acc_ref[...], rows, cols, w, *refs, *scratch)
-                pl.run_scoped(with_acc, plgpu.ACC((tiles.m, tiles.n), jnp.float32))
-
-            # The other warpgroup's last products, when they came after this one's: as above, every phase.
-            other_turns = (own_tiles - (1 - w) + 1) // 2
-
-            @pl.when(other_turns > turns - (w == 0))
-            def _():
-                plgpu.barrier_wait(multiplied.at[1 - w])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    return ring, scoped
 
 
 def _sub_tiles(tiles):
@@ -307,8 +213,7 @@ def _launch(kernel, operands, out_type, *, tiles, interpret):
     tiles.check(m, k, operands[1].shape[1])
     return plgpu.kernel(
         functools.partial(kernel, tiles=tiles), out_type=out_type, grid=(_num_programs(tiles, interpret),),
-        grid_names=("sm",), thread_name="wg",  # ping-pong: a memory warpgroup per compute warpgroup
-        num_threads=2 * COMPUTE_WARPGROUPS if tiles.pingpong else COMPUTE_WARPGROUPS + 1,
+        grid_names=("sm",), thread_name="wg", num_threads=COMPUTE_WARPGROUPS + 1,  # + the memory warpgroup
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                              approx_math=True),
         interpret=interpret_params(interpret), kernel_name=kernel.__name__.strip("_"),

@@ -3,8 +3,6 @@
 Interpret mode on CPU at small shapes; compiled at the GPT-2 Medium shape with ``KERNELS_ON_GPU=1``.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +12,6 @@ from kernels import gelu_matmul as gm
 from tests.kernels.kernel_checks import ON_GPU, rel_error
 
 M, D = (32 * 1024, 1024) if ON_GPU else (384, 128)  # tokens, width (the hidden width is 4 D)
-# Both schedules; 384 tokens give the two interpret-mode programs odd and even numbers of tiles.
-SCHEDULES = {"cooperative": gm.TILES, "pingpong": dataclasses.replace(gm.TILES, pingpong=True, stages=2)}
 
 
 def _operands(seed=0):
@@ -38,21 +34,19 @@ def test_gelu_formulas_match_jax():
     np.testing.assert_allclose(gm.gelu_derivative(h), derivative, atol=1e-5)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_forward_product_writes_h_and_gelu_h(schedule):
+def test_forward_product_writes_h_and_gelu_h():
     x, w_fc, _, _ = _operands()
-    h, a = gm.gelu_product(x, w_fc, interpret=not ON_GPU, tiles=SCHEDULES[schedule])
+    h, a = gm.gelu_product(x, w_fc, interpret=not ON_GPU)
     h_ref = _f32(x) @ _f32(w_fc)
     assert h.dtype == a.dtype == jnp.bfloat16
     assert rel_error(h, h_ref) < 4e-3
     assert rel_error(a, jax.nn.gelu(h_ref, approximate=True)) < 4e-3
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_backward_product_applies_gelu_derivative(schedule):
+def test_backward_product_applies_gelu_derivative():
     x, w_fc, w_proj, dy = _operands(1)
     h = (_f32(x) @ _f32(w_fc)).astype(jnp.bfloat16)
-    dh = gm.gelu_grad_product(dy, w_proj.T, h, interpret=not ON_GPU, tiles=SCHEDULES[schedule])
+    dh = gm.gelu_grad_product(dy, w_proj.T, h, interpret=not ON_GPU)
     ref = (_f32(dy) @ _f32(w_proj).T) * gm.gelu_derivative(_f32(h))
     assert dh.dtype == jnp.bfloat16
     assert rel_error(dh, ref) < 4e-3
