@@ -41,7 +41,7 @@ class Tiles:
     warps: int
 
 
-# The fastest of eight tilings, forward and backward, timed on an H200 at GPT-2 Medium's GLA shape
+# The fastest walk tiling, forward and backward, of the ten timed on an H200 at GPT-2 Medium's GLA shape
 # (docs/benchmarks.md).
 TILES = Tiles(rows=8, cols=256, steps=16, warps=4)
 

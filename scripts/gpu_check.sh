@@ -3,7 +3,7 @@
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
-#   gelu, elementwise, train, train-layer-norm, train-delta, train-all, profile (default: tests, delta-tests,
+#   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile (default: tests, delta-tests,
 #   gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
@@ -53,8 +53,8 @@ for name in "${stages[@]}"; do
              gated_delta_rule --shape 32,1024,16,64,64 --shape 4,2048,16,128,128 \
              --impls pallas:triton,pallas:mosaic --json $out/gated_delta_rule.json" ;;
     train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
-    train-layer-norm) stage train-layer-norm 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
-             --config configs/gpt2_medium_gla.py --config.model.layer_norm_impl=pallas --json "$out/train_layer_norm.json" ;;
+    train-xla-norms) stage train-xla-norms 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             --config configs/gpt2_medium_gla.py --config.model.layer_norm_impl=xla --json "$out/train_xla_norms.json" ;;  # the A/B without the LayerNorm kernel
     train-delta) for impl in pallas:triton pallas:mosaic; do  # the delta kernels' two backends, paired
              stage "train-delta-${impl#pallas:}" 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
                --config configs/gpt2_medium_gated_deltanet.py --config.model.impl=$impl \
@@ -73,6 +73,6 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
                --profile /tmp/gla_profile --json "$out/profile.json"
              gzip -c /tmp/gla_profile/train_step.hlo.txt >"$out/profile_hlo.txt.gz" ;;  # fusions -> source lines
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
-            "gelu, elementwise, train, train-layer-norm, train-delta, train-all or profile)" >&2; exit 2 ;;
+            "gelu, elementwise, train, train-xla-norms, train-delta, train-all or profile)" >&2; exit 2 ;;
   esac
 done
