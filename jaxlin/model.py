@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
-from jaxlin.ops import conv as conv_ops
 from jaxlin.ops import mlp as mlp_ops
 from jaxlin.ops import norm as norm_ops
+from jaxlin.ops.checks import KERNEL_IMPLS
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS
 from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
 
@@ -77,14 +77,9 @@ class ModelConfig:
             raise ValueError("model.conv_size must be 0 (off) or >= 2")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat: unknown {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
-        if self.mlp_impl not in mlp_ops.IMPLS:
-            raise ValueError(f"model.mlp_impl: unknown {self.mlp_impl!r}; expected one of {mlp_ops.IMPLS}")
-        if self.layer_norm_impl not in norm_ops.LAYER_NORM_IMPLS:
-            raise ValueError(f"model.layer_norm_impl: unknown {self.layer_norm_impl!r}; expected one of "
-                             f"{norm_ops.LAYER_NORM_IMPLS}")
-        if self.elementwise_impl not in conv_ops.IMPLS:
-            raise ValueError(f"model.elementwise_impl: unknown {self.elementwise_impl!r}; expected one of "
-                             f"{conv_ops.IMPLS}")
+        for name in ("mlp_impl", "elementwise_impl", "layer_norm_impl"):
+            if getattr(self, name) not in KERNEL_IMPLS:
+                raise ValueError(f"model.{name}: unknown {getattr(self, name)!r}; expected one of {KERNEL_IMPLS}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
 

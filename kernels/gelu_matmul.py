@@ -63,7 +63,6 @@ class Tiles:
                              f"n of {cta_n} and k of {self.k} (see supports())")
 
 
-
 TILES = Tiles()  # the fastest of the tiles timed on an H200 (docs/benchmarks.md)
 
 

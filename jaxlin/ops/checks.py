@@ -82,6 +82,10 @@ def check_inputs(q, k, v, *, g=None, g_rank=None, beta=None, initial_state=None,
     return B, T, H, K, V
 
 
+# ModelConfig's mlp_impl, elementwise_impl and layer_norm_impl: the single-device kernels' switches.
+KERNEL_IMPLS = ("auto", "xla", "pallas")
+
+
 def on_one_gpu() -> bool:
     """Whether the code runs on one GPU: where the single-device kernels (fused GELU MLP, element-wise
     kernels, LayerNorm), which are not partitioned over a mesh, apply by default."""
@@ -93,3 +97,14 @@ def require_one_device(what: str, fix: str) -> None:
     devices = jax.sharding.get_abstract_mesh().size
     if devices > 1:
         raise ValueError(f"{what}: one device only, not partitioned over a mesh of {devices}; use {fix}")
+
+
+def kernel_applies(impl: str, what: str, key: str) -> bool:
+    """Whether a single-device kernel runs under ``impl``, the value of config field ``key``: "pallas"
+    (interpret mode off the GPU; refused under a mesh of several devices), or "auto" on one GPU."""
+    if impl not in KERNEL_IMPLS:
+        raise ValueError(f"{key} must be one of {KERNEL_IMPLS}, got {impl!r}")
+    if impl == "pallas":
+        require_one_device(what, f"{key}='auto' or 'xla'")
+        return True
+    return impl == "auto" and on_one_gpu()

@@ -12,9 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checks import on_one_gpu, require_one_device
-
-IMPLS = ("auto", "xla", "pallas")
+from .checks import kernel_applies
 
 
 def extend_segments(segment_ids: jax.Array, n_past: int) -> jax.Array:
@@ -105,11 +103,7 @@ def kernels_apply(impl: str = "auto") -> bool:
     """Whether the layers' element-wise Pallas kernels (``kernels.short_conv``, ``kernels.gated_norm``) run:
     ``impl`` "pallas" (interpret mode off the GPU), or "auto" on one GPU (they are not partitioned over a
     mesh)."""
-    if impl not in IMPLS:
-        raise ValueError(f"element-wise kernels' impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "pallas":
-        require_one_device("the element-wise Pallas kernels", "model.elementwise_impl='auto' or 'xla'")
-    return impl == "pallas" or (impl == "auto" and on_one_gpu())
+    return kernel_applies(impl, "the element-wise Pallas kernels", "model.elementwise_impl")
 
 
 def conv_and_split(y, kernels, rest_widths, *, segment_ids=None, impl="auto"):

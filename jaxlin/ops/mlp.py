@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from .checks import on_one_gpu, require_one_device
 
-IMPLS = ("auto", "xla", "pallas")
 # kernels.gelu_matmul.RESIDUAL_NAME (not imported here, so that jaxlin runs without the kernels package):
 # the fused forward's h and gelu(h), which the backward reads.
 RESIDUAL_NAME = "gelu_matmul_residual"

@@ -8,10 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .checks import on_one_gpu, require_one_device
+from .checks import kernel_applies
 from .conv import kernels_apply
-
-LAYER_NORM_IMPLS = ("auto", "xla", "pallas")
 
 
 def gated_rms_norm(x, weight, gate=None, *, eps, impl="auto"):
@@ -66,11 +64,8 @@ def layer_norm_applies(x, impl: str) -> bool:
     """Whether ``impl`` (ModelConfig.layer_norm_impl) runs ``residual_layer_norm`` on x: "pallas" (interpret
     mode off the GPU; one device), or "auto" on one GPU; for rows the kernel's programs cover (others take
     Flax's LayerNorm)."""
-    if impl not in LAYER_NORM_IMPLS:
-        raise ValueError(f"layer norm impl must be one of {LAYER_NORM_IMPLS}, got {impl!r}")
-    if impl == "xla" or (impl == "auto" and not on_one_gpu()):
+    if not kernel_applies(impl, "the LayerNorm kernel", "model.layer_norm_impl"):
         return False
-    require_one_device("the LayerNorm kernel", "model.layer_norm_impl='auto' or 'xla'")
     from kernels import layer_norm
     return layer_norm.supports(x.reshape(-1, x.shape[-1]))
 
