@@ -113,6 +113,12 @@ def _walk(first, n_rows, carry, load, row, tiles):
     return step(first + n_rows - n_rows % tiles.rows, n_rows % tiles.rows, carry)
 
 
+def _masked_taps(xs, segs):
+    """What row t's taps read: ``xs[j]`` is row ``t - (K-1-j)`` (the last, row t), zero where its segment
+    (``segs[j]``) is not row t's."""
+    return [jnp.where(seg == segs[-1], x, 0.0) for x, seg in zip(xs, segs)]
+
+
 def _silu_grad(pre):
     """d silu(pre) / d pre."""
     sig = jax.nn.sigmoid(pre)
@@ -141,9 +147,9 @@ def _forward_kernel(y_ref, w_ref, seg_ref, *out_refs, pieces, T, tiles):
         load_y, seg = _row_loader(y_ref, col + c0, col + width, T, tiles), _segment_of(seg_ref, T)
         store = _row_storer(out_refs[i], c0, width, T, tiles)
 
-        def row(t, loaded, window):  # tap j of row t reads row t - (K-1-j): window[j]
+        def row(t, loaded, window):
             xs, segs = window[0] + (loaded[0],), window[1] + (loaded[1],)
-            pre = sum(w[j] * jnp.where(segs[j] == segs[-1], xs[j], 0.0) for j in range(K))
+            pre = sum(w[j] * tap for j, tap in enumerate(_masked_taps(xs, segs)))
             store(t, pre * jax.nn.sigmoid(pre))
             return xs[1:], segs[1:]
         past = tuple(first_row - (K - 1) + j for j in range(K - 1))
@@ -170,7 +176,7 @@ def _backward_kernel(y_ref, w_ref, seg_ref, *refs, pieces, n_conv, T, tiles):
             (xs, segs, dpres), dw = carry
             x, s, d = loaded
             xs, segs = xs + (x,), segs + (s,)
-            taps = [jnp.where(segs[j] == s, xs[j], 0.0) for j in range(K)]  # tap j reads row t - (K-1-j)
+            taps = _masked_taps(xs, segs)
             dpres = dpres + (d * _silu_grad(sum(w[j] * taps[j] for j in range(K))),)
             own = (t < end).astype(jnp.float32)
             dw = tuple(dw[j] + own * dpres[-1] * taps[j] for j in range(K))
