@@ -249,7 +249,9 @@ def _gelu_mlp_backward(interpret, residuals, dy):
     dy2 = dy.reshape(-1, dy.shape[-1])
     dh = gelu_grad_product(dy2, w_proj.T, h, interpret=interpret)
     f32 = dict(preferred_element_type=jnp.float32)
-    dx = jnp.dot(dh, w_fc.T, **f32).astype(x2.dtype)
+    # In x's dtype straight from the product (float32 accumulation): a float32 result would cost a pass
+    # of its own to round.
+    dx = jnp.dot(dh, w_fc.T, preferred_element_type=x2.dtype)
     dw_fc = jnp.dot(x2.T, dh, **f32).astype(w_fc.dtype)
     dw_proj = jnp.dot(a.T, dy2, **f32).astype(w_proj.dtype)
     return dx.reshape(*dy.shape[:-1], -1), dw_fc, dw_proj

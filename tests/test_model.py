@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from jaxlin.ops.conv import causal_conv
+from jaxlin.ops.gates import log_sigmoid_gate
 from jaxlin.model import GPT, MLP, ModelConfig, count_params
 
 KINDS = ["gla", "deltanet", "gated_deltanet", "softmax"]
@@ -262,6 +263,24 @@ def test_short_conv_gradients_match_autodiff_of_the_formula():
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
     for got, want in zip(vjp(dy), vjp_ref(dy)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_forget_gate_gradients_match_autodiff_of_the_formula(dtype, tol):
+    """The gate's hand-written backward against autodiff of log_sigmoid(h + b) / 16 in float32, on
+    pre-activations from -40 to 40 (where sigmoid saturates) and a bias gradient summed over 2 x 7 tokens."""
+    h = jnp.concatenate([jax.random.normal(jax.random.key(0), (2, 5, 8)) * 3,
+                         jnp.linspace(-40.0, 40.0, 32).reshape(2, 2, 8)], axis=1)
+    bias, dgate = jax.random.normal(jax.random.key(1), (8,)), jax.random.normal(jax.random.key(2), h.shape)
+    formula = lambda h, bias: jax.nn.log_sigmoid(h + bias) / 16
+    gate, vjp = jax.vjp(lambda h, b: log_sigmoid_gate(h, b, 16.0), h.astype(dtype), bias)
+    gate_ref, vjp_ref = jax.vjp(formula, h.astype(dtype).astype(jnp.float32), bias)
+    assert gate.dtype == dtype
+    np.testing.assert_allclose(gate.astype(jnp.float32), gate_ref, rtol=tol, atol=tol)
+    (dh, dbias), (dh_ref, dbias_ref) = vjp(dgate.astype(dtype)), vjp_ref(dgate.astype(dtype).astype(jnp.float32))
+    assert dh.dtype == dtype and dbias.dtype == jnp.float32
+    np.testing.assert_allclose(dh.astype(jnp.float32), dh_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dbias, dbias_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_gelu_mlp_refuses_a_mesh_of_several_devices():

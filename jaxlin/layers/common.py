@@ -10,8 +10,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlin.ops import conv, norm
 
 INIT_STD = 0.02  # nanoGPT's initialisation for every Linear and Embedding
-# Element-wise results that feed a matrix product (norm outputs, the MLP activation, the short convs'
-# outputs): the "dots_and_activations" remat policy (jaxlin.model) stores them instead of recomputing.
+# Element-wise results that feed a matrix product or a recurrence kernel (norm outputs, the MLP activation,
+# the short convs' outputs, GLA's forget gate): the "dots_and_activations" remat policy (jaxlin.model)
+# stores them instead of recomputing.
 ACTIVATION_NAME = "activation"
 
 

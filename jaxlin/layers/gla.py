@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
-from jaxlin.layers.common import GatedRMSNorm, QKVConv, linear, merge_heads, project_qkv, split_heads
+from jaxlin.layers.common import (GatedRMSNorm, QKVConv, activation, linear, merge_heads, project_qkv,
+                                  split_heads)
+from jaxlin.ops import gates
 
 
 class GatedLinearAttention(nnx.Module):
@@ -43,10 +44,12 @@ class GatedLinearAttention(nnx.Module):
         (q, k, v), (g, gk), conv_cache = project_qkv(
             self, x, self.g_proj, self.gk_proj.layers[0], segment_ids=segment_ids, state=state,
             return_state=return_state)
-        gk = jax.nn.log_sigmoid(self.gk_proj.layers[1](gk).astype(jnp.float32)) / self.gate_logit_normalizer
+        up = self.gk_proj.layers[1]
         # In the compute dtype, as FLA's layer under autocast gives its kernel: the kernels sum the gates in
-        # float32, and the Mosaic GPU kernels read bf16 gates only.
-        gk = gk.astype(q.dtype)
+        # float32, and the Mosaic GPU kernels read bf16 gates only. Stored for the backward (the kernels'
+        # residual), not recomputed.
+        gk = activation(gates.log_sigmoid_gate(jnp.dot(gk.astype(up.dtype), up.kernel[...].astype(up.dtype)),
+                                               up.bias[...], self.gate_logit_normalizer))
         o, recurrent = ops.gla(
             q, k, v, split_heads(gk, self.n_head), initial_state=state.get("recurrent"),
             output_final_state=return_state, segment_ids=segment_ids, impl=self.impl,
