@@ -95,7 +95,11 @@ def fused_linear(x, *layers: nnx.Linear):
 def project_qkv(layer: nnx.Module, x, *extra: nnx.Linear | None, segment_ids, state: dict, return_state: bool):
     """q, k, v of a linear-attention layer (its q/k/v projections, then the optional short convs)
     split into heads, the outputs of the `extra` bias-free projections of x (computed in the same
-    matrix product; None for a None entry), and the convs' new cache."""
+    matrix product; None for a None entry), and the convs' new cache.
+
+    The layers keep their output gate's projection (as wide as v) out of `extra`: as columns of the
+    joined product it had to be copied out (forward, and again when the backward recomputes it) and its
+    gradient copied into the joined gradient, passes that cost more than a product of its own."""
     qkv_layers = (layer.q_proj, layer.k_proj, layer.v_proj)
     present = [p for p in extra if p is not None]
     y = fused_linear(x, *qkv_layers, *present)

@@ -47,9 +47,9 @@ class DeltaNet(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        (q, k, v), (b, a, gate), conv_cache = project_qkv(
-            self, x, self.b_proj, self.a_proj, self.g_proj, segment_ids=segment_ids, state=state,
-            return_state=return_state)
+        (q, k, v), (b, a), conv_cache = project_qkv(self, x, self.b_proj, self.a_proj, segment_ids=segment_ids,
+                                                    state=state, return_state=return_state)
+        gate = None if self.g_proj is None else self.g_proj(x)  # a product of its own: see project_qkv
         beta = jax.nn.sigmoid(b.astype(jnp.float32))
         common = dict(initial_state=state.get("recurrent"), output_final_state=return_state,
                       segment_ids=segment_ids, use_qk_l2norm=True, impl=self.impl)

@@ -41,9 +41,9 @@ class GatedLinearAttention(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        (q, k, v), (g, gk), conv_cache = project_qkv(
-            self, x, self.g_proj, self.gk_proj.layers[0], segment_ids=segment_ids, state=state,
-            return_state=return_state)
+        (q, k, v), (gk,), conv_cache = project_qkv(self, x, self.gk_proj.layers[0], segment_ids=segment_ids,
+                                                   state=state, return_state=return_state)
+        g = self.g_proj(x)  # a product of its own: see project_qkv
         up = self.gk_proj.layers[1]
         # In the compute dtype, as FLA's layer under autocast gives its kernel: the kernels sum the gates in
         # float32, and the Mosaic GPU kernels read bf16 gates only. Stored for the backward (the kernels'
