@@ -15,7 +15,7 @@ from jax.experimental import pallas as pl
 
 from .common import compiler_params
 
-ROWS = 64  # rows per program
+ROWS = 32  # rows per program (H200 sweep, docs/benchmarks.md)
 
 
 def _normalized(x, w, eps):
