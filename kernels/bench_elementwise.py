@@ -3,15 +3,17 @@
 (``kernels.gated_norm``) and the blocks' LayerNorm with its residual add (``kernels.layer_norm``). Median
 ms of queued calls, and the largest difference from XLA.
 
-    python -m kernels.bench_elementwise [--batch 32] [--seq 1024] [--conv 512,512,1024] [--rest 1024,16]
-        [--heads 16] [--width 1024] [--segments N] [--conv-tiles ROWS,COLS,STEPS,WARPS ...] [--json out.json]
+    python -m kernels.bench_elementwise [--batch 32] [--seq 1024] [--conv 512,512,1024] [--rest 16]
+        [--heads 16] [--width 1024] [--segments N] [--conv-tiles ROWS,COLS,STEPS,WARPS ...]
+        [--gated-norm-tiles ROWS,WARPS ...] [--layer-norm-tiles ROWS,STEPS,WARPS ...] [--json out.json]
 
-Defaults: GPT-2 Medium's GLA layer (q, k, v convolved; g and the gate's low-rank input passed through;
-16 heads of 64 values normed). ``--conv-tiles`` also times the conv kernels with other tilings
-(``kernels.short_conv.Tiles``).
+Defaults: GPT-2 Medium's GLA layer (q, k, v convolved; the forget gate's low-rank input passed through;
+16 heads of 64 values normed). The ``--*-tiles`` options also time the kernels with other tilings
+(``Tiles`` of ``kernels.short_conv``, ``kernels.gated_norm``, ``kernels.layer_norm``).
 """
 
 import argparse
+import functools
 import json
 
 import jax
@@ -20,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlin.ops import conv, norm
-from . import short_conv
+from . import gated_norm, layer_norm, short_conv
 from .bench import _median_ms
 
 
@@ -67,16 +69,31 @@ def _conv_rows(B, T, widths, rest, segment_ids, tilings):
     return rows
 
 
-def _norm_rows(B, T, heads, dim):
+def _tiled_rows(name, tilings, tiles_type, forward, backward, forward_args, backward_args, moved):
+    """Rows ``"{name} forward|backward (Pallas, {tiling})"``: the kernels called with each tiling."""
+    interpret = jax.default_backend() != "gpu"  # the kernels' code on CPU, for checking, not timing
+    rows = {}
+    for text in tilings:
+        tiles = tiles_type(*map(int, text.split(",")))
+        for direction, kernel, args in (("forward", forward, forward_args), ("backward", backward, backward_args)):
+            fn = jax.jit(functools.partial(kernel, eps=1e-5, tiles=tiles, interpret=interpret))
+            rows[f"{name} {direction} (Pallas, {text})"] = (fn, args, moved[direction])
+    return rows
+
+
+def _norm_rows(B, T, heads, dim, tilings):
     keys = jax.random.split(jax.random.key(1), 4)
     x, g, dout = (jax.random.normal(k, (B, T, heads, dim), jnp.bfloat16) for k in keys[:3])
     w = jax.random.uniform(keys[3], (dim,), jnp.float32, 0.5, 1.5)
     run = lambda impl: lambda x, g, w: norm.gated_rms_norm(x, w, g, eps=1e-5, impl=impl)
     moved = {"forward": 3 * x.size * 2, "backward": 5 * x.size * 2}  # x, g (, dout) read; out (dx, dg) written
-    return _xla_and_pallas_rows("gated norm", run, (x, g, w), dout, moved)
+    rows2d = [a.reshape(-1, dim) for a in (x, g, dout)]
+    return {**_xla_and_pallas_rows("gated norm", run, (x, g, w), dout, moved),
+            **_tiled_rows("gated norm", tilings, gated_norm.Tiles, gated_norm.gated_norm_forward,
+                          gated_norm.gated_norm_backward, (*rows2d[:2], w), (*rows2d[:2], w, rows2d[2]), moved)}
 
 
-def _layer_norm_rows(B, T, width):
+def _layer_norm_rows(B, T, width, tilings):
     keys = jax.random.split(jax.random.key(2), 4)
     x, r, dsum, dout = (jax.random.normal(k, (B, T, width), jnp.bfloat16) for k in keys)
     graphdef, params = nnx.split(nnx.LayerNorm(width, epsilon=1e-5, dtype=jnp.bfloat16, param_dtype=jnp.float32,
@@ -91,7 +108,11 @@ def _layer_norm_rows(B, T, width):
         return sum_and_norm
 
     moved = {"forward": 4 * x.size * 2, "backward": 5 * x.size * 2}  # x, r (, 2 grads) read; sum, norm (dx) out
-    return _xla_and_pallas_rows("layer norm + residual", run, (x, r, params), (dsum, dout), moved)
+    x2, r2, dsum2, dout2 = (a.reshape(-1, width) for a in (x, r, dsum, dout))
+    scale, bias = params["scale"][...], params["bias"][...]
+    return {**_xla_and_pallas_rows("layer norm + residual", run, (x, r, params), (dsum, dout), moved),
+            **_tiled_rows("layer norm + residual", tilings, layer_norm.Tiles,
+                          layer_norm.layer_norm_forward, layer_norm.layer_norm_backward, (x2, r2, scale, bias), (x2, r2, scale, dsum2, dout2), moved)}
 
 
 def main(argv=None):
@@ -99,11 +120,13 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--conv", default="512,512,1024")
-    parser.add_argument("--rest", default="1024,16")
+    parser.add_argument("--rest", default="16")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--width", type=int, default=1024, help="the model's width (the LayerNorm's)")
     parser.add_argument("--segments", type=int, default=0, help="documents per row (0: no segment ids)")
     parser.add_argument("--conv-tiles", nargs="*", default=[], metavar="ROWS,COLS,STEPS,WARPS")
+    parser.add_argument("--gated-norm-tiles", nargs="*", default=[], metavar="ROWS,WARPS")
+    parser.add_argument("--layer-norm-tiles", nargs="*", default=[], metavar="ROWS,STEPS,WARPS")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     widths, rest, B, T = _widths(args.conv), _widths(args.rest), args.batch, args.seq
@@ -111,7 +134,8 @@ def main(argv=None):
     if args.segments:
         segment_ids = jnp.broadcast_to(jnp.arange(T) * args.segments // T, (B, T)).astype(jnp.int32)
     rows = {**_conv_rows(B, T, widths, rest, segment_ids, args.conv_tiles),
-            **_norm_rows(B, T, args.heads, widths[-1] // args.heads), **_layer_norm_rows(B, T, args.width)}
+            **_norm_rows(B, T, args.heads, widths[-1] // args.heads, args.gated_norm_tiles),
+            **_layer_norm_rows(B, T, args.width, args.layer_norm_tiles)}
     print(f"device: {jax.devices()[0].device_kind}, B {B}, T {T}, conv {widths}, rest {rest}, heads {args.heads}, "
           f"segments {args.segments}")
     records, errors = [], {}

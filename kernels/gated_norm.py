@@ -7,6 +7,7 @@ gradients, then g's inside another fusion); here each program reads its rows of 
 gradient once, and writes x's and g's gradients and a partial sum of w's.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -15,7 +16,15 @@ from jax.experimental import pallas as pl
 
 from .common import compiler_params
 
-ROWS = 32  # rows per program (H200 sweep, docs/benchmarks.md)
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Rows per program, and its warps."""
+    rows: int = 32
+    warps: int = 4
+
+
+TILES = Tiles()  # the fastest of an H200 sweep (docs/benchmarks.md)
 
 
 def _normalized(x, w, eps):
@@ -42,44 +51,46 @@ def _backward_kernel(x_ref, g_ref, w_ref, dout_ref, dx_ref, dg_ref, dw_ref, *, e
     dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
-def supports(x) -> bool:
+def supports(x, tiles=TILES) -> bool:
     """Rows ``[N, D]`` that whole programs cover, ``D`` a power of two (Triton's block shapes)."""
     N, D = x.shape
-    return N % ROWS == 0 and D & (D - 1) == 0
+    return N % tiles.rows == 0 and D & (D - 1) == 0
 
 
-def _check(x, g, w):
-    if x.ndim != 2 or not supports(x) or g.shape != x.shape or w.shape != x.shape[1:]:
-        raise ValueError(f"gated_norm: x and g must be [N, D] with N a multiple of {ROWS} and D a power of two, "
+def _check(x, g, w, tiles):
+    if x.ndim != 2 or not supports(x, tiles) or g.shape != x.shape or w.shape != x.shape[1:]:
+        raise ValueError(f"gated_norm: x and g must be [N, D] with N a multiple of {tiles.rows} and D a power of two, "
                          f"w [D]; got x {x.shape}, g {g.shape}, w {w.shape}")
 
 
-def _rows(D):
-    return pl.BlockSpec((ROWS, D), lambda i: (i, 0))
+def _rows(D, tiles):
+    return pl.BlockSpec((tiles.rows, D), lambda i: (i, 0))
 
 
-def gated_norm_forward(x, g, w, *, eps, interpret=False):
+def gated_norm_forward(x, g, w, *, eps, interpret=False, tiles=TILES):
     """``x * rsqrt(mean(x^2) + eps) * w * silu(g)`` in x's dtype, row by row, in float32."""
-    _check(x, g, w)
+    _check(x, g, w, tiles)
     N, D = x.shape
     return pl.pallas_call(
-        functools.partial(_forward_kernel, eps=eps), grid=(N // ROWS,),
-        in_specs=[_rows(D), _rows(D), pl.BlockSpec((D,), lambda i: (0,))], out_specs=_rows(D),
+        functools.partial(_forward_kernel, eps=eps), grid=(N // tiles.rows,),
+        in_specs=[_rows(D, tiles), _rows(D, tiles), pl.BlockSpec((D,), lambda i: (0,))], out_specs=_rows(D, tiles),
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        compiler_params=compiler_params(num_warps=4, num_stages=2), interpret=interpret, name="gated_norm_forward",
+        compiler_params=compiler_params(num_warps=tiles.warps, num_stages=2), interpret=interpret,
+        name="gated_norm_forward",
     )(x, g, w.astype(jnp.float32))
 
 
-def gated_norm_backward(x, g, w, dout, *, eps, interpret=False):
+def gated_norm_backward(x, g, w, dout, *, eps, interpret=False, tiles=TILES):
     """``(dx, dg, dw)`` of ``gated_norm_forward`` under the output's gradient ``dout``; dw in float32."""
-    _check(x, g, w)
+    _check(x, g, w, tiles)
     N, D = x.shape
     dx, dg, dw = pl.pallas_call(
-        functools.partial(_backward_kernel, eps=eps), grid=(N // ROWS,),
-        in_specs=[_rows(D), _rows(D), pl.BlockSpec((D,), lambda i: (0,)), _rows(D)],
-        out_specs=[_rows(D), _rows(D), pl.BlockSpec((None, D), lambda i: (i, 0))],
+        functools.partial(_backward_kernel, eps=eps), grid=(N // tiles.rows,),
+        in_specs=[_rows(D, tiles), _rows(D, tiles), pl.BlockSpec((D,), lambda i: (0,)), _rows(D, tiles)],
+        out_specs=[_rows(D, tiles), _rows(D, tiles), pl.BlockSpec((None, D), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
-                   jax.ShapeDtypeStruct((N // ROWS, D), jnp.float32)],
-        compiler_params=compiler_params(num_warps=4, num_stages=2), interpret=interpret, name="gated_norm_backward",
+                   jax.ShapeDtypeStruct((N // tiles.rows, D), jnp.float32)],
+        compiler_params=compiler_params(num_warps=tiles.warps, num_stages=2), interpret=interpret,
+        name="gated_norm_backward",
     )(x, g, w.astype(jnp.float32), dout)
     return dx, dg, dw.sum(axis=0)

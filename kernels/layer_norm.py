@@ -5,10 +5,11 @@ written. Backward: from the gradients of both outputs, ``ds + LayerNorm'(s)^T dn
 r) and partial sums of the scale's and bias's gradients. Under XLA the backward of each LayerNorm took
 three passes (the statistics, the row sums of the gradient, then the input's gradient with the weights'
 partial sums), and the residual stream's gradient was added in another. Whole rows sit in one program, so
-the statistics need no second pass; a program walks ``STEPS`` blocks of ``ROWS`` rows and keeps the
+the statistics need no second pass; a program walks ``tiles.steps`` blocks of ``tiles.rows`` rows and keeps the
 weights' gradients in registers across them.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -18,7 +19,17 @@ from jax.experimental import pallas as pl
 
 from .common import compiler_params
 
-ROWS, STEPS, WARPS = 2, 32, 4  # the fastest of the H200 sweep (docs/benchmarks.md)
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Rows a program loads at a time (a forward program's whole block), the blocks a backward program walks,
+    and the warps of each program."""
+    rows: int = 2
+    steps: int = 32
+    warps: int = 4
+
+
+TILES = Tiles()  # the fastest of an H200 sweep (docs/benchmarks.md)
 
 
 def _sum_and_stats(x_ref, r_ref, rows, eps):
@@ -39,11 +50,11 @@ def _forward_kernel(x_ref, r_ref, scale_ref, bias_ref, *outs, eps):
     out_ref[...] = (centred * rstd * scale_ref[...][None, :] + bias_ref[...][None, :]).astype(out_ref.dtype)
 
 
-def _backward_kernel(x_ref, r_ref, scale_ref, dsum_ref, dout_ref, dx_ref, dscale_ref, dbias_ref, *, eps):
+def _backward_kernel(x_ref, r_ref, scale_ref, dsum_ref, dout_ref, dx_ref, dscale_ref, dbias_ref, *, eps, tiles):
     scale = scale_ref[...][None, :]
 
     def step(i, sums):
-        rows = pl.ds(pl.multiple_of(i * ROWS, ROWS), ROWS)
+        rows = pl.ds(pl.multiple_of(i * tiles.rows, tiles.rows), tiles.rows)
         _, centred, rstd = _sum_and_stats(x_ref, r_ref, rows, eps)
         xhat = centred * rstd
         dout = dout_ref[rows, :].astype(jnp.float32)
@@ -54,60 +65,60 @@ def _backward_kernel(x_ref, r_ref, scale_ref, dsum_ref, dout_ref, dx_ref, dscale
         dx_ref[rows, :] = dx.astype(dx_ref.dtype)
         return sums[0] + dout * xhat, sums[1] + dout
 
-    zeros = jnp.zeros((ROWS, scale.shape[1]), jnp.float32)
-    dscale, dbias = lax.fori_loop(0, STEPS, step, (zeros, zeros))
+    zeros = jnp.zeros((tiles.rows, scale.shape[1]), jnp.float32)
+    dscale, dbias = lax.fori_loop(0, tiles.steps, step, (zeros, zeros))
     dscale_ref[...] = jnp.sum(dscale, axis=0)
     dbias_ref[...] = jnp.sum(dbias, axis=0)
 
 
-def supports(x) -> bool:
+def supports(x, tiles=TILES) -> bool:
     """Rows ``[N, D]`` that whole programs cover, ``D`` a power of two (Triton's block shapes) up to 8192."""
     N, D = x.shape
-    return N % (ROWS * STEPS) == 0 and D & (D - 1) == 0 and D <= 8192
+    return N % (tiles.rows * tiles.steps) == 0 and D & (D - 1) == 0 and D <= 8192
 
 
-def _check(x, others, scale):
-    if x.ndim != 2 or not supports(x) or any(o is not None and o.shape != x.shape for o in others) \
+def _check(x, others, scale, tiles):
+    if x.ndim != 2 or not supports(x, tiles) or any(o is not None and o.shape != x.shape for o in others) \
             or scale.shape != x.shape[1:]:
-        raise ValueError(f"layer_norm: x [N, D] needs N a multiple of {ROWS * STEPS} and D a power of two up to "
-                         f"8192, the residual and gradients x's shape and the scale [D]; got x {x.shape}, scale "
-                         f"{scale.shape}")
+        raise ValueError(f"layer_norm: x [N, D] needs N a multiple of {tiles.rows * tiles.steps} and D a power of "
+                         f"two up to 8192, the residual and gradients x's shape and the scale [D]; got x {x.shape}, "
+                         f"scale {scale.shape}")
 
 
-def layer_norm_forward(x, residual, scale, bias, *, eps, interpret=False):
+def layer_norm_forward(x, residual, scale, bias, *, eps, interpret=False, tiles=TILES):
     """``(x + residual, LayerNorm(x + residual))`` in x's dtype (only the norm when ``residual`` is None):
     x ``[N, D]``, scale and bias ``[D]``, statistics in float32."""
-    _check(x, (residual,), scale)
+    _check(x, (residual,), scale, tiles)
     N, D = x.shape
-    rows, vector = pl.BlockSpec((ROWS, D), lambda i: (i, 0)), pl.BlockSpec((D,), lambda i: (0,))
+    rows, vector = pl.BlockSpec((tiles.rows, D), lambda i: (i, 0)), pl.BlockSpec((D,), lambda i: (0,))
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] * (2 if residual is not None else 1)
 
     outputs = pl.pallas_call(
-        functools.partial(_forward_kernel, eps=eps), grid=(N // ROWS,),
+        functools.partial(_forward_kernel, eps=eps), grid=(N // tiles.rows,),
         in_specs=[rows, None if residual is None else rows, vector, vector],
         out_specs=[rows] * len(out_shape), out_shape=out_shape,
-        compiler_params=compiler_params(num_warps=WARPS, num_stages=2), interpret=interpret,
+        compiler_params=compiler_params(num_warps=tiles.warps, num_stages=2), interpret=interpret,
         name="layer_norm_forward",
     )(x, residual, scale.astype(jnp.float32), bias.astype(jnp.float32))
     return tuple(outputs) if residual is not None else (x, outputs[0])
 
 
-def layer_norm_backward(x, residual, scale, dsum, dout, *, eps, interpret=False):
+def layer_norm_backward(x, residual, scale, dsum, dout, *, eps, interpret=False, tiles=TILES):
     """``(dx, dscale, dbias)`` of ``layer_norm_forward``: dx the gradient of x (and of the residual), under
     the outputs' gradients ``dsum`` (of ``x + residual``, or of x; None for zero) and ``dout``."""
-    _check(x, (residual, dsum, dout), scale)
+    _check(x, (residual, dsum, dout), scale, tiles)
     N, D = x.shape
-    programs = N // (ROWS * STEPS)
-    rows = pl.BlockSpec((ROWS * STEPS, D), lambda i: (i, 0))
+    programs = N // (tiles.rows * tiles.steps)
+    rows = pl.BlockSpec((tiles.rows * tiles.steps, D), lambda i: (i, 0))
     partial = pl.BlockSpec((None, D), lambda i: (i, 0))
     dx, dscale, dbias = pl.pallas_call(
-        functools.partial(_backward_kernel, eps=eps), grid=(programs,),
+        functools.partial(_backward_kernel, eps=eps, tiles=tiles), grid=(programs,),
         in_specs=[rows, None if residual is None else rows, pl.BlockSpec((D,), lambda i: (0,)),
                   None if dsum is None else rows, rows],
         out_specs=[rows, partial, partial],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((programs, D), jnp.float32),
                    jax.ShapeDtypeStruct((programs, D), jnp.float32)],
-        compiler_params=compiler_params(num_warps=WARPS, num_stages=2), interpret=interpret,
+        compiler_params=compiler_params(num_warps=tiles.warps, num_stages=2), interpret=interpret,
         name="layer_norm_backward",
     )(x, residual, scale.astype(jnp.float32), dsum, dout)
     return dx, dscale.sum(axis=0), dbias.sum(axis=0)

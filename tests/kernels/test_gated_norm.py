@@ -43,7 +43,7 @@ def test_rows_the_programs_do_not_divide_take_xla():
     w = jnp.ones((32,))
     assert jnp.allclose(norm.gated_rms_norm(x, w, x, eps=1e-5, impl="pallas"),
                         norm.gated_rms_norm(x, w, x, eps=1e-5, impl="xla"))
-    with pytest.raises(ValueError, match=f"multiple of {gated_norm.ROWS}"):
+    with pytest.raises(ValueError, match=f"multiple of {gated_norm.TILES.rows}"):
         gated_norm.gated_norm_forward(x.reshape(6, 32), x.reshape(6, 32), w, eps=1e-5, interpret=True)
 
 
