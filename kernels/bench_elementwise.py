@@ -111,8 +111,9 @@ def _layer_norm_rows(B, T, width, tilings):
     x2, r2, dsum2, dout2 = (a.reshape(-1, width) for a in (x, r, dsum, dout))
     scale, bias = params["scale"][...], params["bias"][...]
     return {**_xla_and_pallas_rows("layer norm + residual", run, (x, r, params), (dsum, dout), moved),
-            **_tiled_rows("layer norm + residual", tilings, layer_norm.Tiles,
-                          layer_norm.layer_norm_forward, layer_norm.layer_norm_backward, (x2, r2, scale, bias), (x2, r2, scale, dsum2, dout2), moved)}
+            **_tiled_rows("layer norm + residual", tilings, layer_norm.Tiles, layer_norm.layer_norm_forward,
+                          layer_norm.layer_norm_backward, (x2, r2, scale, bias), (x2, r2, scale, dsum2, dout2),
+                          moved)}
 
 
 def main(argv=None):

@@ -62,8 +62,8 @@ def test_elementwise_bench_times_every_row_and_checks_the_kernels(tmp_path, monk
     monkeypatch.setattr(bench_elementwise, "_median_ms", lambda fn, *args: (jax.block_until_ready(fn(*args)), 1.0)[1])
     out = tmp_path / "elementwise.json"
     bench_elementwise.main(["--batch", "1", "--seq", "64", "--conv", "32,32,64", "--rest", "64,8", "--heads", "2",
-                            "--width", "64", "--segments", "2", "--conv-tiles", "8,32,2,4", "--gated-norm-tiles", "16,2",
-                            "--layer-norm-tiles", "1,32,2", "--json", str(out)])
+                            "--width", "64", "--segments", "2", "--conv-tiles", "8,32,2,4",
+                            "--gated-norm-tiles", "16,2", "--layer-norm-tiles", "1,32,2", "--json", str(out)])
     result = json.loads(out.read_text())
     assert len(result["rows"]) == 18 and all(r["ms"] > 0 for r in result["rows"])
     assert sorted(result["errors"]) == sorted(r["row"] for r in result["rows"] if r["row"].endswith("(Pallas)"))
