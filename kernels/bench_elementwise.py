@@ -56,27 +56,24 @@ def _conv_rows(B, T, widths, rest, segment_ids, tilings):
                                                                    impl=impl), ())
     moved = {"forward": 2 * sum(widths) * B * T * 2,  # conv columns read and written
              "backward": 2 * y.size * 2 + sum(g.size * 2 for g in grads)}  # y read and written, grads read
-    rows = _xla_and_pallas_rows("conv", split, (y, kernels), grads, moved)
+    forward = lambda y, k, **options: short_conv.conv_forward(y, k, widths, segment_ids, **options)
+    backward = lambda y, k, g, **options: short_conv.conv_join_backward(y, k, g[:len(widths)], g[len(widths):],
+                                                                         segment_ids, **options)
     kernel = jnp.concatenate(kernels, axis=1)
-    interpret = jax.default_backend() != "gpu"  # the kernels' code on CPU, for checking, not timing
-    for text in tilings:
-        tiles = short_conv.Tiles(*map(int, text.split(",")))
-        rows[f"conv forward (Pallas, {text})"] = (jax.jit(lambda y, k, t=tiles: short_conv.conv_forward(
-            y, k, widths, segment_ids, tiles=t, interpret=interpret)), (y, kernel), moved["forward"])
-        rows[f"conv backward (Pallas, {text})"] = (jax.jit(lambda y, k, g, t=tiles: short_conv.conv_join_backward(
-            y, k, g[:len(widths)], g[len(widths):], segment_ids, tiles=t, interpret=interpret)),
-            (y, kernel, grads), moved["backward"])
-    return rows
+    return {**_xla_and_pallas_rows("conv", split, (y, kernels), grads, moved),
+            **_tiled_rows("conv", tilings, short_conv.Tiles, forward, backward, (y, kernel), (y, kernel, grads),
+                          moved)}
 
 
 def _tiled_rows(name, tilings, tiles_type, forward, backward, forward_args, backward_args, moved):
-    """Rows ``"{name} forward|backward (Pallas, {tiling})"``: the kernels called with each tiling."""
+    """Rows ``"{name} forward|backward (Pallas, {tiling})"``: the kernels called with each tiling (their
+    ``tiles`` and ``interpret`` keywords)."""
     interpret = jax.default_backend() != "gpu"  # the kernels' code on CPU, for checking, not timing
     rows = {}
     for text in tilings:
         tiles = tiles_type(*map(int, text.split(",")))
         for direction, kernel, args in (("forward", forward, forward_args), ("backward", backward, backward_args)):
-            fn = jax.jit(functools.partial(kernel, eps=1e-5, tiles=tiles, interpret=interpret))
+            fn = jax.jit(functools.partial(kernel, tiles=tiles, interpret=interpret))
             rows[f"{name} {direction} (Pallas, {text})"] = (fn, args, moved[direction])
     return rows
 
@@ -89,8 +86,10 @@ def _norm_rows(B, T, heads, dim, tilings):
     moved = {"forward": 3 * x.size * 2, "backward": 5 * x.size * 2}  # x, g (, dout) read; out (dx, dg) written
     rows2d = [a.reshape(-1, dim) for a in (x, g, dout)]
     return {**_xla_and_pallas_rows("gated norm", run, (x, g, w), dout, moved),
-            **_tiled_rows("gated norm", tilings, gated_norm.Tiles, gated_norm.gated_norm_forward,
-                          gated_norm.gated_norm_backward, (*rows2d[:2], w), (*rows2d[:2], w, rows2d[2]), moved)}
+            **_tiled_rows("gated norm", tilings, gated_norm.Tiles,
+                          functools.partial(gated_norm.gated_norm_forward, eps=1e-5),
+                          functools.partial(gated_norm.gated_norm_backward, eps=1e-5),
+                          (*rows2d[:2], w), (*rows2d[:2], w, rows2d[2]), moved)}
 
 
 def _layer_norm_rows(B, T, width, tilings):
@@ -111,9 +110,10 @@ def _layer_norm_rows(B, T, width, tilings):
     x2, r2, dsum2, dout2 = (a.reshape(-1, width) for a in (x, r, dsum, dout))
     scale, bias = params["scale"][...], params["bias"][...]
     return {**_xla_and_pallas_rows("layer norm + residual", run, (x, r, params), (dsum, dout), moved),
-            **_tiled_rows("layer norm + residual", tilings, layer_norm.Tiles, layer_norm.layer_norm_forward,
-                          layer_norm.layer_norm_backward, (x2, r2, scale, bias), (x2, r2, scale, dsum2, dout2),
-                          moved)}
+            **_tiled_rows("layer norm + residual", tilings, layer_norm.Tiles,
+                          functools.partial(layer_norm.layer_norm_forward, eps=1e-5),
+                          functools.partial(layer_norm.layer_norm_backward, eps=1e-5),
+                          (x2, r2, scale, bias), (x2, r2, scale, dsum2, dout2), moved)}
 
 
 def main(argv=None):

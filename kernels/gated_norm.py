@@ -71,9 +71,10 @@ def gated_norm_forward(x, g, w, *, eps, interpret=False, tiles=TILES):
     """``x * rsqrt(mean(x^2) + eps) * w * silu(g)`` in x's dtype, row by row, in float32."""
     _check(x, g, w, tiles)
     N, D = x.shape
+    rows = _rows(D, tiles)
     return pl.pallas_call(
         functools.partial(_forward_kernel, eps=eps), grid=(N // tiles.rows,),
-        in_specs=[_rows(D, tiles), _rows(D, tiles), pl.BlockSpec((D,), lambda i: (0,))], out_specs=_rows(D, tiles),
+        in_specs=[rows, rows, pl.BlockSpec((D,), lambda i: (0,))], out_specs=rows,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         compiler_params=compiler_params(num_warps=tiles.warps, num_stages=2), interpret=interpret,
         name="gated_norm_forward",
@@ -84,10 +85,11 @@ def gated_norm_backward(x, g, w, dout, *, eps, interpret=False, tiles=TILES):
     """``(dx, dg, dw)`` of ``gated_norm_forward`` under the output's gradient ``dout``; dw in float32."""
     _check(x, g, w, tiles)
     N, D = x.shape
+    rows = _rows(D, tiles)
     dx, dg, dw = pl.pallas_call(
         functools.partial(_backward_kernel, eps=eps), grid=(N // tiles.rows,),
-        in_specs=[_rows(D, tiles), _rows(D, tiles), pl.BlockSpec((D,), lambda i: (0,)), _rows(D, tiles)],
-        out_specs=[_rows(D, tiles), _rows(D, tiles), pl.BlockSpec((None, D), lambda i: (i, 0))],
+        in_specs=[rows, rows, pl.BlockSpec((D,), lambda i: (0,)), rows],
+        out_specs=[rows, rows, pl.BlockSpec((None, D), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(g.shape, g.dtype),
                    jax.ShapeDtypeStruct((N // tiles.rows, D), jnp.float32)],
         compiler_params=compiler_params(num_warps=tiles.warps, num_stages=2), interpret=interpret,
