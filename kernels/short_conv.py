@@ -2,8 +2,8 @@
 input projection: the forward, and a backward that writes the projection's gradient in one pass (Pallas,
 Triton lowering).
 
-The layers compute q|k|v and their other projections (GLA's g and gate, DeltaNet's beta and gates) as
-one product ``y [B, T, W]``; the convolutions read its first ``C`` columns, the rest pass through. Under
+The layers compute q|k|v and their narrow projections (GLA's forget gate's low-rank input, DeltaNet's beta
+and gate) as one product ``y [B, T, W]``; the convolutions read its first ``C`` columns, the rest pass through. Under
 XLA the backward took three passes over ``[B, T, C]`` or more: it stored the pre-activation's gradient,
 then formed the conv input's gradient, then copied it with the other pieces' gradients into ``y``'s
 gradient (a join that ran at a third of the memory bandwidth: 9 ms of a GPT-2 Medium step on an H200).

@@ -14,8 +14,9 @@ from jaxlin.ops import conv
 from kernels import short_conv
 from tests.kernels.kernel_checks import ON_GPU, lower_triton_for_cuda, packed_segments, rel_error
 
-# (B, T, conv widths, pass-through widths): GLA's layout (q, k, v convolved; g and the gate's input
-# passed through), lengths and widths that the program tiles do not divide.
+# (B, T, conv widths, pass-through widths): GLA's q, k, v convolved and two pieces passed through (GLA's
+# output gate and forget-gate input, joined until the output gate became a product of its own), lengths and
+# widths that the program tiles do not divide.
 SHAPES = [(2, 37, (32, 32, 64), (64, 5))] + ([(32, 1024, (512, 512, 1024), (1024, 16))] if ON_GPU else [])
 
 
