@@ -1,7 +1,7 @@
 """Time the MLP with GELU in the products' epilogues against XLA: median ms, calls queued.
 
     python -m kernels.bench_gelu [--tokens 32768] [--width 1024]
-        [--tiles m,n,k,stages,per_sm[,in_flight] ...]
+        [--tiles KEY=VALUE[,KEY=VALUE...] ...]
         [--json out.json]
 
 Rows: the ``c_fc`` product alone (XLA's cuBLAS call: the floor), the product with GELU (``h`` and
@@ -27,6 +27,19 @@ def _xla_mlp(x, w_fc, w_proj):
     return jnp.dot(jax.nn.gelu(jnp.dot(x, w_fc), approximate=True), w_proj)
 
 
+def _parse_tiles(text):
+    """``kernels.gelu_matmul.Tiles`` from ``"k=32,stages=4,split=m"``: the fields that differ from the default."""
+    fields = {f.name: f.type for f in dataclasses.fields(gm.Tiles)}
+    changes = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"error: --tiles {text!r}: unknown field {key!r} (fields: {', '.join(fields)})")
+        kind = {"int": int, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}[fields[key]]
+        changes[key] = kind(value)
+    return dataclasses.replace(gm.TILES, **changes)
+
+
 def _fwd_bwd(mlp):
     def run(x, w_fc, w_proj, dy):
         y, vjp = jax.vjp(mlp, x, w_fc, w_proj)
@@ -43,7 +56,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32 * 1024)
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--tiles", nargs="*", default=[], metavar="M,N,K,STAGES,PER_SM[,IN_FLIGHT]")
+    parser.add_argument("--tiles", nargs="*", default=[], metavar="KEY=VALUE[,KEY=VALUE...]",
+                        help="kernels.gelu_matmul.Tiles fields that differ from the default, e.g. k=32,stages=4")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     m, d = args.tokens, args.width
@@ -71,8 +85,7 @@ def main(argv=None):
         "mlp fwd+bwd (fused)": (_fwd_bwd(lambda *a: gm.gelu_mlp(*a, interpret)), (x, w_fc, w_proj, dy)),
     }
     for text in args.tiles:
-        tiles = dataclasses.replace(gm.TILES, **dict(zip(("m", "n", "k", "stages", "per_sm", "in_flight"),
-                                                         map(int, text.split(",")))))
+        tiles = _parse_tiles(text)
         rows[f"product + gelu (fused, {text})"] = (
             jax.jit(lambda x, w, t=tiles: gm.gelu_product(x, w, tiles=t, interpret=interpret)), (x, w_fc))
         rows[f"grad product * gelu' (fused, {text})"] = (

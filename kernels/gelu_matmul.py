@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +42,16 @@ MEMORY_REGISTERS = 40
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """One compute warpgroup's ``m x n`` output tile (the two lie side by side along n), the depth
+    """One compute warpgroup's ``m x n`` output tile, the axis (``split``) along which the two
+    warpgroups' tiles lie side by side (each loaded slice is shared along the other), the depth
     ``k`` of each loaded slice, the SMEM ring's ``stages``, the ``epilogue`` sub-tile side, the width
     of the snake in which output tiles are visited (neighbours share operand slices in L2), the
-    programs per SM (with two, one program's epilogue can overlap the other's products) and the wgmma
+    programs per SM (with two, one program's epilogue can overlap the other's products), the wgmma
     groups ``in_flight`` when a step ends (its SMEM slot is released that many steps later; with 1 the
-    next step's products are issued before the last ones finish)."""
+    next step's products are issued before the last ones finish) and whether a tile's stores
+    ``drain_behind`` the next tile's products: each output gets SMEM for a whole tile, so that the
+    epilogue never waits for its stores (all programs reach their epilogues together, and their
+    stores then queue for the memory bandwidth), at the cost of SMEM taken from the ring."""
     m: int = 128
     n: int = 128
     k: int = 64
@@ -55,11 +60,25 @@ class Tiles:
     snake_width: int = 8
     per_sm: int = 1
     in_flight: int = 0
+    split: str = "n"
+    drain_behind: bool = False
+
+    @property
+    def program_tile(self):
+        """One program's ``(rows, cols)`` of the output: both compute warpgroups' tiles."""
+        if self.split not in ("m", "n"):
+            raise ValueError(f"gelu_matmul: Tiles.split is 'm' or 'n', got {self.split!r}")
+        wgs = COMPUTE_WARPGROUPS
+        return (wgs * self.m, self.n) if self.split == "m" else (self.m, wgs * self.n)
+
+    def divides(self, m, k, n):
+        cta_m, cta_n = self.program_tile
+        return m % cta_m == 0 and n % cta_n == 0 and k % self.k == 0
 
     def check(self, m, k, n):
-        cta_n = COMPUTE_WARPGROUPS * self.n
-        if m % self.m or n % cta_n or k % self.k:
-            raise ValueError(f"gelu_matmul: a [{m}, {k}] x [{k}, {n}] product needs m a multiple of {self.m}, "
+        if not self.divides(m, k, n):
+            cta_m, cta_n = self.program_tile
+            raise ValueError(f"gelu_matmul: a [{m}, {k}] x [{k}, {n}] product needs m a multiple of {cta_m}, "
                              f"n of {cta_n} and k of {self.k} (see supports())")
 
 
@@ -69,8 +88,7 @@ TILES = Tiles()  # the fastest of the tiles timed on an H200 (docs/benchmarks.md
 def supports(x, w_fc) -> bool:
     """bf16 operands whose shapes the tiles divide: both products are ``[tokens, d] x [d, 4 d]``."""
     m, (d, n) = math.prod(x.shape[:-1]), w_fc.shape
-    divisible = m % TILES.m == 0 and d % TILES.k == 0 and n % (COMPUTE_WARPGROUPS * TILES.n) == 0
-    return x.dtype == w_fc.dtype == jnp.bfloat16 and divisible
+    return x.dtype == w_fc.dtype == jnp.bfloat16 and TILES.divides(m, d, n)
 
 
 def gelu(h):
@@ -89,25 +107,37 @@ def _swizzled(shape, dtype):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+class _Tile(NamedTuple):
+    """A compute warpgroup's output tile: its ``rows`` and ``cols``, the warpgroup ``wg`` and the
+    ``parity`` of the program's count of tiles so far (which of two SMEM buffers is this tile's)."""
+    rows: pl.Slice
+    cols: pl.Slice
+    wg: jax.Array
+    parity: jax.Array
+
+    def sub(self, ref, i, j, e):
+        """Sub-tile ``(i, j)`` of side ``e`` of this tile of the GMEM ``ref``."""
+        return ref.at[self.rows, self.cols].at[pl.ds(i * e, e), pl.ds(j * e, e)]
+
+
 def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None):
-    """Loops over ``[tiles.m, 2 tiles.n]`` output tiles of ``a @ b``. Per tile, each compute warpgroup
-    ``wg`` calls ``prologue(rows, cols, wg, *refs, *scratch)`` before its products and
-    ``epilogue(acc, rows, cols, wg, *refs, *scratch)`` after, ``acc`` its float32 accumulator of
-    output ``[rows, cols]``. Returns the SMEM ring's allocations and the body that takes them and
-    ``scratch``."""
+    """Loops over the program tiles (``tiles.program_tile``) of ``a @ b``. Per tile, each compute warpgroup
+    calls ``prologue(tile, *refs, *scratch)`` before its products and ``epilogue(acc, tile, *refs,
+    *scratch)`` after, ``acc`` its float32 accumulator of the output's ``tile`` (a ``_Tile``). Returns
+    the SMEM ring's allocations and the body that takes them and ``scratch``."""
     m, k = a_gmem.shape
     n = b_gmem.shape[1]
-    cta_n = COMPUTE_WARPGROUPS * tiles.n
-    m_tiles, n_tiles = m // tiles.m, n // cta_n
+    cta_m, cta_n = tiles.program_tile
+    m_tiles, n_tiles = m // cta_m, n // cta_n
 
     def pipeline(body, context):
-        ring = dict(memory_space=plgpu.SMEM, transforms=_swizzled((tiles.m, tiles.k), a_gmem.dtype),
+        ring = dict(memory_space=plgpu.SMEM, transforms=_swizzled((cta_m, tiles.k), a_gmem.dtype),
                     delay_release=tiles.in_flight)
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k // tiles.k,), memory_registers=MEMORY_REGISTERS, wg_axis="wg",
             num_compute_wgs=COMPUTE_WARPGROUPS,
             max_concurrent_steps=tiles.stages, compute_context=context,
-            in_specs=[plgpu.BlockSpec((tiles.m, tiles.k), lambda i: (0, i), **ring),
+            in_specs=[plgpu.BlockSpec((cta_m, tiles.k), lambda i: (0, i), **ring),
                       plgpu.BlockSpec((tiles.k, cta_n), lambda i: (i, 0), **ring)])
 
     no_op = lambda *_, **__: None  # allocations do not depend on the body
@@ -119,25 +149,28 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
         def _(loop):
             mi, ni = plgpu.planar_snake(loop.index[0], (m_tiles, n_tiles), 1, tiles.snake_width)
-            rows = pl.ds(mi * tiles.m, tiles.m)
-            cols = pl.ds(ni * cta_n + wg * tiles.n, tiles.n)
+            by_m, by_n = (wg, 0) if tiles.split == "m" else (0, wg)
+            rows = pl.ds(mi * cta_m + by_m * tiles.m, tiles.m)
+            cols = pl.ds(ni * cta_n + by_n * tiles.n, tiles.n)
+            tile = _Tile(rows, cols, wg, lax.rem(loop.local_index, 2))
 
             def context(run):
                 if prologue is not None:
-                    prologue(rows, cols, wg, *refs, *scratch)
+                    prologue(tile, *refs, *scratch)
 
                 def with_acc(acc_ref):
                     run(acc_ref)
-                    epilogue(acc_ref[...], rows, cols, wg, *refs, *scratch)
+                    epilogue(acc_ref[...], tile, *refs, *scratch)
                 pl.run_scoped(with_acc, plgpu.ACC((tiles.m, tiles.n), jnp.float32))
 
             def step(_, a_smem, b_smem, acc_ref):
-                plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, pl.ds(wg * tiles.n, tiles.n)])
+                plgpu.wgmma(acc_ref, a_smem.at[pl.ds(by_m * tiles.m, tiles.m), :],
+                            b_smem.at[:, pl.ds(by_n * tiles.n, tiles.n)])
                 plgpu.wgmma_wait(tiles.in_flight)
                 return acc_ref
 
-            pipeline(step, context)(a_gmem.at[rows, :], b_gmem.at[:, pl.ds(ni * cta_n, cta_n)],
-                                    allocations=ring)
+            pipeline(step, context)(a_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+                                    b_gmem.at[:, pl.ds(ni * cta_n, cta_n)], allocations=ring)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -152,22 +185,23 @@ def _sub_tiles(tiles):
 def _gelu_product_kernel(x_gmem, w_gmem, h_gmem, a_gmem, *, tiles):
     e = tiles.epilogue
     subs = _sub_tiles(tiles)
+    slots = len(subs) if tiles.drain_behind else 2  # SMEM slots of two sub-tiles (h, gelu(h)) per warpgroup
 
-    def epilogue(acc, rows, cols, wg, h_gmem, a_gmem, out_smem):
+    def epilogue(acc, tile, h_gmem, a_gmem, out_smem):
         for s, (i, j) in enumerate(subs):
-            slot = s % 2
+            slot = s % slots
             h = acc[i * e:(i + 1) * e, j * e:(j + 1) * e].astype(h_gmem.dtype)
-            # The outputs written two sub-tiles ago (this slot's) must have left SMEM: two copies each.
-            plgpu.wait_smem_to_gmem(2, wait_read_only=True)
-            out_smem[wg, slot, 0] = h
-            out_smem[wg, slot, 1] = gelu(h.astype(jnp.float32)).astype(a_gmem.dtype)
+            # The stores from this slot's last use (two per sub-tile) must have read it.
+            plgpu.wait_smem_to_gmem(2 * (slots - 1), wait_read_only=True)
+            out_smem[tile.wg, slot, 0] = h
+            out_smem[tile.wg, slot, 1] = gelu(h.astype(jnp.float32)).astype(a_gmem.dtype)
             plgpu.commit_smem()
             for o, out in enumerate((h_gmem, a_gmem)):
-                plgpu.copy_smem_to_gmem(out_smem.at[wg, slot, o],
-                                        out.at[rows, cols].at[pl.ds(i * e, e), pl.ds(j * e, e)])
+                plgpu.copy_smem_to_gmem(out_smem.at[tile.wg, slot, o], tile.sub(out, i, j, e))
 
     ring, scoped = _product_kernel(x_gmem, w_gmem, h_gmem, a_gmem, tiles=tiles, epilogue=epilogue)
-    out_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, 2, 2, e, e), h_gmem.dtype, transforms=_swizzled((e, e), h_gmem.dtype))
+    out_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, slots, 2, e, e), h_gmem.dtype,
+                          transforms=_swizzled((e, e), h_gmem.dtype))
     pl.run_scoped(scoped, ring, out_smem, collective_axes="wg")
 
 
@@ -175,28 +209,35 @@ def _gelu_grad_product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, *, tiles):
     e = tiles.epilogue
     subs = _sub_tiles(tiles)
 
-    def prologue(rows, cols, wg, h_gmem, dh_gmem, h_smem, bars):
-        # h's tile loads while the products run. The previous tile's dh, stored from the same SMEM, must
-        # have left it first.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        for s, (i, j) in enumerate(subs):
-            plgpu.copy_gmem_to_smem(h_gmem.at[rows, cols].at[pl.ds(i * e, e), pl.ds(j * e, e)],
-                                    h_smem.at[wg, s], bars.at[wg * len(subs) + s])
+    # One tile of h per warpgroup, or two (this tile's and the last one's, whose dh may still be leaving).
+    buffers = 2 if tiles.drain_behind else 1
 
-    def epilogue(acc, rows, cols, wg, h_gmem, dh_gmem, h_smem, bars):
+    def buffer(tile, s):
+        b = tile.parity if tiles.drain_behind else 0
+        return (tile.wg * buffers + b) * len(subs) + s
+
+    def prologue(tile, h_gmem, dh_gmem, h_smem, bars):
+        # h's tile loads while the products run. The dh last stored from the same SMEM (one tile ago, or
+        # two with two buffers) must have left it first.
+        plgpu.wait_smem_to_gmem(len(subs) * (buffers - 1), wait_read_only=True)
+        for s, (i, j) in enumerate(subs):
+            plgpu.copy_gmem_to_smem(tile.sub(h_gmem, i, j, e), h_smem.at[buffer(tile, s)], bars.at[buffer(tile, s)])
+
+    def epilogue(acc, tile, h_gmem, dh_gmem, h_smem, bars):
         # Each sub-tile of h is overwritten in place by dh and stored from there.
         for s, (i, j) in enumerate(subs):
-            plgpu.barrier_wait(bars.at[wg * len(subs) + s])
-            h = h_smem[wg, s].astype(jnp.float32)
-            h_smem[wg, s] = (acc[i * e:(i + 1) * e, j * e:(j + 1) * e] * gelu_derivative(h)).astype(dh_gmem.dtype)
+            plgpu.barrier_wait(bars.at[buffer(tile, s)])
+            h = h_smem[buffer(tile, s)].astype(jnp.float32)
+            dh = acc[i * e:(i + 1) * e, j * e:(j + 1) * e] * gelu_derivative(h)
+            h_smem[buffer(tile, s)] = dh.astype(dh_gmem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(h_smem.at[wg, s], dh_gmem.at[rows, cols].at[pl.ds(i * e, e), pl.ds(j * e, e)])
+            plgpu.copy_smem_to_gmem(h_smem.at[buffer(tile, s)], tile.sub(dh_gmem, i, j, e))
 
     ring, scoped = _product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, tiles=tiles, epilogue=epilogue,
                                    prologue=prologue)
-    h_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, len(subs), e, e), h_gmem.dtype,
-                        transforms=_swizzled((e, e), h_gmem.dtype))
-    bars = plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS * len(subs))
+    count = COMPUTE_WARPGROUPS * buffers * len(subs)
+    h_smem = plgpu.SMEM((count, e, e), h_gmem.dtype, transforms=_swizzled((e, e), h_gmem.dtype))
+    bars = plgpu.Barrier(num_barriers=count)
     pl.run_scoped(scoped, ring, h_smem, bars, collective_axes="wg")
 
 
