@@ -28,16 +28,16 @@ def _xla_mlp(x, w_fc, w_proj):
 
 
 def _parse_tiles(text):
-    """``kernels.gelu_matmul.Tiles`` from ``"k=32,stages=4,split=m"``: the fields that differ from the default."""
+    """``kernels.gelu_matmul.Tiles`` from ``"k=32,stages=4,split=m"``: the fields that differ from ``Tiles()``."""
     fields = {f.name: f.type for f in dataclasses.fields(gm.Tiles)}
     changes = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key not in fields:
             raise SystemExit(f"error: --tiles {text!r}: unknown field {key!r} (fields: {', '.join(fields)})")
-        kind = {"int": int, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}[fields[key]]
+        kind = {"int": int, "str": str, "tuple[int, int]": lambda v: tuple(map(int, v.split("x")))}[fields[key]]
         changes[key] = kind(value)
-    return dataclasses.replace(gm.TILES, **changes)
+    return gm.Tiles(**changes)
 
 
 def _fwd_bwd(mlp):
@@ -57,7 +57,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=32 * 1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--tiles", nargs="*", default=[], metavar="KEY=VALUE[,KEY=VALUE...]",
-                        help="kernels.gelu_matmul.Tiles fields that differ from the default, e.g. k=32,stages=4")
+                        help="kernels.gelu_matmul.Tiles fields that differ from Tiles(), e.g. stages=4,epilogue=64x32")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     m, d = args.tokens, args.width

@@ -11,7 +11,10 @@ of both operands by TMA through a ring of SMEM stages, two compute warpgroups ea
 ``[128, 128]`` float32 accumulator, then apply the epilogue and store by TMA while the memory
 warpgroup is already loading the next output tile's operands. The tensor cores wait while both compute
 warpgroups run the epilogue; a ping-pong schedule (each warpgroup on tiles of its own, taking turns) was
-tried and timed slower on an H200 (0.70 vs 0.57 ms, docs/benchmarks.md).
+tried and timed slower on an H200 (0.70 vs 0.57 ms, docs/benchmarks.md). Most of the epilogue's cost
+is its stores: every program reaches its epilogue at once and their stores queue for the memory
+bandwidth. Staging a whole tile of each output in SMEM, so that the stores drain behind the next
+tile's products, leaves room for two ring stages only, and that was slower still (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,24 +47,23 @@ MEMORY_REGISTERS = 40
 class Tiles:
     """One compute warpgroup's ``m x n`` output tile, the axis (``split``) along which the two
     warpgroups' tiles lie side by side (each loaded slice is shared along the other), the depth
-    ``k`` of each loaded slice, the SMEM ring's ``stages``, the ``epilogue`` sub-tile side, the width
-    of the snake in which output tiles are visited (neighbours share operand slices in L2), the
-    programs per SM (with two, one program's epilogue can overlap the other's products), the wgmma
-    groups ``in_flight`` when a step ends (its SMEM slot is released that many steps later; with 1 the
-    next step's products are issued before the last ones finish) and whether a tile's stores
-    ``drain_behind`` the next tile's products: each output gets SMEM for a whole tile, so that the
-    epilogue never waits for its stores (all programs reach their epilogues together, and their
-    stores then queue for the memory bandwidth), at the cost of SMEM taken from the ring."""
+    ``k`` of each loaded slice, the SMEM ring's ``stages``, the ``(rows, cols)`` of the sub-tiles in
+    which the ``epilogue`` stores, the forward epilogue's SMEM ``slots`` (each a sub-tile of h and
+    one of gelu(h); a slot is written again once its stores have read it), the width of the snake in
+    which output tiles are visited (neighbours share operand slices in L2), the programs per SM (with
+    two, one program's epilogue can overlap the other's products) and the wgmma groups ``in_flight``
+    when a step ends (its SMEM slot is released that many steps later; with 1 the next step's products
+    are issued before the last ones finish)."""
     m: int = 128
     n: int = 128
     k: int = 64
-    stages: int = 3  # 4 does not fit beside the epilogue's SMEM
-    epilogue: int = 64
+    stages: int = 3  # 4 fit beside 32 KiB of epilogue SMEM (slots=1), in the forward only: no faster
+    epilogue: tuple[int, int] = (64, 64)
+    slots: int = 2
     snake_width: int = 8
     per_sm: int = 1
     in_flight: int = 0
     split: str = "n"
-    drain_behind: bool = False
 
     @property
     def program_tile(self):
@@ -82,7 +84,7 @@ class Tiles:
                              f"n of {cta_n} and k of {self.k} (see supports())")
 
 
-TILES = Tiles()  # the fastest of the tiles timed on an H200 (docs/benchmarks.md)
+TILES = Tiles()  # the fastest of the tiles timed on an H200, for both products (docs/benchmarks.md)
 
 
 def supports(x, w_fc) -> bool:
@@ -108,16 +110,14 @@ def _swizzled(shape, dtype):
 
 
 class _Tile(NamedTuple):
-    """A compute warpgroup's output tile: its ``rows`` and ``cols``, the warpgroup ``wg`` and the
-    ``parity`` of the program's count of tiles so far (which of two SMEM buffers is this tile's)."""
+    """A compute warpgroup's output tile: its ``rows`` and ``cols`` and the warpgroup ``wg``."""
     rows: pl.Slice
     cols: pl.Slice
     wg: jax.Array
-    parity: jax.Array
 
-    def sub(self, ref, i, j, e):
-        """Sub-tile ``(i, j)`` of side ``e`` of this tile of the GMEM ``ref``."""
-        return ref.at[self.rows, self.cols].at[pl.ds(i * e, e), pl.ds(j * e, e)]
+    def sub(self, ref, offset, shape):
+        """The sub-tile of this tile of the GMEM ``ref`` at ``offset`` (rows, cols) of ``shape``."""
+        return ref.at[self.rows, self.cols].at[pl.ds(offset[0], shape[0]), pl.ds(offset[1], shape[1])]
 
 
 def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None):
@@ -152,7 +152,7 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
             by_m, by_n = (wg, 0) if tiles.split == "m" else (0, wg)
             rows = pl.ds(mi * cta_m + by_m * tiles.m, tiles.m)
             cols = pl.ds(ni * cta_n + by_n * tiles.n, tiles.n)
-            tile = _Tile(rows, cols, wg, lax.rem(loop.local_index, 2))
+            tile = _Tile(rows, cols, wg)
 
             def context(run):
                 if prologue is not None:
@@ -178,65 +178,61 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
 
 
 def _sub_tiles(tiles):
-    e = tiles.epilogue
-    return [(i, j) for i in range(tiles.m // e) for j in range(tiles.n // e)]
+    """The epilogue's sub-tiles of a warpgroup's tile, as (row, col) offsets."""
+    rows, cols = tiles.epilogue
+    return [(i * rows, j * cols) for i in range(tiles.m // rows) for j in range(tiles.n // cols)]
+
+
+def _part(acc, offset, shape):
+    return acc[offset[0]:offset[0] + shape[0], offset[1]:offset[1] + shape[1]]
 
 
 def _gelu_product_kernel(x_gmem, w_gmem, h_gmem, a_gmem, *, tiles):
-    e = tiles.epilogue
-    subs = _sub_tiles(tiles)
-    slots = len(subs) if tiles.drain_behind else 2  # SMEM slots of two sub-tiles (h, gelu(h)) per warpgroup
+    shape, slots = tiles.epilogue, tiles.slots
 
     def epilogue(acc, tile, h_gmem, a_gmem, out_smem):
-        for s, (i, j) in enumerate(subs):
+        for s, offset in enumerate(_sub_tiles(tiles)):
             slot = s % slots
-            h = acc[i * e:(i + 1) * e, j * e:(j + 1) * e].astype(h_gmem.dtype)
+            h = _part(acc, offset, shape).astype(h_gmem.dtype)
             # The stores from this slot's last use (two per sub-tile) must have read it.
             plgpu.wait_smem_to_gmem(2 * (slots - 1), wait_read_only=True)
             out_smem[tile.wg, slot, 0] = h
             out_smem[tile.wg, slot, 1] = gelu(h.astype(jnp.float32)).astype(a_gmem.dtype)
             plgpu.commit_smem()
             for o, out in enumerate((h_gmem, a_gmem)):
-                plgpu.copy_smem_to_gmem(out_smem.at[tile.wg, slot, o], tile.sub(out, i, j, e))
+                plgpu.copy_smem_to_gmem(out_smem.at[tile.wg, slot, o], tile.sub(out, offset, shape))
 
     ring, scoped = _product_kernel(x_gmem, w_gmem, h_gmem, a_gmem, tiles=tiles, epilogue=epilogue)
-    out_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, slots, 2, e, e), h_gmem.dtype,
-                          transforms=_swizzled((e, e), h_gmem.dtype))
+    out_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, slots, 2, *shape), h_gmem.dtype,
+                          transforms=_swizzled(shape, h_gmem.dtype))
     pl.run_scoped(scoped, ring, out_smem, collective_axes="wg")
 
 
 def _gelu_grad_product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, *, tiles):
-    e = tiles.epilogue
-    subs = _sub_tiles(tiles)
-
-    # One tile of h per warpgroup, or two (this tile's and the last one's, whose dh may still be leaving).
-    buffers = 2 if tiles.drain_behind else 1
-
-    def buffer(tile, s):
-        b = tile.parity if tiles.drain_behind else 0
-        return (tile.wg * buffers + b) * len(subs) + s
+    shape, subs = tiles.epilogue, _sub_tiles(tiles)
 
     def prologue(tile, h_gmem, dh_gmem, h_smem, bars):
-        # h's tile loads while the products run. The dh last stored from the same SMEM (one tile ago, or
-        # two with two buffers) must have left it first.
-        plgpu.wait_smem_to_gmem(len(subs) * (buffers - 1), wait_read_only=True)
-        for s, (i, j) in enumerate(subs):
-            plgpu.copy_gmem_to_smem(tile.sub(h_gmem, i, j, e), h_smem.at[buffer(tile, s)], bars.at[buffer(tile, s)])
+        # h's tile loads while the products run. The previous tile's dh, stored from the same SMEM, must
+        # have left it first.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        for s, offset in enumerate(subs):
+            b = tile.wg * len(subs) + s
+            plgpu.copy_gmem_to_smem(tile.sub(h_gmem, offset, shape), h_smem.at[b], bars.at[b])
 
     def epilogue(acc, tile, h_gmem, dh_gmem, h_smem, bars):
         # Each sub-tile of h is overwritten in place by dh and stored from there.
-        for s, (i, j) in enumerate(subs):
-            plgpu.barrier_wait(bars.at[buffer(tile, s)])
-            h = h_smem[buffer(tile, s)].astype(jnp.float32)
-            dh = acc[i * e:(i + 1) * e, j * e:(j + 1) * e] * gelu_derivative(h)
-            h_smem[buffer(tile, s)] = dh.astype(dh_gmem.dtype)
+        for s, offset in enumerate(subs):
+            b = tile.wg * len(subs) + s
+            plgpu.barrier_wait(bars.at[b])
+            dh = _part(acc, offset, shape) * gelu_derivative(h_smem[b].astype(jnp.float32))
+            h_smem[b] = dh.astype(dh_gmem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(h_smem.at[buffer(tile, s)], tile.sub(dh_gmem, i, j, e))
+            plgpu.copy_smem_to_gmem(h_smem.at[b], tile.sub(dh_gmem, offset, shape))
 
     ring, scoped = _product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, tiles=tiles, epilogue=epilogue,
                                    prologue=prologue)
-    count = COMPUTE_WARPGROUPS * buffers * len(subs)
-    h_smem = plgpu.SMEM((count, e, e), h_gmem.dtype, transforms=_swizzled((e, e), h_gmem.dtype))
+    count = COMPUTE_WARPGROUPS * len(subs)
+    h_smem = plgpu.SMEM((count, *shape), h_gmem.dtype, transforms=_swizzled(shape, h_gmem.dtype))
     bars = plgpu.Barrier(num_barriers=count)
     pl.run_scoped(scoped, ring, h_smem, bars, collective_axes="wg")
 

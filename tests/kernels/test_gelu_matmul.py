@@ -52,6 +52,21 @@ def test_backward_product_applies_gelu_derivative():
     assert rel_error(dh, ref) < 4e-3
 
 
+@pytest.mark.parametrize("tiles", [gm.Tiles(epilogue=(64, 32), slots=1), gm.Tiles(m=64, n=256, split="m")],
+                         ids=["narrow-sub-tiles-one-slot", "split-rows"])
+def test_other_tiles_give_the_same_products(tiles):
+    # Several tiles per program (M = 4 row tiles over 2 programs in interpret mode), so that slots and
+    # SMEM buffers are reused across tiles.
+    x, w_fc, w_proj, dy = _operands(3)
+    x, dy = jnp.concatenate([x, -x])[:512], jnp.concatenate([dy, dy[::-1]])[:512]
+    h, a = gm.gelu_product(x, w_fc, interpret=not ON_GPU, tiles=tiles)
+    h_ref = _f32(x) @ _f32(w_fc)
+    assert rel_error(h, h_ref) < 4e-3
+    assert rel_error(a, jax.nn.gelu(h_ref, approximate=True)) < 4e-3
+    dh = gm.gelu_grad_product(dy, w_proj.T, h, interpret=not ON_GPU, tiles=tiles)
+    assert rel_error(dh, (_f32(dy) @ _f32(w_proj).T) * gm.gelu_derivative(_f32(h))) < 4e-3
+
+
 def test_mlp_value_and_gradients_match_float32_autodiff():
     x, w_fc, w_proj, dy = _operands(2)
     mlp_ref = lambda x, w_fc, w_proj: jax.nn.gelu(x @ w_fc, approximate=True) @ w_proj
