@@ -8,6 +8,8 @@ Rows: the ``c_fc`` product alone (XLA's cuBLAS call: the floor), the product wit
 ``gelu(h)``), the backward product with GELU's derivative, and the whole MLP forward+backward
 (``gelu(x @ w_fc) @ w_proj``, its three gradients), each as XLA runs it and as the fused kernels
 do; ``--tiles`` also times the fused products with other tiles (``kernels.gelu_matmul.Tiles``).
+Two more rows place the fused forward's time: its product kernel storing ``h`` alone, and ``h``
+twice, with no GELU (the main loop against cuBLAS's, then the cost of a second output).
 """
 
 import argparse
@@ -18,6 +20,8 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import gelu_matmul as gm
 from .bench import _median_ms
@@ -38,6 +42,35 @@ def _parse_tiles(text):
         kind = {"int": int, "str": str, "tuple[int, int]": lambda v: tuple(map(int, v.split("x")))}[fields[key]]
         changes[key] = kind(value)
     return gm.Tiles(**changes)
+
+
+def _stores_product(x, w, *, copies, interpret):
+    """``x @ w`` from ``kernels.gelu_matmul``'s product kernel, stored ``copies`` times in bf16 by its
+    forward epilogue's scheme, with no GELU."""
+    tiles = gm.TILES
+
+    def kernel(x_gmem, w_gmem, *outs, tiles):
+        shape = tiles.epilogue
+
+        def epilogue(acc, tile, *refs):
+            *outs, out_smem = refs
+            for s, offset in enumerate(gm._sub_tiles(tiles)):
+                slot = s % tiles.slots
+                plgpu.wait_smem_to_gmem(copies * (tiles.slots - 1), wait_read_only=True)
+                for o in range(copies):
+                    out_smem[tile.wg, slot, o] = gm._part(acc, offset, shape).astype(jnp.bfloat16)
+                plgpu.commit_smem()
+                for o, out in enumerate(outs):
+                    plgpu.copy_smem_to_gmem(out_smem.at[tile.wg, slot, o], tile.sub(out, offset, shape))
+
+        ring, scoped = gm._product_kernel(x_gmem, w_gmem, *outs, tiles=tiles, epilogue=epilogue)
+        out_smem = plgpu.SMEM((gm.COMPUTE_WARPGROUPS, tiles.slots, copies, *shape), jnp.bfloat16,
+                              transforms=gm._swizzled(shape, jnp.bfloat16))
+        pl.run_scoped(scoped, ring, out_smem, collective_axes="wg")
+
+    kernel.__name__ = f"_product_stored_{copies}x"
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
+    return gm._launch(kernel, (x, w), (out,) * copies, tiles=tiles, interpret=interpret)
 
 
 def _fwd_bwd(mlp):
@@ -77,6 +110,10 @@ def main(argv=None):
         "product alone (XLA)": (jax.jit(jnp.dot), (x, w_fc)),
         "product + gelu (XLA)": (jax.jit(lambda x, w: (lambda h: (h, jax.nn.gelu(h, approximate=True)))(x @ w)),
                                  (x, w_fc)),
+        "kernel's product, h only": (jax.jit(functools.partial(_stores_product, copies=1, interpret=interpret)),
+                                     (x, w_fc)),
+        "kernel's product, h twice": (jax.jit(functools.partial(_stores_product, copies=2, interpret=interpret)),
+                                      (x, w_fc)),
         "product + gelu (fused)": (jax.jit(functools.partial(gm.gelu_product, interpret=interpret)), (x, w_fc)),
         "grad product * gelu' (XLA)": (xla_gelu_grad, (dy, w_t, h)),
         "grad product * gelu' (fused)": (jax.jit(functools.partial(gm.gelu_grad_product, interpret=interpret)),
@@ -104,13 +141,14 @@ def main(argv=None):
         tflops = flops / ms / 1e9 * (3 if "fwd+bwd" in name else 1) * (2 if "mlp" in name else 1)
         print(f"{name:<44} {ms:8.3f} ms  {tflops:6.0f} TFLOP/s")
         records.append(dict(row=name, ms=ms, tokens=m, width=d, device=jax.devices()[0].device_kind))
-    # Every fused row against XLA's, max abs error over max abs value.
+    # Every row of the kernels against XLA's, max abs error over max abs value.
     want = {"product + gelu": rows["product + gelu (XLA)"][0](x, w_fc),
             "grad product * gelu'": xla_gelu_grad(dy, w_t, h),
-            "mlp fwd+bwd": rows["mlp fwd+bwd (XLA)"][0](x, w_fc, w_proj, dy)}
+            "mlp fwd+bwd": rows["mlp fwd+bwd (XLA)"][0](x, w_fc, w_proj, dy),
+            "kernel's product, h only": (h,), "kernel's product, h twice": (h, h)}
     errors = {}
     for name, (fn, operands) in rows.items():
-        if "fused" in name and name not in failed:
+        if ("fused" in name or name.startswith("kernel's")) and name not in failed:
             got = fn(*operands)
             errors[name] = max(_max_rel_err(a, b) for a, b in zip(jax.tree.leaves(got),
                                                                     jax.tree.leaves(want[name.split(" (")[0]])))
