@@ -85,3 +85,7 @@ def test_supports_and_shape_errors():
     assert not gm.supports(x[:100], w_fc)  # tokens not a multiple of the 128-row tile
     with pytest.raises(ValueError, match="multiple of 128"):
         gm.gelu_product(x[:100], w_fc, interpret=True)
+    with pytest.raises(ValueError, match="split is 'm' or 'n'"):
+        gm.Tiles(split="k")
+    with pytest.raises(ValueError, match="in_flight=0"):
+        gm.Tiles(m=64, n=256, split="m", in_flight=1)
