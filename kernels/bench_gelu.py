@@ -36,7 +36,9 @@ def _parse_tiles(text):
     fields = {f.name: f.type for f in dataclasses.fields(gm.Tiles)}
     changes = {}
     for item in text.split(","):
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"error: --tiles {text!r}: expected KEY=VALUE items, e.g. m=128,n=64,stages=4")
         if key not in fields:
             raise SystemExit(f"error: --tiles {text!r}: unknown field {key!r} (fields: {', '.join(fields)})")
         kind = {"int": int, "str": str, "tuple[int, int]": lambda v: tuple(map(int, v.split("x")))}[fields[key]]
