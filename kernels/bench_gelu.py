@@ -20,8 +20,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import gelu_matmul as gm
 from .bench import _median_ms
@@ -47,32 +45,11 @@ def _parse_tiles(text):
 
 
 def _stores_product(x, w, *, copies, interpret):
-    """``x @ w`` from ``kernels.gelu_matmul``'s product kernel, stored ``copies`` times in bf16 by its
-    forward epilogue's scheme, with no GELU."""
-    tiles = gm.TILES
-
-    def kernel(x_gmem, w_gmem, *outs, tiles):
-        shape = tiles.epilogue
-
-        def epilogue(acc, tile, *refs):
-            *outs, out_smem = refs
-            for s, offset in enumerate(gm._sub_tiles(tiles)):
-                slot = s % tiles.slots
-                plgpu.wait_smem_to_gmem(copies * (tiles.slots - 1), wait_read_only=True)
-                for o in range(copies):
-                    out_smem[tile.wg, slot, o] = gm._part(acc, offset, shape).astype(jnp.bfloat16)
-                plgpu.commit_smem()
-                for o, out in enumerate(outs):
-                    plgpu.copy_smem_to_gmem(out_smem.at[tile.wg, slot, o], tile.sub(out, offset, shape))
-
-        ring, scoped = gm._product_kernel(x_gmem, w_gmem, *outs, tiles=tiles, epilogue=epilogue)
-        out_smem = plgpu.SMEM((gm.COMPUTE_WARPGROUPS, tiles.slots, copies, *shape), jnp.bfloat16,
-                              transforms=gm._swizzled(shape, jnp.bfloat16))
-        pl.run_scoped(scoped, ring, out_smem, collective_axes="wg")
-
-    kernel.__name__ = f"_product_stored_{copies}x"
+    """``x @ w`` from ``kernels.gelu_matmul``'s forward kernel, stored ``copies`` times in bf16, with no GELU."""
+    kernel = functools.partial(gm._stores_kernel, values=lambda acc: (acc.astype(jnp.bfloat16),) * copies)
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
-    return gm._launch(kernel, (x, w), (out,) * copies, tiles=tiles, interpret=interpret)
+    return gm._launch(kernel, (x, w), (out,) * copies, tiles=gm.TILES, interpret=interpret,
+                      name=f"product_stored_{copies}x")
 
 
 def _fwd_bwd(mlp):

@@ -194,25 +194,32 @@ def _part(acc, offset, shape):
     return acc[offset[0]:offset[0] + shape[0], offset[1]:offset[1] + shape[1]]
 
 
-def _gelu_product_kernel(x_gmem, w_gmem, h_gmem, a_gmem, *, tiles):
+def _stores_kernel(a_gmem, b_gmem, *outs, tiles, values):
+    """``a @ b`` with an epilogue that stores ``values(part)`` (one bf16 sub-tile per output in ``outs``)
+    for each float32 sub-tile ``part`` of the accumulator, through ``tiles.slots`` SMEM slots."""
     shape, slots = tiles.epilogue, tiles.slots
 
-    def epilogue(acc, tile, h_gmem, a_gmem, out_smem):
+    def epilogue(acc, tile, *refs):
+        *outs, out_smem = refs
         for s, offset in enumerate(_sub_tiles(tiles)):
             slot = s % slots
-            h = _part(acc, offset, shape).astype(h_gmem.dtype)
-            # The stores from this slot's last use (two per sub-tile) must have read it.
-            plgpu.wait_smem_to_gmem(2 * (slots - 1), wait_read_only=True)
-            out_smem[tile.wg, slot, 0] = h
-            out_smem[tile.wg, slot, 1] = gelu(h.astype(jnp.float32)).astype(a_gmem.dtype)
+            # The stores from this slot's last use (one per output) must have read it.
+            plgpu.wait_smem_to_gmem(len(outs) * (slots - 1), wait_read_only=True)
+            for o, part in enumerate(values(_part(acc, offset, shape))):
+                out_smem[tile.wg, slot, o] = part
             plgpu.commit_smem()
-            for o, out in enumerate((h_gmem, a_gmem)):
+            for o, out in enumerate(outs):
                 plgpu.copy_smem_to_gmem(out_smem.at[tile.wg, slot, o], tile.sub(out, offset, shape))
 
-    ring, scoped = _product_kernel(x_gmem, w_gmem, h_gmem, a_gmem, tiles=tiles, epilogue=epilogue)
-    out_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, slots, 2, *shape), h_gmem.dtype,
-                          transforms=_swizzled(shape, h_gmem.dtype))
+    ring, scoped = _product_kernel(a_gmem, b_gmem, *outs, tiles=tiles, epilogue=epilogue)
+    dtype = outs[0].dtype
+    out_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, slots, len(outs), *shape), dtype, transforms=_swizzled(shape, dtype))
     pl.run_scoped(scoped, ring, out_smem, collective_axes="wg")
+
+
+def _h_and_gelu(acc):
+    h = acc.astype(jnp.bfloat16)
+    return h, gelu(h.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
 def _gelu_grad_product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, *, tiles):
@@ -251,7 +258,7 @@ def _num_programs(tiles, interpret):
     return tiles.per_sm * (device.core_count if device.platform == "gpu" else 132)  # 132: H100 and H200 SXM
 
 
-def _launch(kernel, operands, out_type, *, tiles, interpret):
+def _launch(kernel, operands, out_type, *, tiles, interpret, name=None):
     m, k = operands[0].shape
     tiles.check(m, k, operands[1].shape[1])
     return plgpu.kernel(
@@ -259,14 +266,15 @@ def _launch(kernel, operands, out_type, *, tiles, interpret):
         grid_names=("sm",), thread_name="wg", num_threads=COMPUTE_WARPGROUPS + 1,  # + the memory warpgroup
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                              approx_math=True),
-        interpret=interpret_params(interpret), kernel_name=kernel.__name__.strip("_"),
+        interpret=interpret_params(interpret), kernel_name=name or kernel.__name__.strip("_"),
     )(*operands)
 
 
 def gelu_product(x, w, *, interpret=False, tiles=TILES):
     """``(h, gelu(h))`` for ``h = x @ w``: x ``[M, K]``, w ``[K, N]``, both bf16."""
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
-    return _launch(_gelu_product_kernel, (x, w), (out, out), tiles=tiles, interpret=interpret)
+    kernel = functools.partial(_stores_kernel, values=_h_and_gelu)
+    return _launch(kernel, (x, w), (out, out), tiles=tiles, interpret=interpret, name="gelu_product_kernel")
 
 
 def gelu_grad_product(dy, w_t, h, *, interpret=False, tiles=TILES):
