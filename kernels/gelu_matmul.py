@@ -50,10 +50,14 @@ class Tiles:
     ``k`` of each loaded slice, the SMEM ring's ``stages``, the ``(rows, cols)`` of the sub-tiles in
     which the ``epilogue`` stores, the forward epilogue's SMEM ``slots`` (each a sub-tile of h and
     one of gelu(h); a slot is written again once its stores have read it), the width of the snake in
-    which output tiles are visited (neighbours share operand slices in L2), the programs per SM (with
-    two, one program's epilogue can overlap the other's products) and the wgmma groups ``in_flight``
-    when a step ends (its SMEM slot is released that many steps later; with 1 the next step's products
-    are issued before the last ones finish)."""
+    which output tiles are visited (neighbours share operand slices in L2) and the programs per SM
+    (with two, one program's epilogue can overlap the other's products).
+
+    Each step waits for its products before its SMEM slot is released. Releasing a slot a step later,
+    with the products left in flight (the pipeline's ``delay_release``), gave no speed and looks unsafe
+    here, by the pipeline's source: it never waits for the last step's release, and the next output tile's first
+    loads overwrite that slot while its products may still read it (wrong products with ``split='m'``
+    on an H200)."""
     m: int = 128
     n: int = 128
     k: int = 64
@@ -62,16 +66,11 @@ class Tiles:
     slots: int = 2
     snake_width: int = 8
     per_sm: int = 1
-    in_flight: int = 0
     split: str = "n"
 
     def __post_init__(self):
         if self.split not in ("m", "n"):
             raise ValueError(f"gelu_matmul: Tiles.split is 'm' or 'n', got {self.split!r}")
-        if self.split == "m" and self.in_flight:
-            # Seen on an H200: the forward's products came out wrong (error 0.15), the backward's right.
-            raise ValueError("gelu_matmul: Tiles(split='m') with in_flight > 0 gives wrong products on the GPU "
-                             "(a race not yet found); use in_flight=0 or split='n'")
 
     @property
     def program_tile(self):
@@ -137,8 +136,7 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
     m_tiles, n_tiles = m // cta_m, n // cta_n
 
     def pipeline(body, context):
-        ring = dict(memory_space=plgpu.SMEM, transforms=_swizzled((cta_m, tiles.k), a_gmem.dtype),
-                    delay_release=tiles.in_flight)
+        ring = dict(memory_space=plgpu.SMEM, transforms=_swizzled((cta_m, tiles.k), a_gmem.dtype))
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k // tiles.k,), memory_registers=MEMORY_REGISTERS, wg_axis="wg",
             num_compute_wgs=COMPUTE_WARPGROUPS,
@@ -166,14 +164,13 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
 
                 def with_acc(acc_ref):
                     run(acc_ref)
-                    plgpu.wgmma_wait(0)  # the products left in flight by the last steps land before the read
                     epilogue(acc_ref[...], tile, *refs, *scratch)
                 pl.run_scoped(with_acc, plgpu.ACC((tiles.m, tiles.n), jnp.float32))
 
             def step(_, a_smem, b_smem, acc_ref):
                 plgpu.wgmma(acc_ref, a_smem.at[pl.ds(by_m * tiles.m, tiles.m), :],
                             b_smem.at[:, pl.ds(by_n * tiles.n, tiles.n)])
-                plgpu.wgmma_wait(tiles.in_flight)
+                plgpu.wgmma_wait(0)
                 return acc_ref
 
             pipeline(step, context)(a_gmem.at[pl.ds(mi * cta_m, cta_m), :],

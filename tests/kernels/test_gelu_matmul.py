@@ -103,5 +103,3 @@ def test_supports_and_shape_errors():
         gm.gelu_product(x[:100], w_fc, interpret=True)
     with pytest.raises(ValueError, match="split is 'm' or 'n'"):
         gm.Tiles(split="k")
-    with pytest.raises(ValueError, match="in_flight=0"):
-        gm.Tiles(m=64, n=256, split="m", in_flight=1)
