@@ -54,10 +54,10 @@ class Tiles:
     (with two, one program's epilogue can overlap the other's products).
 
     Each step waits for its products before its SMEM slot is released. Releasing a slot a step later,
-    with the products left in flight (the pipeline's ``delay_release``), gave no speed and looks unsafe
-    here, by the pipeline's source: it never waits for the last step's release, and the next output tile's first
-    loads overwrite that slot while its products may still read it (wrong products with ``split='m'``
-    on an H200)."""
+    with the products left in flight (the pipeline's ``delay_release``), gave no speed and, by the
+    pipeline's source, is unsafe here: the last step's release is never waited for, and the next output
+    tile's first loads overwrite that slot while its products may still read it (wrong products with
+    ``split='m'`` on an H200)."""
     m: int = 128
     n: int = 128
     k: int = 64
