@@ -78,17 +78,22 @@ def test_mlp_value_and_gradients_match_float32_autodiff():
         assert rel_error(got, want) < 1e-2, name
 
 
+def _gpt2_medium_specs():
+    """Shapes of x (or dy), w_fc (or w_proj^T) and h at GPT-2 Medium's micro-batch, for lowering only."""
+    return tuple(jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in ((32768, 1024), (1024, 4096), (32768, 4096)))
+
+
 @pytest.mark.parametrize("tiles", [gm.TILES, gm.Tiles(m=64, n=256, split="m")], ids=["default", "split-rows"])
 def test_lowers_for_cuda_at_gpt2_medium_shape(tiles):
     # Mosaic GPU's lowering runs here without a GPU: it checks layouts and the SMEM budget of an H100/H200.
-    x, w, h = (jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in ((32768, 1024), (1024, 4096), (32768, 4096)))
+    x, w, h = _gpt2_medium_specs()
     both = lambda x, w, h: (gm.gelu_product(x, w, tiles=tiles), gm.gelu_grad_product(x, w, h, tiles=tiles))
     text = jax.jit(both).trace(x, w, h).lower(lowering_platforms=("cuda",)).as_text()
     assert "gelu_product_kernel" in text and "gelu_grad_product_kernel" in text
 
 
 def test_a_ring_too_deep_for_smem_is_refused_when_lowered():
-    x, w, h = (jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in ((32768, 1024), (1024, 4096), (32768, 4096)))
+    x, w, h = _gpt2_medium_specs()
     grad = lambda dy, w_t, h: gm.gelu_grad_product(dy, w_t, h, tiles=gm.Tiles(stages=4))
     with pytest.raises(ValueError, match="exceeds available shared memory"):
         jax.jit(grad).trace(x, w, h).lower(lowering_platforms=("cuda",))
