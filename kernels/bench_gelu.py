@@ -46,7 +46,7 @@ def _parse_tiles(text):
 
 def _stores_product(x, w, *, copies, interpret):
     """``x @ w`` from ``kernels.gelu_matmul``'s forward kernel, stored ``copies`` times in bf16, with no GELU."""
-    kernel = functools.partial(gm._stores_kernel, values=lambda acc: (acc.astype(jnp.bfloat16),) * copies)
+    kernel = functools.partial(gm._stores_kernel, values=lambda acc, dtype: (acc.astype(dtype),) * copies)
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.bfloat16)
     return gm._launch(kernel, (x, w), (out,) * copies, tiles=gm.TILES, interpret=interpret,
                       name=f"product_stored_{copies}x")

@@ -192,9 +192,10 @@ def _part(acc, offset, shape):
 
 
 def _stores_kernel(a_gmem, b_gmem, *outs, tiles, values):
-    """``a @ b`` with an epilogue that stores ``values(part)`` (one bf16 sub-tile per output in ``outs``)
-    for each float32 sub-tile ``part`` of the accumulator, through ``tiles.slots`` SMEM slots."""
-    shape, slots = tiles.epilogue, tiles.slots
+    """``a @ b`` with an epilogue that stores ``values(part, dtype)`` (one sub-tile per output in ``outs``,
+    all of ``dtype``) for each float32 sub-tile ``part`` of the accumulator, through ``tiles.slots`` SMEM
+    slots."""
+    shape, slots, dtype = tiles.epilogue, tiles.slots, outs[0].dtype
 
     def epilogue(acc, tile, *refs):
         *outs, out_smem = refs
@@ -202,21 +203,20 @@ def _stores_kernel(a_gmem, b_gmem, *outs, tiles, values):
             slot = s % slots
             # The stores from this slot's last use (one per output) must have read it.
             plgpu.wait_smem_to_gmem(len(outs) * (slots - 1), wait_read_only=True)
-            for o, part in enumerate(values(_part(acc, offset, shape))):
+            for o, part in enumerate(values(_part(acc, offset, shape), dtype)):
                 out_smem[tile.wg, slot, o] = part
             plgpu.commit_smem()
             for o, out in enumerate(outs):
                 plgpu.copy_smem_to_gmem(out_smem.at[tile.wg, slot, o], tile.sub(out, offset, shape))
 
     ring, scoped = _product_kernel(a_gmem, b_gmem, *outs, tiles=tiles, epilogue=epilogue)
-    dtype = outs[0].dtype
     out_smem = plgpu.SMEM((COMPUTE_WARPGROUPS, slots, len(outs), *shape), dtype, transforms=_swizzled(shape, dtype))
     pl.run_scoped(scoped, ring, out_smem, collective_axes="wg")
 
 
-def _h_and_gelu(acc):
-    h = acc.astype(jnp.bfloat16)
-    return h, gelu(h.astype(jnp.float32)).astype(jnp.bfloat16)
+def _h_and_gelu(acc, dtype):
+    h = acc.astype(dtype)
+    return h, gelu(h.astype(jnp.float32)).astype(dtype)
 
 
 def _gelu_grad_product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, *, tiles):
