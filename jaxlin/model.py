@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
+from jaxlin.ops import attention as attention_ops
 from jaxlin.ops import mlp as mlp_ops
 from jaxlin.ops import norm as norm_ops
 from jaxlin.ops.checks import KERNEL_IMPLS
@@ -51,6 +52,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "bfloat16"  # compute dtype; parameters are always float32
     impl: str = "auto"  # linear-attention implementation, see jaxlin.ops
+    # Softmax layers' attention (jaxlin.ops.attention): "auto" cuDNN's fused flash attention on GPU with
+    # bf16, XLA otherwise; "cudnn"; "xla".
+    attention_impl: str = "auto"
     # "auto": GELU fused into the MLP's products (jaxlin.ops.mlp) where it applies, unless remat is "dots",
     # whose memory budget has no room for the fused forward's stored gelu(h); "xla"; "pallas".
     mlp_impl: str = "auto"
@@ -82,6 +86,13 @@ class ModelConfig:
                 raise ValueError(f"model.{name}: unknown {getattr(self, name)!r}; expected one of {KERNEL_IMPLS}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.attention_impl not in attention_ops.ATTENTION_IMPLS:
+            raise ValueError(f"model.attention_impl: unknown {self.attention_impl!r}; "
+                             f"expected one of {attention_ops.ATTENTION_IMPLS}")
+        if self.attention_impl == "cudnn" and "softmax" in self.per_layer("attn"):
+            refusal = attention_ops.cudnn_refusal(self.dtype, self.n_embd // self.n_head)
+            if refusal:
+                raise ValueError(f"model.attention_impl='cudnn': {refusal}; use 'auto' or 'xla'")
 
     def per_layer(self, name: str) -> tuple:
         value = getattr(self, name)
@@ -142,6 +153,8 @@ class Block(nnx.Module):
             kwargs = dict(expand_k=config.per_layer("expand_k")[layer], expand_v=config.per_layer("expand_v")[layer],
                           conv_size=config.per_layer("conv_size")[layer], norm_eps=config.norm_eps, impl=config.impl,
                           elementwise_impl=config.elementwise_impl)
+        elif kind == "softmax":
+            kwargs = dict(impl=config.attention_impl)
         self.ln_1 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
         self.attn = ATTENTION_KINDS[kind](config.n_embd, config.n_head, out_std=out_std, dtype=dtype, rngs=rngs,
                                           **kwargs)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin.layers.common import linear, merge_heads, split_heads
+from jaxlin.ops.attention import causal_attention
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, d_model: int, n_head: int, *, out_std: float, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+    """``impl``: ModelConfig.attention_impl, see jaxlin.ops.attention."""
+
+    def __init__(self, d_model: int, n_head: int, *, out_std: float, dtype=jnp.bfloat16, rngs: nnx.Rngs,
+                 impl: str = "auto"):
         if d_model % n_head:
             raise ValueError(f"softmax attention: d_model={d_model} must be divisible by n_head={n_head}")
-        self.n_head = n_head
+        self.n_head, self.impl = n_head, impl
         self.c_attn = linear(d_model, 3 * d_model, dtype=dtype, rngs=rngs)
         self.c_proj = linear(d_model, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
@@ -21,8 +24,5 @@ class CausalSelfAttention(nnx.Module):
         if state is not None or return_state:
             raise ValueError("softmax attention keeps no recurrent state: call the model without state/return_state")
         q, k, v = (split_heads(t, self.n_head) for t in jnp.split(self.c_attn(x), 3, axis=-1))
-        mask = None
-        if segment_ids is not None:
-            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        o = causal_attention(q, k, v, segment_ids=segment_ids, impl=self.impl)
         return self.c_proj(merge_heads(o)), None
