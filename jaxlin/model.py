@@ -34,6 +34,10 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(*ops.SAVEABLE_NAMES, ACTIVATION_NAME, mlp_ops.RESIDUAL_NAME)),
 }
+# Both also keep the softmax layers' cuDNN attention forward (jaxlin.ops.attention.save_cudnn_forward).
+REMAT_POLICIES.update({name: jax.checkpoint_policies.save_from_both_policies(REMAT_POLICIES[name],
+                                                                             attention_ops.save_cudnn_forward)
+                       for name in ("dots", "dots_and_activations")})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,16 @@ import jax.numpy as jnp
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 CUDNN_MAX_HEAD_DIM = 256  # Hopper and later; cuDNN itself refuses more than 128 on older GPUs
+# JAX's primitive for cuDNN's attention forward (jax._src.cudnn): its outputs are o and the softmax
+# statistics that the backward kernel takes.
+CUDNN_FORWARD_PRIMITIVE = "dot_product_attention_fwd_wrapper"
+
+
+def save_cudnn_forward(prim, *_, **__) -> bool:
+    """A `jax.checkpoint` policy: keep cuDNN attention's forward outputs, so that a remat'd block's backward
+    pass runs only the backward kernel and never the attention forward again (o costs as much memory
+    as one activation, the statistics 1/H of that)."""
+    return prim.name == CUDNN_FORWARD_PRIMITIVE
 
 
 def cudnn_refusal(dtype, head_dim: int, seq_len: int | None = None, segments: bool = False) -> str | None:

@@ -146,3 +146,18 @@ def test_model_loss_and_grads_on_cudnn_match_xla():
     np.testing.assert_allclose(loss_c, loss_x, rtol=1e-2)
     for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_x)):
         assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b) + 1e-6
+
+
+@gpu_only
+@pytest.mark.parametrize("remat", ["none", "dots", "dots_and_activations"])
+def test_remat_policies_do_not_rerun_the_cudnn_forward(remat):
+    """One cuDNN attention forward per layer in the compiled train gradient: the policies keep its outputs."""
+    import re
+    cfg = ModelConfig(vocab_size=256, n_layer=2, n_head=4, n_embd=256, block_size=128, attn="softmax",
+                      dtype="bfloat16", attention_impl="cudnn", remat=remat)
+    graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    tokens = jnp.zeros((2, 128), jnp.int32)
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens))))
+    hlo = grad.lower(params).compile().as_text()
+    forwards = re.findall(r'custom_call_target="__cudnn\$fmha(?:ScaleBias)?Softmax"', hlo)
+    assert len(forwards) == cfg.n_layer
