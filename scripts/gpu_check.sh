@@ -3,7 +3,8 @@
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
-#   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile (default: tests, delta-tests,
+#   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, attention-tests,
+#   train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train (default: tests, delta-tests,
 #   gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
@@ -72,7 +73,26 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     profile) stage profile 240 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py \
                --profile /tmp/gla_profile --json "$out/profile.json"
              gzip -c /tmp/gla_profile/train_step.hlo.txt >"$out/profile_hlo.txt.gz" ;;  # fusions -> source lines
+    attention-tests) JAX_PLATFORMS=cuda stage attention-tests 300 python3 -m pytest tests/ops/test_attention.py \
+             -vv -p no:cacheprovider -W ignore ;;  # cuDNN attention against XLA's, values and gradients
+    train-softmax) for run in gla:gla softmax:softmax softmax_xla:softmax; do  # GLA beside fused and XLA softmax
+             label=${run%%:*} config=${run#*:} extra=()
+             [ "$label" = softmax_xla ] && extra=(--config.model.attention_impl=xla)
+             stage "train-$label" 150 python3 -m jaxlin.train.bench --steps 10 --nophases \
+               --config "configs/gpt2_medium_$config.py" "${extra[@]}" --json "$out/train_$label.json"
+           done ;;
+    seq-sweep) stage seq-sweep 570 python3 -m jaxlin.bench.seq_sweep --configs gla,softmax --budget 530 \
+             --json "$out/seq_sweep.json" ;;
+    seq-sweep-recurrent) stage seq-sweep-recurrent 570 python3 -m jaxlin.bench.seq_sweep \
+             --configs gated_deltanet,hybrid --budget 530 --json "$out/seq_sweep_recurrent.json" ;;
+    attention-layer) stage attention-layer 420 python3 -m jaxlin.bench.attention_layer \
+             --json "$out/attention_layer.json" ;;
+    long-train) for config in small_gla_8k small_softmax_8k; do  # a short long-context run each; loss in metrics
+             stage "$config" 280 python3 train.py --config "configs/$config.py" --workdir "/tmp/runs/$config"
+             cp "/tmp/runs/$config/metrics.jsonl" "$out/$config.metrics.jsonl" 2>/dev/null
+           done ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
-            "gelu, elementwise, train, train-xla-norms, train-delta, train-all or profile)" >&2; exit 2 ;;
+            "gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, attention-tests," \
+            "train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer or long-train)" >&2; exit 2 ;;
   esac
 done
