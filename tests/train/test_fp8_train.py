@@ -36,3 +36,11 @@ def test_fp8_kill_and_resume_continues_the_same_loss_sequence(tmp_path_factory):
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert losses(workdir) == reference  # bit for bit: the scales and histories came back with the weights
+
+
+def test_bench_times_an_fp8_step_on_a_mesh():
+    from jaxlin.train import bench
+
+    config = tiny_config("unused", **FP8, **{"train.micro_batch_size": 2})
+    results = bench.bench(config, steps=1, sharded=True, phases=False)
+    assert results["config"]["matmul_precision"] == "fp8" and results["step_ms"] > 0
