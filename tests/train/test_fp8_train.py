@@ -38,6 +38,7 @@ def test_fp8_kill_and_resume_continues_the_same_loss_sequence(tmp_path_factory):
     assert losses(workdir) == reference  # bit for bit: the scales and histories came back with the weights
 
 
+@pytest.mark.slow
 def test_bench_times_an_fp8_step_on_a_mesh():
     from jaxlin.train import bench
 
