@@ -1,7 +1,8 @@
 """Export a GPT as safetensors with the PyTorch reference model's parameter names, and load it back.
 
 `save(model, out_dir)` writes `model.safetensors` (float32, PyTorch layouts) and `config.json` (the
-ModelConfig); `load(export_dir)` rebuilds the GPT from them. `NAME_TABLE` is the whole mapping;
+ModelConfig); `load(export_dir)` rebuilds the GPT from them. An FP8 model exports its weights only, no
+scaling state, with `matmul_precision="bf16"` in its config. `NAME_TABLE` is the whole mapping;
 docs/export.md documents it.
 """
 
@@ -20,6 +21,7 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from jaxlin.layers.fp8 import Fp8Meta
 from jaxlin.model import GPT, ModelConfig
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -79,13 +81,14 @@ def save(model: GPT, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for path, variable in nnx.to_flat_state(nnx.state(model)):
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Not(Fp8Meta))):
         name, layout = torch_name(path)
         value = np.asarray(jax.device_get(variable.get_value()), np.float32)
         tensors[name] = np.ascontiguousarray(_TO_TORCH[layout](value))
     tensors[TIED_HEAD] = tensors["transformer.wte.weight"]
     save_file(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})
-    (out_dir / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    config = dataclasses.replace(model.config, matmul_precision="bf16")
+    (out_dir / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return out_dir
 
 

@@ -15,7 +15,7 @@ from jaxlin.ops import attention as attention_ops
 from jaxlin.ops import mlp as mlp_ops
 from jaxlin.ops import norm as norm_ops
 from jaxlin.ops.checks import KERNEL_IMPLS
-from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS
+from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS, fp8
 from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
 
 # Attention settings that may be given per layer: a scalar applies to every layer, a tuple lists one per layer.
@@ -69,6 +69,10 @@ class ModelConfig:
     # "xla" (Flax's LayerNorm), "pallas".
     layer_norm_impl: str = "auto"
     remat: str = "none"  # a key of REMAT_POLICIES: what each block saves for the backward pass
+    # "fp8": the attention layers' projections and the MLP's products in FP8 (jaxlin.layers.fp8), with
+    # scales from each tensor's last `fp8_amax_history` absolute maxima; "bf16": in the compute dtype.
+    matmul_precision: str = "bf16"
+    fp8_amax_history: int = 1024
 
     def __post_init__(self):
         for name in PER_LAYER_FIELDS:
@@ -88,6 +92,14 @@ class ModelConfig:
         for name in ("mlp_impl", "elementwise_impl", "layer_norm_impl"):
             if getattr(self, name) not in KERNEL_IMPLS:
                 raise ValueError(f"model.{name}: unknown {getattr(self, name)!r}; expected one of {KERNEL_IMPLS}")
+        if self.matmul_precision not in fp8.MATMUL_PRECISIONS:
+            raise ValueError(f"model.matmul_precision: unknown {self.matmul_precision!r}; expected one of "
+                             f"{fp8.MATMUL_PRECISIONS}")
+        if self.matmul_precision == "fp8" and self.mlp_impl == "pallas":
+            raise ValueError("model.mlp_impl='pallas' (the fused GELU MLP) has no FP8 path; use 'auto' or 'xla' "
+                             "with model.matmul_precision='fp8'")
+        if self.fp8_amax_history < 1:
+            raise ValueError(f"model.fp8_amax_history must be >= 1, got {self.fp8_amax_history}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
         if self.attention_impl not in attention_ops.ATTENTION_IMPLS:
@@ -138,7 +150,8 @@ class MLP(nnx.Module):
         x = x.astype(self.c_fc.dtype)
         if self.impl == "pallas" or (self.impl == "auto" and mlp_ops.fused_applies(x, w_fc)):
             return mlp_ops.gelu_mlp(x, w_fc, w_proj)
-        return jnp.dot(activation(jax.nn.gelu(jnp.dot(x, w_fc), approximate=True)), w_proj)
+        h = activation(jax.nn.gelu(fp8.matmul(x, w_fc, self.c_fc), approximate=True))
+        return fp8.matmul(h, w_proj, self.c_proj)
 
 
 def layer_norm(d: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -163,8 +176,13 @@ class Block(nnx.Module):
         self.attn = ATTENTION_KINDS[kind](config.n_embd, config.n_head, out_std=out_std, dtype=dtype, rngs=rngs,
                                           **kwargs)
         self.ln_2 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
-        mlp_impl = "xla" if config.mlp_impl == "auto" and config.remat == "dots" else config.mlp_impl
+        # The fused GELU MLP has no FP8 path: under fp8, "auto" takes XLA's products.
+        xla_mlp = config.remat == "dots" or config.matmul_precision == "fp8"
+        mlp_impl = "xla" if config.mlp_impl == "auto" and xla_mlp else config.mlp_impl
         self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs, impl=mlp_impl)
+        if config.matmul_precision == "fp8":
+            fp8.use_fp8(self.attn, config.fp8_amax_history)
+            fp8.use_fp8(self.mlp, config.fp8_amax_history)
         self.layer_norm_impl = config.layer_norm_impl
 
     def __call__(self, x, segment_ids=None, state=None, return_state=False):
@@ -241,4 +259,4 @@ class GPT(nnx.Module):
 
 
 def count_params(model: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(fp8.Fp8Meta)))))

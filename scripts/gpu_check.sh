@@ -4,12 +4,15 @@
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
 #   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, attention-tests,
-#   train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train (default: tests, delta-tests,
-#   gelu-tests, gla, delta, gelu, train)
+#   train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run (default: tests,
+#   delta-tests, gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape,
-# `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels.
+# `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels. `fp8` times the GPT-2 Medium GLA
+# step at model.matmul_precision bf16 then fp8 on the same GPU (about 5 minutes); `fp8-run` trains
+# configs/small_gla.py for its 2,200 steps at bf16 then fp8 (about 3 minutes each on an H100: run it alone)
+# on the corpus in $JAXLIN_DATA_DIR and plots both curves into fp8_loss.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_logs}
@@ -91,8 +94,30 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
              stage "$config" 280 python3 train.py --config "configs/$config.py" --workdir "/tmp/runs/$config"
              cp "/tmp/runs/$config/metrics.jsonl" "$out/$config.metrics.jsonl" 2>/dev/null
            done ;;
+    fp8) for precision in bf16 fp8; do  # side by side on one GPU
+           stage "train-$precision" 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             --config configs/gpt2_medium_gla.py --config.model.matmul_precision=$precision \
+             --json "$out/train_$precision.json"
+         done
+         [ -f "$out/train_bf16.json" ] && [ -f "$out/train_fp8.json" ] && python3 -c "import json, sys
+r = {p: json.load(open(f'{sys.argv[1]}/train_{p}.json')) for p in ('bf16', 'fp8')}
+print('fp8 / bf16: %.3fx tokens/s, peak memory %.1f -> %.1f GiB' % (r['fp8']['tokens_per_s'] / r['bf16']['tokens_per_s'],
+      r['bf16']['peak_memory_gib'], r['fp8']['peak_memory_gib']))" "$out" ;;
+    fp8-run) for precision in bf16 fp8; do  # the learning comparison: both full runs, both curves
+           rm -rf "/tmp/small_gla_$precision"
+           stage "small-gla-$precision" 280 python3 train.py --config configs/small_gla.py \
+             --workdir "/tmp/small_gla_$precision" --config.model.matmul_precision=$precision
+           cp "/tmp/small_gla_$precision/metrics.jsonl" "$out/small_gla_${precision}_metrics.jsonl"
+         done
+         python3 -m jaxlin.train.metrics --out "$out/fp8_loss.png" "bf16=$out/small_gla_bf16_metrics.jsonl" \
+           "fp8=$out/small_gla_fp8_metrics.jsonl"
+         python3 -c "import json, sys
+val = {p: [r['val_loss'] for r in map(json.loads, open(f'{sys.argv[1]}/small_gla_{p}_metrics.jsonl')) if 'val_loss' in r]
+       for p in ('bf16', 'fp8')}
+print('final val loss: bf16 %.4f, fp8 %.4f (%+.2f %%)' % (val['bf16'][-1], val['fp8'][-1],
+      100 * (val['fp8'][-1] / val['bf16'][-1] - 1)))" "$out" ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
             "gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, attention-tests," \
-            "train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer or long-train)" >&2; exit 2 ;;
+            "train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8 or fp8-run)" >&2; exit 2 ;;
   esac
 done

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlin.layers import fp8
 from jaxlin.ops import conv, norm
 
 INIT_STD = 0.02  # nanoGPT's initialisation for every Linear and Embedding
@@ -87,9 +88,10 @@ class QKVConv(nnx.Module):
 
 def fused_linear(x, *layers: nnx.Linear):
     """Several bias-free projections of one input as one matrix product, their outputs joined along the
-    last axis: one kernel, and one product for the input's gradient, instead of one per projection."""
+    last axis: one kernel, and one product for the input's gradient, instead of one per projection. In FP8
+    when the first projection is (jaxlin.layers.fp8), with one scale for the joined kernel."""
     kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1).astype(layers[0].dtype)
-    return jnp.dot(x.astype(layers[0].dtype), kernel)
+    return fp8.matmul(x.astype(layers[0].dtype), kernel, layers[0])
 
 
 def project_qkv(layer: nnx.Module, x, *extra: nnx.Linear | None, segment_ids, state: dict, return_state: bool):

@@ -37,6 +37,7 @@ PARAM_AXES = (
     (r"attn/[ab]_proj/kernel$", ("embed", None)),
     (r"attn/conv/[qkv]/kernel$", ("conv", "heads")),
     (r"(bias|scale|weight|A_log|dt_bias)$", ("norm",)),
+    (r"amax_history$", (None,)),  # FP8 scaling state (jaxlin.layers.fp8)
 )
 
 
