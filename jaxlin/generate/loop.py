@@ -85,6 +85,9 @@ class Generator:
             bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has tokens outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+            if cfg.uses_pos_embedding and len(prompt) >= cfg.block_size:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens but the model's position embedding holds "
+                                 f"block_size={cfg.block_size}: shorten the prompt")
             if cfg.uses_pos_embedding and len(prompt) + max_new_tokens > cfg.block_size:
                 raise ValueError(
                     f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it passes the "
