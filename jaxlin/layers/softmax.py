@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -21,8 +22,35 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = linear(d_model, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
-        if state is not None or return_state:
-            raise ValueError("softmax attention keeps no recurrent state: call the model without state/return_state")
+        """With `state` (a KV cache from `init_cache`), x's tokens continue the cache: the new state is
+        the cache with them written in. Without, the tokens attend among themselves (per document)."""
         q, k, v = (split_heads(t, self.n_head) for t in jnp.split(self.c_attn(x), 3, axis=-1))
+        if state is not None:
+            o, state = self._attend_cache(q, k, v, state)
+            return self.c_proj(merge_heads(o)), state
+        if return_state:
+            raise ValueError("softmax attention continues from a KV cache: pass state=layer.init_cache(...)")
         o = causal_attention(q, k, v, segment_ids=segment_ids, impl=self.impl)
         return self.c_proj(merge_heads(o)), None
+
+    def init_cache(self, start, size: int) -> dict:
+        """An empty KV cache of `size` slots for rows whose tokens begin at slot `start` [B] (slots before
+        it hold left padding, which no token reads); "length" counts the slots written."""
+        d_head = self.c_attn.in_features // self.n_head
+        kv = jnp.zeros((start.shape[0], size, self.n_head, d_head), self.c_attn.dtype)
+        return {"k": kv, "v": kv, "length": jnp.zeros((), jnp.int32), "start": start.astype(jnp.int32)}
+
+    @staticmethod
+    def _attend_cache(q, k, v, cache):
+        """Writes k, v [B, T, H, D] at slots length .. length + T - 1; each query reads the row's slots from
+        `start` to its own. A padding token (before `start`) reads itself only, which keeps it finite."""
+        length, T = cache["length"], q.shape[1]
+        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), length, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), length, axis=1)
+        slots = jnp.arange(keys.shape[1])
+        query_slots = length + jnp.arange(T)
+        causal = slots[None, :] <= query_slots[:, None]  # [T, S]
+        own = slots[None, :] == query_slots[:, None]
+        mask = (causal[None] & (slots >= cache["start"][:, None])[:, None]) | own[None]  # [B, T, S]
+        o = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
+        return o, {"k": keys, "v": values, "length": length + T, "start": cache["start"]}

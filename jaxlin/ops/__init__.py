@@ -15,7 +15,8 @@ dispatches to one implementation:
 - ``"auto"``: on GPU the Pallas kernel when it exists and supports the call, else
   ``"chunked"``. On CPU (2 cores, K=V=64) the token scan wins below one chunk (T < 64)
   and the chunked form wins under autodiff from T = 64 on (1.2-7x at T = 512-2048),
-  so auto picks by T.
+  so auto picks by T. One token (a decoding step) takes the token scan everywhere: the
+  chunked forms would pad it to a whole chunk.
 
 All return ``(o, final_state)``: ``o`` in v's dtype ``[B, T, H, V]``, ``final_state``
 float32 ``[B, H, K, V]`` when ``output_final_state`` else None.
@@ -107,7 +108,7 @@ def _pallas_supports(op, args, kwargs):
 def _dispatch(op, impl, args, kwargs):
     ref_fn, chunk_fn = _IMPLS[op]
     if impl == "auto":
-        if jax.default_backend() == "gpu":
+        if jax.default_backend() == "gpu" and args[0].shape[1] > 1:
             impl = "pallas" if _pallas_supports(op, args, kwargs) else "chunked"
         else:
             impl = "reference" if args[0].shape[1] < chunked.CHUNK else "chunked"

@@ -1,0 +1,242 @@
+"""Decode benchmark: GPT-2 Medium (random weights) generating from a fixed-size state or a KV cache.
+
+    python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
+        [--context 1024,4096,16384,32768] [--new_tokens 32] [--bandwidth 3.35e12] [--time_budget 220]
+        [--json decode.json] [--tiny]
+
+Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
+jitted call each), then --new_tokens greedy tokens are decoded in one jitted while loop (after a warm-up
+block). Reported: prefill tokens/s; decode ms per step and tokens/s (batch x steps / time); the memory of
+the per-layer state (recurrent state + short-conv inputs, or the KV cache); the physical bound of a decode
+step, the bytes it must move at --bandwidth (every weight once in the compute dtype, the recurrent state
+read and written, or the KV cache up to the context read) and the measured step's share of it; and the
+naive way of generating, one full forward over the context for every new token (nanoGPT's sample loop),
+whose time per token is the prefill's time for the whole batch. Rows whose state and activations would
+not fit the device, or that start after --time_budget seconds (shared out between the models), are
+skipped with a note. --tiny swaps in a 2-layer model for a smoke run on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+# The largest KV caches (batch 8 x 32k, batch 64 x 4k: 26 GB) need more than JAX's default 75 % pool.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxlin.generate.cache import forward, init_cache, logits  # noqa: E402
+from jaxlin.generate.loop import NO_TOKEN, Generator, _decode_block  # noqa: E402
+from jaxlin.generate.sampling import GREEDY, row_keys  # noqa: E402
+from jaxlin.model import GPT, ModelConfig  # noqa: E402
+
+MODELS = ("gla", "gated_deltanet", "softmax")
+H100_SXM_BANDWIDTH = 3.35e12  # bytes/s
+WARMUP_STEPS = 3
+# GPT-2 Medium and its attention settings in the reference configs (configs/gpt2_medium_*.py).
+GPT2_MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024, dtype="bfloat16")
+TINY = dict(n_layer=2, n_head=2, n_embd=64, dtype="float32")
+ATTENTION = {
+    "gla": dict(attn="gla", expand_k=0.5),
+    "gated_deltanet": dict(attn="gated_deltanet", expand_k=1.0),
+    "softmax": dict(attn="softmax", pos_embedding=True),
+}
+
+
+def model_config(kind: str, max_positions: int, tiny: bool) -> ModelConfig:
+    """The softmax model's block size is raised to the longest context (its position embedding)."""
+    return ModelConfig(**(TINY if tiny else GPT2_MEDIUM), **ATTENTION[kind],
+                       block_size=max(1024, max_positions))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "size"))
+def _init(graphdef, params, start, *, size):
+    return init_cache(nnx.merge(graphdef, params), start, size)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
+def _prefill_chunk(graphdef, params, head, tokens, cache):
+    h, cache = forward(nnx.merge(graphdef, params), tokens, cache)
+    return logits(h[:, -1:], head)[:, 0], cache
+
+
+def nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def weight_bytes(generator: Generator) -> int:
+    """The bytes one decode step reads of the weights: all but the embeddings (of which it gathers a row
+    per token), and the tied head once in the compute dtype."""
+    model = nnx.merge(generator.graphdef, generator.params)
+    gathered = nbytes(model.wte[...]) + (0 if model.wpe is None else nbytes(model.wpe[...]))
+    return nbytes(generator.params) - gathered + nbytes(generator.head)
+
+
+def step_bytes(generator: Generator, cache_shapes, context: int, capacity: int) -> int:
+    """What a decode step must move: the weights once, the recurrent state read and written, the KV cache
+    up to the context read (and one slot written)."""
+    total = weight_bytes(generator)
+    for state in cache_shapes["layers"]:
+        if "recurrent" in state:
+            total += 2 * nbytes(state)
+        else:
+            total += nbytes((state["k"], state["v"])) * context // capacity
+    return total
+
+
+def prefill_chunk(kind: str, batch: int, capacity: int, chunk: int, n_head: int) -> int:
+    """Tokens per row per prefill call: --prefill_chunk, less for softmax where a chunk's float32 attention
+    scores [batch, heads, chunk, capacity] would pass 4 GiB."""
+    if kind != "softmax":
+        return chunk
+    while chunk > 16 and batch * n_head * chunk * capacity * 4 > 4 << 30:
+        chunk //= 2
+    return chunk
+
+
+def device_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get("bytes_limit")
+
+
+def _ready(x):
+    return jax.block_until_ready(x)
+
+
+def run_row(generator: Generator, kind: str, batch: int, context: int, args) -> dict:
+    cfg = generator.config
+    row = {"model": kind, "batch": batch, "context": context}
+    capacity = context + WARMUP_STEPS + args.new_tokens if kind == "softmax" else 0
+    start = jnp.zeros((batch,), jnp.int32)
+    cache_shapes = jax.eval_shape(functools.partial(_init, generator.graphdef, size=capacity), generator.params,
+                                  start)
+    chunk = prefill_chunk(kind, batch, capacity, min(args.prefill_chunk, context), cfg.n_head)
+    row["state_mib"] = nbytes(cache_shapes) / 2**20
+    # Activations of a prefill call: ~12 d_model-wide values per token in the compute dtype, and for
+    # softmax the float32 scores and their probabilities.
+    transient = batch * chunk * cfg.n_embd * 12 * cfg.compute_dtype.itemsize
+    if kind == "softmax":
+        transient += batch * cfg.n_head * chunk * capacity * 6
+    limit = device_memory()
+    needed = 3 * nbytes(generator.params) + nbytes(cache_shapes) + transient
+    if limit is not None and needed > 0.9 * limit:
+        return row | {"note": f"skipped: needs ~{needed / 2**30:.0f} GiB of {limit / 2**30:.0f}"}
+    if context % chunk:
+        return row | {"note": f"skipped: context is not a multiple of the prefill chunk {chunk}"}
+    tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
+    params, head, graphdef = generator.params, generator.head, generator.graphdef
+
+    compile_start = time.perf_counter()
+    _ready(_prefill_chunk(graphdef, params, head, tokens[:, :chunk], _init(graphdef, params, start, size=capacity)))
+    row["prefill_compile_s"] = time.perf_counter() - compile_start
+    cache = _ready(_init(graphdef, params, start, size=capacity))
+    begin = time.perf_counter()
+    for offset in range(0, context, chunk):
+        last, cache = _prefill_chunk(graphdef, params, head, tokens[:, offset:offset + chunk], cache)
+    _ready(last)
+    prefill_s = time.perf_counter() - begin
+    row |= {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
+            "naive_ms_per_token": 1e3 * prefill_s}
+
+    carry = {"cache": cache, "logits": last, "done": jnp.zeros(batch, bool), "count": jnp.zeros((), jnp.int32)}
+    decode = functools.partial(_decode_block, graphdef, params, head, row_keys(0, range(batch)), sampling=GREEDY,
+                               vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
+    compile_start = time.perf_counter()
+    carry, _, _ = _ready(decode(carry, jnp.int32(WARMUP_STEPS)))
+    row["decode_compile_s"] = time.perf_counter() - compile_start
+    begin = time.perf_counter()
+    carry, out, steps = _ready(decode(carry, jnp.int32(args.new_tokens)))
+    decode_s = time.perf_counter() - begin
+    assert int(steps) == args.new_tokens and int(np.asarray(out).min()) >= 0
+    ms = 1e3 * decode_s / args.new_tokens
+    bound_ms = 1e3 * step_bytes(generator, cache_shapes, context, max(capacity, 1)) / args.bandwidth
+    return row | {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_ms": bound_ms,
+                  "bound_fraction": bound_ms / ms, "speedup_vs_naive": row["naive_ms_per_token"] / ms}
+
+
+COLUMNS = (("model", "{:<14}"), ("batch", "{:>5}"), ("context", "{:>7}"), ("prefill_tok_s", "{:>10.0f}"),
+           ("decode_ms_per_step", "{:>8.3f}"), ("decode_tok_s", "{:>9.0f}"), ("state_mib", "{:>9.1f}"),
+           ("bound_ms", "{:>8.3f}"), ("bound_fraction", "{:>7.1%}"), ("naive_ms_per_token", "{:>9.1f}"),
+           ("speedup_vs_naive", "{:>8.1f}"))
+HEADERS = ("model", "batch", "context", "prefill/s", "ms/step", "decode/s", "state MiB", "bound ms", "% bound",
+           "naive ms", "speedup")
+
+
+def format_table(rows: list[dict]) -> str:
+    widths = [int("".join(c for c in fmt.split(".")[0] if c.isdigit())) for _, fmt in COLUMNS]
+    lines = ["  ".join(h.rjust(w) if i > 0 else h.ljust(w) for i, (h, w) in enumerate(zip(HEADERS, widths)))]
+    for row in rows:
+        cells = [fmt.format(row[key]) if key in row else "-".rjust(w)
+                 for (key, fmt), w in zip(COLUMNS, widths)]
+        lines.append("  ".join(cells) + (f"  {row['note']}" if "note" in row else ""))
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: %(default)s")
+    parser.add_argument("--batch", type=_ints, default=[1, 8, 64])
+    parser.add_argument("--context", type=_ints, default=[1024, 4096, 16384, 32768], help="prompt tokens per row")
+    parser.add_argument("--new_tokens", type=int, default=32, help="timed decode steps")
+    parser.add_argument("--prefill_chunk", type=int, default=1024, help="prompt tokens per row per prefill call")
+    parser.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
+                        help="device memory bandwidth in bytes/s for the bound (default: H100 SXM)")
+    parser.add_argument("--time_budget", type=float, default=220.0,
+                        help="seconds; rows that would start later are skipped (shared out between the models)")
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer float32 model (smoke test)")
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {','.join(MODELS)}")
+    if not args.batch or not args.context or min(args.batch + args.context) < 1 or args.new_tokens < 1:
+        parser.error("--batch, --context and --new_tokens need positive values")
+
+    rows, began = [], time.perf_counter()
+    for i, kind in enumerate(models):
+        deadline = began + args.time_budget * (i + 1) / len(models)
+        config = model_config(kind, max(args.context) + WARMUP_STEPS + args.new_tokens, args.tiny)
+        generator = Generator(GPT(config, rngs=nnx.Rngs(0)))
+        print(f"{kind}: {weight_bytes(generator) / 1e9:.3f} GB of weights read per decode step, "
+              f"{1e3 * weight_bytes(generator) / args.bandwidth:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s",
+              flush=True)
+        for batch in args.batch:
+            for context in args.context:
+                if time.perf_counter() > deadline:
+                    row = {"model": kind, "batch": batch, "context": context, "note": "skipped: time budget"}
+                else:
+                    try:
+                        row = run_row(generator, kind, batch, context, args)
+                    except jax.errors.JaxRuntimeError as e:
+                        if "RESOURCE_EXHAUSTED" not in str(e):
+                            raise
+                        row = {"model": kind, "batch": batch, "context": context, "note": "out of memory"}
+                rows.append(row)
+                print(format_table([row]).splitlines()[1], flush=True)
+        del generator
+    print()
+    print(format_table(rows))
+    print(f"device: {jax.devices()[0].device_kind}; bound: bytes a decode step must move / {args.bandwidth:.3g} B/s; "
+          f"naive: one full forward over the context per new token; total {time.perf_counter() - began:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"device": jax.devices()[0].device_kind, "bandwidth": args.bandwidth,
+                                               "new_tokens": args.new_tokens, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

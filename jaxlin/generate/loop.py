@@ -1,0 +1,156 @@
+"""Generation from a GPT: one jitted prefill, then decoding in jitted blocks of tokens, each block one
+``lax.while_loop`` over a donated cache (no Python between tokens). Between blocks the host only
+collects the new tokens, to stream them and to check stop strings."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlin.data.tokenizer import EOT_TOKEN
+from jaxlin.generate.cache import decode_step, for_decoding, init_cache, prefill
+from jaxlin.generate.sampling import GREEDY, Sampling, row_keys, sample
+from jaxlin.model import GPT
+
+NO_TOKEN = -1  # in a block's output: the row had already stopped
+MIN_PROMPT_BUCKET = 16  # prompts are left-padded to a power of two from here (few shapes to compile)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "padded", "cache_size"))
+def _prefill(graphdef, params, head, tokens, start, *, chunk, padded, cache_size):
+    model = nnx.merge(graphdef, params)
+    return prefill(model, head, tokens, init_cache(model, start, cache_size), chunk=chunk, padded=padded)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "vocab_size", "steps", "stop_tokens"),
+                   donate_argnames=("carry",))
+def _decode_block(graphdef, params, head, keys, carry, limit, *, sampling, vocab_size, steps, stop_tokens):
+    """Up to min(`steps`, `limit`) tokens per row, fewer once every row is done. `carry`: the cache, the
+    logits of each row's next token, `done` [B] and `count` (tokens generated so far, the sampling step).
+    Returns the new carry, the tokens [B, steps] (NO_TOKEN once a row is done, and past the last step)
+    and the number of steps run."""
+    model = nnx.merge(graphdef, params)
+    stops = jnp.asarray(stop_tokens, jnp.int32)
+
+    def cond(loop):
+        i, carry, _ = loop
+        return (i < jnp.minimum(steps, limit)) & ~jnp.all(carry["done"])
+
+    def body(loop):
+        i, carry, out = loop
+        token = sample(carry["logits"], keys, carry["count"], sampling, vocab_size)
+        token = jnp.where(carry["done"], NO_TOKEN, token)
+        done = carry["done"] | jnp.isin(token, stops)
+        logits, cache = decode_step(model, head, jnp.maximum(token, 0), carry["cache"])
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        return i + 1, {"cache": cache, "logits": logits, "done": done, "count": carry["count"] + 1}, out
+
+    out = jnp.full((keys.shape[0], steps), NO_TOKEN, jnp.int32)
+    n, carry, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), carry, out))
+    return carry, out, n
+
+
+def prompt_length_bucket(n: int, chunk: int) -> int:
+    """The padded prompt length: a power of two from MIN_PROMPT_BUCKET up to `chunk`, then multiples of it."""
+    if n > chunk:
+        return -(-n // chunk) * chunk
+    return min(chunk, max(MIN_PROMPT_BUCKET, 1 << (n - 1).bit_length()))
+
+
+class Generator:
+    """Generation from `model`, its weights cast once for decoding (see `for_decoding`)."""
+
+    def __init__(self, model: GPT):
+        self.config = model.config
+        model = for_decoding(model)
+        self.graphdef, self.params = nnx.split(model)
+        self.head = model.wte[...].astype(self.config.compute_dtype)
+        self.has_kv_cache = "softmax" in self.config.per_layer("attn")
+
+    def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+        """Raises ValueError naming the problem with these prompts, before any work."""
+        cfg = self.config
+        if not prompts:
+            raise ValueError("no prompts: give at least one")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty: give at least one token")
+            bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has tokens outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+            if cfg.uses_pos_embedding and len(prompt) >= cfg.block_size:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens but the model's position embedding holds "
+                                 f"block_size={cfg.block_size}: shorten the prompt")
+            if cfg.uses_pos_embedding and len(prompt) + max_new_tokens > cfg.block_size:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it passes the "
+                    f"model's position embedding (block_size={cfg.block_size}): shorten the prompt or lower "
+                    f"max_new_tokens to {cfg.block_size - len(prompt)}")
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = GREEDY,
+                 seed: int = 0, num_samples: int = 1, stop_tokens: Sequence[int] = (EOT_TOKEN,),
+                 stop: Callable[[int, list[int]], bool] | None = None,
+                 on_tokens: Callable[[list[list[int]]], None] | None = None, block: int | None = None,
+                 prefill_chunk: int = 1024) -> list[list[int]]:
+        """Continuations (token lists) of each prompt, `num_samples` rows per prompt, prompt-major.
+
+        A row ends at a token of `stop_tokens` (not included), when `stop(row, tokens)` says so (checked
+        between blocks; the tokens up to then are kept), or after `max_new_tokens`. `on_tokens` gets each
+        row's new tokens after every block of `block` steps (default: all in one block). Row j of a prompt
+        samples from key fold_in(seed, j): its output does not depend on the other rows.
+        """
+        self.check(prompts, max_new_tokens)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        rows = [list(p) for p in prompts for _ in range(num_samples)]
+        keys = row_keys(seed, [j for _ in prompts for j in range(num_samples)])
+        longest = max(map(len, rows))
+        chunk = min(prefill_chunk, prompt_length_bucket(longest, prefill_chunk))
+        length = prompt_length_bucket(longest, chunk)
+        tokens = np.zeros((len(rows), length), np.int32)
+        start = np.array([length - len(r) for r in rows], np.int32)
+        for r, row in enumerate(rows):
+            tokens[r, start[r]:] = row
+        logits, cache = _prefill(self.graphdef, self.params, self.head, jnp.asarray(tokens), jnp.asarray(start),
+                                 chunk=chunk, padded=bool(start.any()),
+                                 cache_size=length + max_new_tokens if self.has_kv_cache else 0)
+        carry = {"cache": cache, "logits": logits, "done": jnp.zeros(len(rows), bool),
+                 "count": jnp.zeros((), jnp.int32)}
+        stop_tokens = tuple(sorted({int(t) for t in stop_tokens if 0 <= t < self.config.vocab_size}))
+        outputs, finished, produced = [[] for _ in rows], [False] * len(rows), 0
+        while produced < max_new_tokens and not all(finished):
+            carry, out, n = _decode_block(self.graphdef, self.params, self.head, keys, carry,
+                                          jnp.int32(max_new_tokens - produced), sampling=sampling,
+                                          vocab_size=self.config.vocab_size, steps=block or max_new_tokens,
+                                          stop_tokens=stop_tokens or (NO_TOKEN,))
+            n = int(n)
+            out = np.asarray(out[:, :n])
+            produced += n
+            new = [[] for _ in rows]
+            for r, row_out in enumerate(out):
+                for token in row_out:
+                    if finished[r] or token == NO_TOKEN:
+                        break
+                    if token in stop_tokens:
+                        finished[r] = True
+                        break
+                    new[r].append(int(token))
+                outputs[r] += new[r]
+                if not finished[r] and stop is not None and new[r] and stop(r, outputs[r]):
+                    finished[r] = True
+            if on_tokens is not None:
+                on_tokens(new)
+            carry["done"] = jnp.asarray(finished)
+        return outputs
+
+
+def generate(model: GPT, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
+    """`Generator(model).generate(prompts, **kwargs)`."""
+    return Generator(model).generate(prompts, **kwargs)

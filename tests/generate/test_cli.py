@@ -1,0 +1,53 @@
+"""generate.py: streaming a continuation of an export, and one clear line for bad input."""
+
+import pytest
+from flax import nnx
+
+import generate as cli
+from jaxlin import export
+from jaxlin.data.paths import resolve_data_dir
+from jaxlin.data.tokenizer import get_tokenizer
+from jaxlin.generate import GREEDY, generate_text
+from jaxlin.model import GPT, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    root = resolve_data_dir(None)
+    if not (root / "gpt2_tokenizer" / "vocab.bpe").exists():
+        pytest.skip(f"the GPT-2 tokenizer files are not in {root} (python -m jaxlin.data.download)")
+    return get_tokenizer(root)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny softmax model's export (block_size 32): learned positions, a KV cache."""
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, attn="softmax", dtype="float32"),
+                rngs=nnx.Rngs(0))
+    return model, export.save(model, tmp_path_factory.mktemp("export"))
+
+
+def test_streams_the_greedy_continuation(exported, tokenizer, capsys):
+    model, path = exported
+    cli.main(["--model", str(path), "--prompt", "The history of", "--max_new_tokens", "6", "--temperature", "0"])
+    want = generate_text(model, tokenizer, ["The history of"], max_new_tokens=6, sampling=GREEDY)[0]
+    assert capsys.readouterr().out == "The history of" + want + "\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt_file", "/nonexistent/prompt.txt"], "not found"),
+    (["--prompt", "a" * 200], "shorten the prompt"),
+    (["--prompt", "hi", "--max_new_tokens", "40"], "lower max_new_tokens to 31"),
+    (["--prompt", "hi", "--top_p", "0"], "--top_p must be in"),
+])
+def test_bad_input_gets_one_line(exported, tokenizer, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", str(exported[1])] + args)
+    assert exit_info.value.code != 0 and message in str(exit_info.value.code)
+    assert "\n" not in str(exit_info.value.code)
+
+
+def test_a_missing_export_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="config.json not found"):
+        cli.main(["--model", str(tmp_path / "nothing"), "--prompt", "hi"])

@@ -1,0 +1,177 @@
+"""Prefill + decoding against the full-sequence forward, for every attention kind and the mixed stacks."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlin.generate import GREEDY, Generator, Sampling, decode_step, generate, init_cache, prefill
+from jaxlin.generate.loop import prompt_length_bucket
+from jaxlin.generate.sampling import row_keys, sample
+from jaxlin.model import GPT, ModelConfig
+
+VOCAB = 97  # padded to 128: the padding columns must never be chosen
+CONFIGS = {
+    "gla": dict(attn="gla"),
+    "deltanet": dict(attn="deltanet"),
+    "gated_deltanet": dict(attn="gated_deltanet"),
+    "softmax": dict(attn="softmax"),
+    # Every kind in one stack, per-layer key widths, one layer without a short conv; learned positions.
+    "hybrid": dict(n_layer=4, attn=("gated_deltanet", "gla", "softmax", "deltanet"),
+                   expand_k=(1.0, 0.5, 1.0, 1.0), conv_size=(4, 0, 4, 3)),
+    "depth_adaptive": dict(attn="gla", expand_k=(0.5, 1.0)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(name, **overrides):
+    fields = dict(vocab_size=VOCAB, vocab_multiple=32, block_size=128, n_layer=2, n_head=2, n_embd=64,
+                  dtype="float32") | CONFIGS[name] | overrides
+    return GPT(ModelConfig(**fields), rngs=nnx.Rngs(0))
+
+
+def random_tokens(seed, shape):
+    return np.asarray(jax.random.randint(jax.random.key(seed), shape, 0, VOCAB), np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "chunk"))
+def _teacher_forced(graphdef, params, head, tokens, *, prompt_len, chunk):
+    """Logits at positions prompt_len - 1 .. T - 1: prefill of the first prompt_len tokens (left-padded
+    to a multiple of `chunk`), then one decode step per further token."""
+    model = nnx.merge(graphdef, params)
+    length = -(-prompt_len // chunk) * chunk
+    padded = jnp.zeros((tokens.shape[0], length), jnp.int32).at[:, length - prompt_len:].set(tokens[:, :prompt_len])
+    start = jnp.full((tokens.shape[0],), length - prompt_len, jnp.int32)
+    cache = init_cache(model, start, length + tokens.shape[1])
+    first, cache = prefill(model, head, padded, cache, chunk=chunk, padded=length > prompt_len)
+
+    def step(cache, token):
+        logits, cache = decode_step(model, head, token, cache)
+        return cache, logits
+
+    _, rest = jax.lax.scan(step, cache, tokens[:, prompt_len:].T)
+    return jnp.concatenate([first[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("prompt_len,chunk", [(1, 16), (37, 16)])
+def test_prefill_and_decode_match_the_full_forward(name, prompt_len, chunk):
+    model = tiny_model(name)
+    tokens = random_tokens(1, (2, 70))
+    full = np.asarray(model(jnp.asarray(tokens)))
+    generator = Generator(model)
+    got = _teacher_forced(generator.graphdef, generator.params, generator.head, jnp.asarray(tokens),
+                          prompt_len=prompt_len, chunk=chunk)
+    np.testing.assert_allclose(np.asarray(got)[:, :-1], full[:, prompt_len - 1:-1], atol=2e-5, rtol=2e-5)
+
+
+def _greedy_by_full_forwards(model, prompt, n):
+    """nanoGPT's sampling loop: the whole sequence again for every token (a fixed buffer, causal)."""
+    forward = jax.jit(lambda tokens: model(tokens))
+    buffer = np.zeros((1, len(prompt) + n), np.int32)
+    buffer[0, :len(prompt)] = prompt
+    for t in range(len(prompt), len(prompt) + n):
+        buffer[0, t] = int(np.argmax(np.asarray(forward(buffer))[0, t - 1, :VOCAB]))
+    return buffer[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", ["gla", "hybrid"])
+def test_greedy_generation_is_argmax_of_repeated_full_forwards(name):
+    model = tiny_model(name)
+    prompt = random_tokens(2, (5,)).tolist()
+    got = generate(model, [prompt], max_new_tokens=6, stop_tokens=())
+    assert got == [_greedy_by_full_forwards(model, prompt, 6)]
+
+
+@pytest.mark.parametrize("name", ["hybrid"])  # every kind in one stack
+@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=1.0, top_k=20, top_p=0.9)], ids=["greedy", "sampled"])
+def test_a_batch_of_prompts_gives_each_prompt_its_solo_output(name, sampling):
+    model = tiny_model(name)
+    generator = Generator(model)
+    # With a 16-token prefill chunk the short prompts' rows begin with whole chunks of padding.
+    prompts = [random_tokens(3, (3,)).tolist(), random_tokens(4, (45,)).tolist(), random_tokens(5, (1,)).tolist()]
+    options = dict(max_new_tokens=5, sampling=sampling, seed=7, num_samples=2, stop_tokens=(), prefill_chunk=16)
+    batch = generator.generate(prompts, **options)
+    for i, prompt in enumerate(prompts):
+        assert batch[2 * i: 2 * i + 2] == generator.generate([prompt], **options), f"prompt {i}"
+    if not sampling.greedy:
+        assert batch[0] != batch[1] or batch[2] != batch[3]  # a prompt's samples differ
+
+
+def test_blocks_stop_tokens_and_stop_callbacks():
+    generator = Generator(tiny_model("gla"))
+    prompt = random_tokens(6, (4,)).tolist()
+    whole = generator.generate([prompt], max_new_tokens=9, stop_tokens=())[0]
+    streamed = []
+    in_blocks = generator.generate([prompt], max_new_tokens=9, stop_tokens=(), block=2,
+                                   on_tokens=lambda new: streamed.extend(new[0]))
+    assert in_blocks[0] == whole == streamed
+    stop_at = whole.index(whole[4])  # the first occurrence of the fifth token
+    assert generator.generate([prompt], max_new_tokens=9, stop_tokens=(whole[4],))[0] == whole[:stop_at]
+    # A stop callback is checked between blocks: the block that triggers it is kept whole.
+    stopped = generator.generate([prompt], max_new_tokens=9, stop_tokens=(), block=3,
+                                 stop=lambda row, tokens: len(tokens) >= 4)
+    assert stopped[0] == whole[:6]
+
+
+def test_sampling_rules():
+    logits = jax.random.normal(jax.random.key(0), (4, 128)) * 3
+    keys = row_keys(0, range(4))
+    best = np.asarray(jnp.argmax(logits[:, :VOCAB], axis=-1))
+    for rule in (GREEDY, Sampling(top_k=1), Sampling(top_p=1e-6)):
+        np.testing.assert_array_equal(sample(logits, keys, 0, rule, VOCAB), best)
+    tokens = jnp.stack([sample(logits, keys, step, Sampling(temperature=2.0), VOCAB) for step in range(50)])
+    assert int(tokens.max()) < VOCAB and len(np.unique(tokens)) > 10
+    top3 = np.argsort(-np.asarray(logits[:, :VOCAB]), axis=-1)[:, :3]
+    for step in range(20):
+        chosen = np.asarray(sample(logits, keys, step, Sampling(top_k=3), VOCAB))
+        assert all(chosen[r] in top3[r] for r in range(4))
+    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+
+
+def test_bad_requests_fail_before_any_work():
+    softmax = Generator(tiny_model("softmax"))
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        softmax.generate([[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="block_size=128"):
+        softmax.generate([[1] * 120], max_new_tokens=10)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        softmax.generate([[VOCAB]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        softmax.generate([[1]], max_new_tokens=0)
+
+
+def test_recurrent_models_generate_past_their_training_context():
+    model = tiny_model("gla")
+    prompt = random_tokens(8, (120,)).tolist()
+    assert len(generate(model, [prompt], max_new_tokens=20, stop_tokens=())[0]) == 20
+
+
+def test_prompt_length_buckets():
+    assert [prompt_length_bucket(n, 64) for n in (1, 16, 17, 64, 65, 200)] == [16, 16, 32, 64, 128, 256]
+
+
+@pytest.mark.slow  # about 20 s of interpreted kernels on 2 cores
+def test_prefill_through_the_pallas_kernels_gives_the_reference_state():
+    """Interpret mode: the chunked-prefill state of every recurrent kind, padding included."""
+    tokens = random_tokens(9, (2, 32))
+    start = jnp.array([0, 11], jnp.int32)
+    states = {}
+    for impl in ("pallas", "reference"):
+        model = tiny_model("hybrid", impl=impl, n_layer=3, attn=("gla", "deltanet", "gated_deltanet"),
+                           expand_k=1.0, conv_size=4)
+        generator = Generator(model)
+        states[impl] = _prefill_state(generator.graphdef, generator.params, generator.head, jnp.asarray(tokens), start)
+    for got, want in zip(jax.tree.leaves(states["pallas"]), jax.tree.leaves(states["reference"])):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _prefill_state(graphdef, params, head, tokens, start):
+    model = nnx.merge(graphdef, params)
+    return prefill(model, head, tokens, init_cache(model, start, 0), chunk=16)
