@@ -82,12 +82,18 @@ def run(model_dir: str | os.PathLike, tasks=DEFAULT_TASKS, limit: int | None = N
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2) + "\n")
     if "long_ppl" in results and (plot or output):
+        _plot(results["long_ppl"], Path(plot) if plot else Path(output).with_suffix(".long_ppl.png"), model_dir)
+    return results
+
+
+def _plot(result: dict, path: Path, model_dir) -> None:
+    try:
         from jaxlin.eval.plot_long_ppl import plot_long_ppl  # matplotlib only when a plot is asked for
 
-        plot = Path(plot) if plot else Path(output).with_suffix(".long_ppl.png")
-        plot_long_ppl({Path(model_dir).resolve().parent.name or "model": results["long_ppl"]}, plot)
-        print(f"loss by position plotted to {plot}")
-    return results
+        plot_long_ppl({Path(model_dir).resolve().parent.name or "model": result}, path)
+        print(f"loss by position plotted to {path}")
+    except ImportError as error:  # the numbers are printed and written already
+        print(f"no plot ({error}); install matplotlib and run python -m jaxlin.eval.plot_long_ppl")
 
 
 def table_rows(results: dict) -> list[dict]:

@@ -97,7 +97,8 @@ def test_an_archive_is_fetched_once_for_all_its_members(tmp_path, fake_get, monk
                Remote("arc_challenge/c.jsonl", "eval", "https://x/ARC.zip", _sha(b"challenge\n"),
                       member="ARC/Challenge.jsonl"))
     monkeypatch.setattr(download, "FILES", remotes)
-    assert fetch_all(tmp_path / "data", ("eval",)) == {"arc_easy/e.jsonl": "fetched", "arc_challenge/c.jsonl": "fetched"}
+    results = fetch_all(tmp_path / "data", ("eval",))
+    assert results == {"arc_easy/e.jsonl": "fetched", "arc_challenge/c.jsonl": "fetched"}
     assert fetched == ["https://x/ARC.zip"]
     assert (tmp_path / "data/arc_challenge/c.jsonl").read_bytes() == b"challenge\n"
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["arc_challenge", "arc_easy"]  # archive gone
