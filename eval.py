@@ -1,29 +1,48 @@
-"""Evaluate an exported jaxlin model: python eval.py --model DIR/export --tasks wikitext2,lambada [--limit N]."""
+"""Evaluate an exported jaxlin model: python eval.py --model DIR/export [--tasks wikitext2,lambada] [--limit N].
+
+The default tasks are the linear-attention papers' zero-shot table; `--tasks long_ppl` scores loss by
+position on long documents."""
 
 import argparse
 
+from jaxlin.eval.long_ppl import DEFAULT_WINDOW
 from jaxlin.eval.runner import DEFAULT_TASKS, run
+from jaxlin.eval.tasks import TASKS
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="export directory (config.json + model.safetensors)")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated, from: %(default)s")
-    parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help=f"comma-separated, from: {','.join(TASKS)} (default: all but long_ppl)")
+    parser.add_argument("--limit", type=int, help="score only the first N documents of each task (N >= 1)")
     parser.add_argument("--output", help="write the results to this JSON file")
     parser.add_argument("--data_dir", help="data directory (default: $JAXLIN_DATA_DIR or ../shared/data)")
     parser.add_argument("--batch_size", type=int, default=32,
                         help="sequences per forward pass at the full context length (more when shorter)")
     parser.add_argument("--seq_len", type=int, help="context length (default: the model's block_size)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's)")
+    parser.add_argument("--long_ppl_len", type=int, default=DEFAULT_WINDOW,
+                        help="long_ppl: tokens per window, each read in one pass (default %(default)s; a model "
+                             "with learned positions reads block_size)")
+    parser.add_argument("--long_docs", help="long_ppl: a folder of .txt documents (default: DATA_DIR/long_books)")
+    parser.add_argument("--plot", help="long_ppl: PNG of loss by position (default: beside --output)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = sorted(set(tasks) - set(DEFAULT_TASKS))
+    unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from {','.join(DEFAULT_TASKS)}")
+        parser.error(f"unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+    if not tasks:
+        parser.error(f"--tasks is empty; choose from {','.join(TASKS)}")
+    for name in ("limit", "batch_size", "seq_len", "long_ppl_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}" + (" (leave it out to score everything)"
+                                                                   if name == "limit" else ""))
     run(args.model, tasks, limit=args.limit, output=args.output, data_dir=args.data_dir,
-        batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, progress=not args.no_progress)
+        batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, progress=not args.no_progress,
+        long_ppl_len=args.long_ppl_len, long_docs=args.long_docs, plot=args.plot)
 
 
 if __name__ == "__main__":

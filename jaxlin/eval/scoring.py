@@ -83,6 +83,7 @@ def _extend(graphdef, params, state, last_logits, rows, tokens):
 class Scorer:
     def __init__(self, model, *, max_len: int | None = None, batch_size: int = 32, progress: bool = True):
         config = model.config
+        self.model = model
         self.max_len = max_len or config.block_size
         if config.uses_pos_embedding and self.max_len > config.block_size:
             raise ValueError(f"seq_len {self.max_len} exceeds the model's position embedding "

@@ -8,13 +8,16 @@ import zipfile
 import pytest
 
 from jaxlin.data import download
-from jaxlin.data.download import FILES, GROUPS, Remote, fetch, fetch_all
+from jaxlin.data.download import DEFAULT_GROUPS, FILES, GROUPS, Remote, fetch, fetch_all
 
 
 def test_url_table_shape():
     relpaths = [r.relpath for r in FILES]
     assert len(set(relpaths)) == len(relpaths)
-    assert {r.group for r in FILES} == set(GROUPS)
+    assert {r.group for r in FILES} == set(GROUPS) - {"pg19"} == set(DEFAULT_GROUPS)  # pg19: listed at fetch time
+    for task_file in ("arc_challenge/ARC-Challenge-Test.jsonl", "boolq/val.jsonl", "copa/val.jsonl",
+                      "openbookqa/test.tsv", "long_books/melville_moby_dick.txt"):
+        assert task_file in relpaths
     for index, remote in enumerate(FILES):
         assert remote.url.startswith("https://"), remote
         assert remote.sha256 is None or re.fullmatch("[0-9a-f]{64}", remote.sha256), remote
@@ -34,7 +37,7 @@ def test_hashes_match_the_shared_copies(data_dir):
         if remote.sha256 and path.exists():
             assert _content_sha256(path) == remote.sha256, remote.relpath
             checked += 1
-    assert checked >= 15
+    assert checked >= 21
 
 
 def test_files_present_are_skipped_without_network(tmp_path, monkeypatch):
@@ -81,3 +84,33 @@ def test_hash_mismatch_installs_nothing(tmp_path, fake_get):
     with pytest.raises(ValueError, match="sha256 .* expected 0{64}: upstream changed"):
         fetch(remote, tmp_path)
     assert not any(p.is_file() for p in tmp_path.joinpath("lambada").rglob("*"))
+
+
+def test_an_archive_is_fetched_once_for_all_its_members(tmp_path, fake_get, monkeypatch):
+    with zipfile.ZipFile(fake_get / "ARC.zip", "w") as archive:
+        archive.writestr("ARC/Easy.jsonl", b"easy\n")
+        archive.writestr("ARC/Challenge.jsonl", b"challenge\n")
+    fetched = []
+    serve = download._get
+    monkeypatch.setattr(download, "_get", lambda url, path: fetched.append(url) or serve(url, path))
+    remotes = (Remote("arc_easy/e.jsonl", "eval", "https://x/ARC.zip", _sha(b"easy\n"), member="ARC/Easy.jsonl"),
+               Remote("arc_challenge/c.jsonl", "eval", "https://x/ARC.zip", _sha(b"challenge\n"),
+                      member="ARC/Challenge.jsonl"))
+    monkeypatch.setattr(download, "FILES", remotes)
+    results = fetch_all(tmp_path / "data", ("eval",))
+    assert results == {"arc_easy/e.jsonl": "fetched", "arc_challenge/c.jsonl": "fetched"}
+    assert fetched == ["https://x/ARC.zip"]
+    assert (tmp_path / "data/arc_challenge/c.jsonl").read_bytes() == b"challenge\n"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["arc_challenge", "arc_easy"]  # archive gone
+
+
+def test_pg19_books_come_from_the_published_list(tmp_path, fake_get, monkeypatch):
+    (fake_get / "test_files.txt").write_text("test/10146.txt\ntest/10321.txt\n")
+    (fake_get / "10146.txt").write_text("A book.")
+    (fake_get / "10321.txt").write_text("Another book.")
+    monkeypatch.setattr(download, "FILES", ())
+    assert fetch_all(tmp_path, ("pg19",)) == {"pg19/test/10146.txt": "fetched", "pg19/test/10321.txt": "fetched"}
+    assert (tmp_path / "pg19/test/10321.txt").read_text() == "Another book."
+    assert download.pg19_remotes(tmp_path)[0].url == f"{download.PG19_BOOKS}/test/10146.txt"
+    (fake_get / "test_files.txt").write_text("<html>not a list</html>")
+    assert fetch_all(tmp_path / "other", ("pg19",))["pg19/test"].startswith("failed: ")

@@ -1,6 +1,7 @@
 """End to end: every task on a few documents, checked against a plain recomputation of its definition
 (one forward per request, no batching, bucketing or state reuse)."""
 
+import hashlib
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from jaxlin import export
 from jaxlin.data.tokenizer import get_tokenizer
 from jaxlin.eval import tasks
 from jaxlin.eval.runner import run
+from jaxlin.model import count_params
 
 LIMIT = 2
 REPO = Path(__file__).resolve().parents[2]
@@ -42,12 +44,33 @@ def harness_encode(tok, context, continuation):
 
 
 def test_output_json_has_every_task(evaluated):
-    results, written, _ = evaluated
-    assert written == results
-    assert list(results) == ["wikitext2", "lambada", "arc_easy", "hellaswag", "piqa", "winogrande"]
+    results, written, export_dir = evaluated
+    assert written["results"] == results
+    assert list(results) == ["wikitext2", "lambada", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                             "boolq", "copa", "openbookqa"]  # the papers' column order
     assert all(r["samples"] == LIMIT for r in results.values())
-    assert set(results["hellaswag"]) == {"acc", "acc_norm", "samples"}
-    assert set(results["winogrande"]) == {"acc", "samples"}
+    assert set(results["hellaswag"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"}
+    assert set(results["winogrande"]) == set(results["boolq"]) == {"acc", "acc_stderr", "samples"}
+    assert {"acc_norm", "acc_norm_stderr"} <= set(results["arc_challenge"]) & set(results["openbookqa"])
+    assert set(results["lambada"]) == {"perplexity", "acc", "acc_stderr", "tokens", "samples"}
+    assert {"tokens", "words", "bytes"} <= set(results["wikitext2"])
+    # The table: one row per metric, headline metric first, n = what the metric averages over.
+    rows = [(r["task"], r["metric"]) for r in written["table"]]
+    assert rows[:6] == [("wikitext2", "word_perplexity"), ("wikitext2", "token_perplexity"),
+                        ("wikitext2", "byte_perplexity"), ("wikitext2", "bits_per_byte"),
+                        ("lambada", "perplexity"), ("lambada", "acc")]
+    assert rows.index(("hellaswag", "acc_norm")) < rows.index(("hellaswag", "acc"))
+    assert rows.index(("arc_challenge", "acc_norm")) < rows.index(("arc_challenge", "acc"))
+    by_name = {(r["task"], r["metric"]): r for r in written["table"]}
+    assert by_name[("lambada", "perplexity")]["n"] == results["lambada"]["tokens"]
+    assert by_name[("wikitext2", "word_perplexity")]["counts"] == "words"
+    assert by_name[("copa", "acc")]["stderr"] == results["copa"]["acc_stderr"]
+    # What was scored, and by what.
+    model = written["model"]
+    assert model["path"] == str(export_dir.resolve()) and model["parameters"] == count_params(tiny_model("gla"))
+    assert model["config_sha256"] == hashlib.sha256((export_dir / "config.json").read_bytes()).hexdigest()
+    assert written["evaluator"]["version"] and re.fullmatch("[0-9a-f]{40}", written["evaluator"]["commit"] or "0" * 40)
+    assert written["settings"]["limit"] == LIMIT
 
 
 def test_wikitext(evaluated, data_dir, model):
@@ -84,11 +107,15 @@ def test_lambada(evaluated, data_dir, model):
     assert got["acc"] == np.mean([greedy for _, greedy in scores])
 
 
-@pytest.mark.parametrize("task", ["arc_easy", "hellaswag", "piqa", "winogrande"])
+LOADERS = {"arc_easy": tasks.load_arc, "hellaswag": tasks.load_hellaswag, "piqa": tasks.load_piqa,
+           "winogrande": tasks.load_winogrande, "arc_challenge": tasks.load_arc, "boolq": tasks.load_boolq,
+           "copa": tasks.load_copa, "openbookqa": tasks.load_openbookqa}
+
+
+@pytest.mark.parametrize("task", list(LOADERS))
 def test_multiple_choice(evaluated, data_dir, model, task):
     tok = get_tokenizer(data_dir)
-    loader = {"arc_easy": tasks.load_arc, "hellaswag": tasks.load_hellaswag, "piqa": tasks.load_piqa,
-              "winogrande": tasks.load_winogrande}[task]
+    loader = LOADERS[task]
     questions = loader(*tasks.task_files(task, data_dir))[:LIMIT]  # prompts: see test_tasks.py
     acc, acc_norm = [], []
     for q in questions:
@@ -97,8 +124,11 @@ def test_multiple_choice(evaluated, data_dir, model, task):
         acc_norm.append(np.argmax(lls / [len(c) for c in q.choices]) == q.gold)
     got = evaluated[0][task]
     assert got["acc"] == np.mean(acc)
-    if task != "winogrande":
+    assert got["acc_stderr"] == pytest.approx(np.std(acc, ddof=1) / np.sqrt(len(acc)))
+    if task in ("arc_easy", "hellaswag", "piqa", "arc_challenge", "openbookqa"):
         assert got["acc_norm"] == np.mean(acc_norm)
+    else:
+        assert "acc_norm" not in got
 
 
 def test_cli(evaluated, data_dir, tmp_path, capsys):
@@ -106,8 +136,25 @@ def test_cli(evaluated, data_dir, tmp_path, capsys):
     output = tmp_path / "lambada.json"
     main(["--model", str(evaluated[2]), "--tasks", "lambada", "--limit", "1", "--output", str(output),
           "--data_dir", str(data_dir), "--batch_size", "4", "--no_progress"])
-    assert set(json.loads(output.read_text())) == {"lambada"}
-    assert re.search(r"lambada\s+perplexity\s+[\d.]+\s+1", capsys.readouterr().out)
+    assert set(json.loads(output.read_text())["results"]) == {"lambada"}
+    assert re.search(r"lambada\s+perplexity\s+[\d.]+\s+\d+ tokens", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "lambada,mmlu"], "unknown task(s) ['mmlu']"),
+    (["--tasks", ","], "--tasks is empty"),
+    (["--limit", "-1"], "--limit must be >= 1, got -1 (leave it out to score everything)"),
+    (["--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--long_ppl_len", "0", "--tasks", "long_ppl"], "--long_ppl_len must be >= 1"),
+])
+def test_cli_rejects_bad_arguments_before_any_work(capsys, argv, message):
+    main = runpy.run_path(str(REPO / "eval.py"))["main"]
     with pytest.raises(SystemExit):
-        main(["--model", str(evaluated[2]), "--tasks", "lambada,mmlu"])
-    assert "unknown task(s) ['mmlu']" in capsys.readouterr().err
+        main(["--model", "/nonexistent/export", *argv])  # the export is never read
+    assert message in capsys.readouterr().err
+
+
+def test_run_rejects_a_limit_below_one(tmp_path):
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        run(tmp_path, ["lambada"], limit=-1)

@@ -25,6 +25,12 @@ def test_real_files_parse_with_the_expected_counts(data_dir):
     assert len(winogrande) == 1267
     labels = (data_dir / "winogrande/dev-labels.lst").read_text().split()
     assert [q.gold + 1 for q in winogrande] == [int(x) for x in labels]
+    arc_challenge = tasks.load_arc(data_dir / "arc_challenge/ARC-Challenge-Test.jsonl")
+    assert len(arc_challenge) == 1172 and {len(q.choices) for q in arc_challenge} == {3, 4, 5}
+    boolq = tasks.load_boolq(data_dir / "boolq/val.jsonl")
+    assert len(boolq) == 3270 and sum(q.gold for q in boolq) == 2033  # 62.2 % "yes", BoolQ's majority class
+    assert len(tasks.load_copa(data_dir / "copa/val.jsonl")) == 100
+    assert len(tasks.load_openbookqa(data_dir / "openbookqa/test.tsv")) == 500
 
 
 def test_prompts_follow_the_harness(data_dir):
@@ -46,6 +52,67 @@ def test_prompts_follow_the_harness(data_dir):
 
     context, target = tasks.load_lambada(data_dir / "lambada/lambada_test.jsonl")[0]
     assert context.endswith("I don't care about") and target == " signs"
+
+
+def test_new_prompts_follow_the_harness(data_dir):
+    """lm-eval's arc_challenge, boolq, copa and openbookqa requests for rows of the official files,
+    written out by hand: (context, target delimiter " " + choice) per choice, and the gold index."""
+    arc = tasks.load_arc(data_dir / "arc_challenge/ARC-Challenge-Test.jsonl")
+    stem = ("Question: The end result in the process of photosynthesis is the production of sugar and oxygen. "
+            "Which step signals the beginning of photosynthesis?\nAnswer:")
+    assert arc[2].pairs == ((stem, " Chemical energy is absorbed through the roots."),
+                            (stem, " Light energy is converted to chemical energy."),
+                            (stem, " Chlorophyll in the leaf captures light energy."),
+                            (stem, " Sunlight is converted into chlorophyll."))
+    assert arc[2].gold == 2 and arc[2].choices[0] == "Chemical energy is absorbed through the roots."
+    sled = arc[44]  # numeric labels 1-4, answerKey "2"
+    assert sled.pairs[1][1] == " Kinetic energy increases and potential energy decreases." and sled.gold == 1
+
+    boolq = tasks.load_boolq(data_dir / "boolq/val.jsonl")
+    context = ("The Punisher (season 2) -- The season is set for release in 2019.\n"
+               "Question: are they going to make a punisher season 2?\nAnswer:")
+    assert boolq[2644].pairs == ((context, " no"), (context, " yes")) and boolq[2644].gold == 1
+    assert boolq[1].pairs[0][0].endswith("\nQuestion: is house tax and property tax are same?\nAnswer:")
+    assert boolq[1].pairs[0][0].startswith("Property tax -- Property tax or 'house tax' is a local tax")
+
+    copa = tasks.load_copa(data_dir / "copa/val.jsonl")
+    assert copa[0].pairs == (("The man turned on the faucet therefore", "  the toilet filled with water."),
+                             ("The man turned on the faucet therefore", "  water flowed from the spout."))
+    assert copa[0].gold == 1
+    assert copa[4].pairs == (("The hamburger meat browned because", "  the cook froze it."),
+                             ("The hamburger meat browned because", "  the cook grilled it."))
+    assert copa[4].gold == 1
+
+    obqa = tasks.load_openbookqa(data_dir / "openbookqa/test.tsv")
+    assert obqa[1].pairs == (("There is most likely going to be fog around:", " a marsh"),
+                             ("There is most likely going to be fog around:", " a tundra"),
+                             ("There is most likely going to be fog around:", " the plains"),
+                             ("There is most likely going to be fog around:", " a desert"))
+    assert obqa[1].gold == 0
+    assert obqa[2].pairs[2] == ("Predators eat", " bunnies") and obqa[2].gold == 2
+    assert obqa[2].choices == ("lions", "humans", "bunnies", "grass")  # acc_norm's lengths: no delimiter
+
+
+def test_copa_tokens_start_with_two_spaces(data_dir):
+    tok = get_tokenizer(data_dir)
+    context, continuation = tasks.encode_pair(tok, "The man turned on the faucet therefore", "  water flowed.")
+    assert tok.decode(continuation) == "  water flowed." and tok.decode(context).endswith("therefore")
+
+
+def test_openbookqa_jsonl_and_boolq_labels(tmp_path):
+    row = {"id": "7-980", "question": {"stem": "The sun is responsible for",
+                                       "choices": [{"text": "puppies learning new tricks", "label": "A"},
+                                                   {"text": "plants sprouting, blooming and wilting", "label": "B"}]},
+           "answerKey": "B"}
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (question,) = tasks.load_openbookqa(path)
+    assert question.pairs[1] == ("The sun is responsible for", " plants sprouting, blooming and wilting")
+    assert question.gold == 1
+    boolq = tmp_path / "val.jsonl"
+    boolq.write_text("".join(json.dumps({"question": "q", "passage": "p", "label": label}) + "\n"
+                             for label in ("false", True, 0)))
+    assert [q.gold for q in tasks.load_boolq(boolq)] == [0, 1, 0]
 
 
 def test_hellaswag_text_format_matches_the_original_jsonl(data_dir, tmp_path):
@@ -95,6 +162,13 @@ def test_winogrande_original_format(tmp_path):
     (tasks.load_winogrande, "w.jsonl", ['{"context_options": ["a", "b"], "continuation": "c", "gold": 2}'],
      ":1: label must be an integer in [0, 1]"),
     (tasks.load_winogrande, "w.jsonl", ['[1, 2]'], ":1: expected a JSON object"),
+    (tasks.load_boolq, "b.jsonl", ['{"question": "q", "passage": "p", "label": "maybe"}'],
+     ":1: label must be true or false"),
+    (tasks.load_copa, "c.jsonl", ['{"premise": "p.", "choice1": "a", "choice2": "b", "question": "why", "label": 0}'],
+     ":1: field 'question' must be 'cause' or 'effect'"),
+    (tasks.load_openbookqa, "o.tsv", ["ID\tQuestion Stem\tChoices\tComplete Question\tAnswer Key",
+                                      "1\tq\t(A) a (B) b\tq (A) a (B) b\tC"], ":2: expected choices as"),
+    (tasks.load_openbookqa, "o.tsv", ["ID\tQuestion\tChoices"], ":1: missing column"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, loader, name, lines, message):
     path = tmp_path / name
