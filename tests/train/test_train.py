@@ -287,3 +287,16 @@ def test_run_says_what_it_does_and_where_everything_is(tmp_path, shards_dir, cap
         assert expected in out, (expected, out)
     loop.run(tiny_config(shards_dir, **{"train.steps": 4, "log.every": 1}), tmp_path)
     assert "resumed from step 2" in capsys.readouterr().out
+
+
+def test_shard_with_ids_beyond_the_vocabulary_stops_before_training(tmp_path, monkeypatch):
+    from jaxlin.data.shards import write_shard
+    from jaxlin.errors import DataError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    write_shard(tmp_path / "data" / "x_train_000.bin", np.full(4000, 50300))
+    write_shard(tmp_path / "data" / "x_val_000.bin", np.full(4000, 3))
+    config = tiny_config("unused", **{"data.sources": [str(tmp_path / "data")]})
+    with pytest.raises(DataError, match="x_train_000.bin' holds token id 50300, but model.vocab_size is 50257"):
+        loop.run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
