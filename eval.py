@@ -5,11 +5,18 @@ import argparse
 from jaxlin.eval.runner import DEFAULT_TASKS, run
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (leave it out to score every document), got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="export directory (config.json + model.safetensors)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated, from: %(default)s")
-    parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    parser.add_argument("--limit", type=positive_int, help="score only the first N (>= 1) documents of each task")
     parser.add_argument("--output", help="write the results to this JSON file")
     parser.add_argument("--data_dir", help="data directory (default: $JAXLIN_DATA_DIR or ../shared/data)")
     parser.add_argument("--batch_size", type=int, default=32,
