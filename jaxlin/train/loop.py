@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -18,19 +17,17 @@ from tqdm import tqdm
 from jaxlin import export
 from jaxlin.data.paths import resolve_data_dir, user_cache_dir
 from jaxlin.data.pipeline import make_train_iterator, make_val_dataset
-from jaxlin.data.shards import read_shard
 from jaxlin.data.prepare import check_token_ids, prepare_corpus
-from jaxlin.errors import DataError
+from jaxlin.data.shards import read_shard
+from jaxlin.errors import ConfigError, DataError
 from jaxlin.model import GPT
 from jaxlin.train import flops, sharding
 from jaxlin.train.checkpoint import Checkpointer, NoCheckpointError
 from jaxlin.train.config import config_changes, model_config, validate
-from jaxlin.train.workdir import WorkdirLock
 from jaxlin.train.metrics import MetricsLog
 from jaxlin.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlin.train.step import create_train_state, eval_step, train_step
-
-log = logging.getLogger(__name__)
+from jaxlin.train.workdir import WorkdirLock
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     with WorkdirLock(workdir):
         checkpointer = check_checkpoints(config, workdir)
-        mesh = sharding.make_mesh(config.mesh)
+        mesh = make_mesh(config)
         # The mesh is current while tracing, so kernels can run per shard under shard_map (jaxlin.ops).
         with jax.set_mesh(mesh):
             trainer = Trainer(config, workdir, mesh, checkpointer)
@@ -83,6 +80,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 return trainer.train()
             finally:
                 trainer.close()
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+    """The device mesh; settings the devices present cannot meet are a ConfigError."""
+    try:
+        return sharding.make_mesh(config.mesh)
+    except ValueError as error:
+        raise ConfigError(f"{error} (devices present: {jax.device_count()})") from None
 
 
 def say(message: str) -> None:
@@ -98,7 +103,10 @@ class Trainer:
         self.config, self.workdir, self.mesh = config, workdir, mesh
         t, d, mcfg = config.train, config.data, model_config(config)
         self.accumulation = t.batch_size // t.micro_batch_size
-        sharding.check_batch(t.micro_batch_size, mesh)
+        try:
+            sharding.check_batch(t.micro_batch_size, mesh)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         train_shards, val_shards = prepare_data(config)
         if not val_shards:
             raise DataError("the data has no validation split: set data.val_fraction > 0 or add *_val_*.bin shards")

@@ -300,3 +300,15 @@ def test_shard_with_ids_beyond_the_vocabulary_stops_before_training(tmp_path, mo
     with pytest.raises(DataError, match="x_train_000.bin' holds token id 50300, but model.vocab_size is 50257"):
         loop.run(config, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"mesh.num_devices": 5}, "mesh.num_devices=5: 2 devices are present"),
+    ({"train.micro_batch_size": 1, "train.batch_size": 4}, "train.micro_batch_size=1 must be a multiple of the 2"),
+])
+def test_settings_the_devices_cannot_meet_name_the_key(tmp_path, values, message):
+    from jaxlin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        loop.run(tiny_config(tmp_path / "shards", **values), tmp_path / "run")
+    assert not (tmp_path / "shards").exists()  # before any data is prepared
