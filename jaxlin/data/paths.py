@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxlin.errors import UserError
+
 ENV_VAR = "JAXLIN_DATA_DIR"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -31,7 +33,7 @@ def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path:
     return user_cache_dir()
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(UserError, FileNotFoundError):
     """A data file is absent; the message names the file, the folder searched and the fix."""
 
 

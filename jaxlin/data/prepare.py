@@ -7,6 +7,9 @@ instead, as nanoGPT splits tinyshakespeare.
 
     python -m jaxlin.data.prepare --data_dir /path/to/data --out runs/data/corpus \
         --sources train_corpus train_corpus_extra/*.jsonl.gz --val_fraction 0.01
+
+The output folder may hold other files: a rebuild deletes only the shards its manifest lists as written
+by jaxlin, and a folder holding .bin shards that no manifest lists (someone's own shards) is refused.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from jaxlin.data import readers
-from jaxlin.data.paths import require, resolve_data_dir
-from jaxlin.data.shards import TOKEN_DTYPE, read_shard, write_shard
+from jaxlin.data.paths import require, resolve_data_dir, user_cache_dir
+from jaxlin.data.shards import TOKEN_DTYPE, max_token_id, read_shard, write_shard
+from jaxlin.errors import DataError
 from jaxlin.data.tokenizer import EOT_TOKEN, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,7 @@ def prepare_corpus(
     separator: str | None = None,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     num_threads: int | None = None,
+    encoding: str = "utf-8",
 ) -> tuple[list[Path], list[Path]]:
     """Tokenises the text sources into `out_dir` (reused when the manifest matches) and returns
     (train shard paths, val shard paths), ready .bin shards among the sources included as they are.
@@ -112,7 +117,7 @@ def prepare_corpus(
     if texts:
         built_train, built_val = _build_cached(
             texts, Path(out_dir), data_dir, val_fraction, text_field, separator, shard_tokens,
-            num_threads or os.cpu_count() or 1,
+            num_threads or os.cpu_count() or 1, encoding,
         )
         train, val = built_train + train, built_val + val
     if not train:
@@ -120,36 +125,88 @@ def prepare_corpus(
     return train, val
 
 
-def _build_cached(texts, out_dir, data_dir, val_fraction, text_field, separator, shard_tokens, num_threads):
+def check_token_ids(shards: Iterable[Path], vocab_size: int) -> None:
+    """Raises DataError naming the first shard holding a token id the model has no embedding for. Each
+    shard is scanned once; the result is remembered in the user cache."""
+    cache = user_cache_dir().parent / "shard_max_token_ids.json"
+    for path in shards:
+        top = max_token_id(path, cache)
+        if top >= vocab_size:
+            raise DataError(
+                f"shard '{path}' holds token id {top}, but model.vocab_size is {vocab_size}: it was tokenised "
+                f"with another vocabulary. Rebuild it with GPT-2's tokenizer, or set model.vocab_size > {top}")
+
+
+def _build_cached(texts, out_dir, data_dir, val_fraction, text_field, separator, shard_tokens, num_threads,
+                  encoding="utf-8"):
+    settings = {"val_fraction": val_fraction, "text_field": text_field, "separator": separator,
+                "shard_tokens": shard_tokens, "eot_prefix": True}
+    if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):  # UTF-8 caches keep their key
+        settings["encoding"] = encoding
     inputs = {
         "sources": [_file_identity(p) for p in texts],
         "tokenizer": _tokenizer_identity(data_dir),
-        "settings": {"val_fraction": val_fraction, "text_field": text_field, "separator": separator,
-                     "shard_tokens": shard_tokens, "eot_prefix": True},
+        "settings": settings,
     }
     manifest_path = out_dir / MANIFEST
     cached = _load_manifest(manifest_path)
-    if cached is not None and cached["inputs"] == inputs and _shards_intact(out_dir, cached):
+    if cached is not None and cached.get("inputs") == inputs and _shards_intact(out_dir, cached):
         log.info("reusing %s (%d train + %d val tokens)", out_dir, cached["train_tokens"], cached["val_tokens"])
     else:
         cached = _build(texts, out_dir, data_dir, inputs, num_threads)
     return [out_dir / n for n in cached["train"]], [out_dir / n for n in cached["val"]]
 
 
+def _owned_files(out_dir: Path) -> list[str]:
+    """The files in `out_dir` that jaxlin wrote (its manifest lists them), after checking that no other
+    shard or manifest is there: a folder of someone's own shards is never cleaned."""
+    manifest_path = out_dir / MANIFEST
+    manifest = _load_manifest(manifest_path)
+    if manifest_path.exists() and manifest is None:
+        raise DataError(f"'{manifest_path}' was not written by jaxlin (or by an incompatible version): "
+                        "point data.shards_dir / --out at a new or empty folder")
+    owned = (manifest or {}).get("owned", (manifest or {}).get("train", []) + (manifest or {}).get("val", []))
+    foreign = sorted(p.name for p in out_dir.glob("*.bin") if p.name not in owned)
+    if foreign:
+        raise DataError(
+            f"'{out_dir}' holds .bin shards jaxlin did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}), and tokenising would write beside them: to train on them, "
+            "list the folder in data.sources / --sources; to tokenise text, point data.shards_dir / --out at "
+            "a new or empty folder")
+    return owned
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    tmp = out_dir / (MANIFEST + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out_dir / MANIFEST)
+
+
 def _build(texts, out_dir, data_dir, inputs, num_threads) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The manifest goes first and comes back last, so an interrupted build is never taken as done.
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    for stale in [*out_dir.glob("train_*.bin"), *out_dir.glob("val_*.bin"), *out_dir.glob("*.partial")]:
-        stale.unlink()
+    owned = _owned_files(out_dir)
+    # An incomplete manifest lists every file as it is written, so an interrupted build is never taken as
+    # done and its files are still known as jaxlin's.
+    building = {"format": MANIFEST_FORMAT, "complete": False, "owned": owned}
+    _write_manifest(out_dir, building)
+    for name in owned:
+        (out_dir / name).unlink(missing_ok=True)
+        (out_dir / (name + ".partial")).unlink(missing_ok=True)
+    building["owned"] = []
+
+    def claim(name):
+        building["owned"].append(name)
+        _write_manifest(out_dir, building)
+
     settings = inputs["settings"]
     encoding = get_tokenizer(data_dir)
     val_every = round(1 / settings["val_fraction"]) if settings["val_fraction"] > 0 else 0
-    train = _ShardWriter(out_dir, "train", settings["shard_tokens"])
-    val = _ShardWriter(out_dir, "val", settings["shard_tokens"])
+    train = _ShardWriter(out_dir, "train", settings["shard_tokens"], claim)
+    val = _ShardWriter(out_dir, "val", settings["shard_tokens"], claim)
     for path in texts:
         start, before = time.perf_counter(), (train.total, val.total)
-        docs = readers.iter_documents(path, settings["text_field"], settings["separator"])
+        docs = readers.iter_documents(path, settings["text_field"], settings["separator"],
+                                      settings.get("encoding", "utf-8"))
         for is_val, tokens in _split(_tokenize(docs, encoding, num_threads), val_every):
             (val if is_val else train).add(tokens)
         log.info("%s: %d train + %d val tokens in %.1fs", path.name, train.total - before[0],
@@ -158,9 +215,7 @@ def _build(texts, out_dir, data_dir, inputs, num_threads) -> dict:
         "format": MANIFEST_FORMAT, "inputs": inputs,
         "train": train.close(), "val": val.close(), "train_tokens": train.total, "val_tokens": val.total,
     }
-    tmp = out_dir / (MANIFEST + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / MANIFEST)
+    _write_manifest(out_dir, manifest)
     return manifest
 
 
@@ -207,8 +262,9 @@ def _split(documents: Iterator[np.ndarray], val_every: int) -> Iterator[tuple[bo
 class _ShardWriter:
     """Streams tokens into `{prefix}_{index:06d}.bin` files of `shard_tokens` tokens each."""
 
-    def __init__(self, out_dir: Path, prefix: str, shard_tokens: int):
+    def __init__(self, out_dir: Path, prefix: str, shard_tokens: int, claim):
         self.out_dir, self.prefix, self.shard_tokens = out_dir, prefix, shard_tokens
+        self.claim = claim  # records a file name as jaxlin's before it is written
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.total = 0
@@ -232,6 +288,7 @@ class _ShardWriter:
 
     def _write(self, tokens):
         name = f"{self.prefix}_{len(self.names):06d}.bin"
+        self.claim(name)
         write_shard(self.out_dir / name, tokens)
         self.names.append(name)
 
@@ -254,7 +311,7 @@ def _load_manifest(path: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return manifest if manifest.get("format") == MANIFEST_FORMAT else None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
 
 
 def _shards_intact(out_dir: Path, manifest: dict) -> bool:
@@ -276,12 +333,13 @@ def main(argv=None):
     parser.add_argument("--separator", help=r"splits .txt files into documents, e.g. '\n\n' (escapes allowed)")
     parser.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     parser.add_argument("--num_threads", type=int, help="tokeniser threads (default: all cores)")
+    parser.add_argument("--encoding", default="utf-8", help="text encoding of the sources (decoded strictly)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     separator = codecs.decode(args.separator, "unicode_escape") if args.separator else None
     train, val = prepare_corpus(
         args.sources, args.out, args.data_dir, args.val_fraction, text_field=args.text_field,
-        separator=separator, shard_tokens=args.shard_tokens, num_threads=args.num_threads,
+        separator=separator, shard_tokens=args.shard_tokens, num_threads=args.num_threads, encoding=args.encoding,
     )
     print(json.dumps({"train": [str(p) for p in train], "val": [str(p) for p in val]}, indent=1))
 

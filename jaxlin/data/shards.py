@@ -6,10 +6,13 @@ then the tokens as little-endian uint16.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from jaxlin.errors import DataError
 
 MAGIC = 20240520
 VERSION = 1
@@ -44,17 +47,17 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ValueError(f"shard '{path}' is {size} bytes, shorter than its {HEADER_BYTES}-byte header")
+        raise DataError(f"shard '{path}' is {size} bytes, shorter than its {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     magic, version, count = (int(x) for x in header[:3])
     if magic != MAGIC:
         hint = " (llm.c's Llama-3 uint32 format)" if magic == _LLAMA3_MAGIC else ""
-        raise ValueError(f"shard '{path}' has magic {magic}{hint}; expected {MAGIC} (llm.c GPT-2 uint16 shard)")
+        raise DataError(f"shard '{path}' has magic {magic}{hint}; expected {MAGIC} (llm.c GPT-2 uint16 shard)")
     if version != VERSION:
-        raise ValueError(f"shard '{path}' has version {version}; expected {VERSION}")
+        raise DataError(f"shard '{path}' has version {version}; expected {VERSION}")
     expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
     if count < 0 or size != expected:
-        raise ValueError(
+        raise DataError(
             f"shard '{path}' is {size} bytes but its header counts {count} tokens ({expected} bytes): "
             "truncated or corrupt; rebuild it"
         )
@@ -62,3 +65,33 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
         return np.zeros(0, dtype=TOKEN_DTYPE)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
 
+
+
+def max_token_id(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> int:
+    """The largest token id in a shard (-1 when empty). A scan of the file, remembered in `cache` (a JSON
+    file keyed by path, size and modification time), so each shard is read once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    known = _read_cache(cache)
+    if key not in known:
+        tokens = read_shard(path)
+        step = 1 << 26  # 128 MiB at a time
+        known[key] = max((int(tokens[i:i + step].max()) for i in range(0, len(tokens), step)), default=-1)
+        if cache is not None:
+            _write_cache(Path(cache), known)
+    return known[key]
+
+
+def _read_cache(cache) -> dict:
+    try:
+        return json.loads(Path(cache).read_text()) if cache is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache: Path, known: dict) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(known))
+    os.replace(partial, cache)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import ast
+import codecs
 import dataclasses
+import json
 import logging
+import numbers
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import ml_collections
 
+from jaxlin.errors import ConfigError
 from jaxlin.model import PER_LAYER_FIELDS, ModelConfig
+from jaxlin.ops.checks import IMPLS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -24,7 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
         # Text sources (relative to the data dir, absolute, globs, or folders of llm.c .bin shards).
         sources=["train_corpus/tinyshakespeare_input.txt",
                  "train_corpus/fineweb_edu_sample10BT_150docs_annotated.csv"],
-        shards_dir="",  # "" -> a cache folder keyed by the sources
+        shards_dir="",  # "" -> a cache folder keyed by the sources; jaxlin deletes only files its manifest lists
+        encoding="utf-8",  # of the text sources (strict: a byte that does not decode stops with its offset)
         val_fraction=0.02,  # share of documents held out for validation
         seq_len=1024,
         reset_state_at_eot=False,  # True: restart the recurrence at every <|endoftext|> (packed documents)
@@ -77,20 +86,167 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig(**config.model.to_dict())
 
 
+# ------------------------------------------------------------------------------------------- validation
+# One row per setting: (dotted key, test of its value, what the value must be). `validate` checks every row
+# present in the config, then the combinations in COMBINATIONS; a new setting needs a new row.
+
+def _number(test: Callable, integer: bool = False) -> Callable:
+    kind = numbers.Integral if integer else numbers.Real
+    return lambda v: isinstance(v, kind) and not isinstance(v, bool) and test(v)
+
+
+def _per_layer(test: Callable) -> Callable:
+    return lambda v: all(test(x) for x in (v if isinstance(v, (tuple, list)) else (v,)))
+
+
+def _codec(name) -> bool:
+    try:
+        return isinstance(name, str) and bool(codecs.lookup(name))
+    except LookupError:
+        return False
+
+
+_int_at_least = lambda low: _number(lambda v: v >= low, integer=True)
+_devices = _number(lambda v: v == -1 or v >= 1, integer=True)
+RULES: tuple[tuple[str, Callable, str], ...] = (
+    ("model.vocab_size", _int_at_least(1), "an integer >= 1"),
+    ("model.vocab_multiple", _int_at_least(1), "an integer >= 1"),
+    ("model.block_size", _int_at_least(1), "an integer >= 1"),
+    ("model.n_layer", _int_at_least(1), "an integer >= 1"),
+    ("model.n_head", _int_at_least(1), "an integer >= 1"),
+    ("model.n_embd", _int_at_least(1), "an integer >= 1"),
+    ("model.expand_k", _per_layer(_number(lambda v: v > 0)), "> 0 (or a tuple of such, one per layer)"),
+    ("model.expand_v", _per_layer(_number(lambda v: v > 0)), "> 0 (or a tuple of such, one per layer)"),
+    ("model.norm_eps", _number(lambda v: v > 0), "a number > 0"),
+    ("model.impl", lambda v: v in IMPLS, f"one of {', '.join(IMPLS)}"),
+    ("data.sources", lambda v: isinstance(v, (list, tuple)) and v and all(isinstance(x, str) and x for x in v),
+     "a non-empty list of paths, e.g. --config.data.sources=/data/a,/data/b"),
+    ("data.val_fraction", _number(lambda v: 0 <= v < 1), "a fraction in [0, 1)"),
+    ("data.seq_len", _int_at_least(1), "an integer >= 1"),
+    ("data.seed", _number(lambda v: 0 <= v < 2**32, integer=True), "an integer in [0, 2**32)"),
+    ("data.encoding", _codec, "a text encoding Python knows, e.g. utf-8, latin-1, utf-16"),
+    ("train.steps", _int_at_least(1), "an integer >= 1"),
+    ("train.batch_size", _int_at_least(1), "an integer >= 1"),
+    ("train.micro_batch_size", _int_at_least(1), "an integer >= 1"),
+    ("train.learning_rate", _number(lambda v: v > 0), "a number > 0"),
+    ("train.min_lr_ratio", _number(lambda v: 0 <= v <= 1), "a number in [0, 1]"),
+    ("train.warmup_steps", _int_at_least(0), "an integer >= 0"),
+    ("train.weight_decay", _number(lambda v: v >= 0), "a number >= 0"),
+    ("train.beta1", _number(lambda v: 0 <= v < 1), "a number in [0, 1)"),
+    ("train.beta2", _number(lambda v: 0 <= v < 1), "a number in [0, 1)"),
+    ("train.eps", _number(lambda v: v > 0), "a number > 0"),
+    ("train.grad_clip", _number(lambda v: v > 0), "a number > 0"),
+    ("train.seed", _int_at_least(0), "an integer >= 0"),
+    ("train.loss_chunk", _int_at_least(1), "an integer >= 1"),
+    ("train.max_nonfinite", _int_at_least(1), "an integer >= 1"),
+    ("log.every", _int_at_least(1), "an integer >= 1"),
+    ("log.eval_every", _int_at_least(0), "an integer >= 0 (0: validation only at the end)"),
+    ("log.eval_batches", _int_at_least(1), "an integer >= 1"),
+    ("log.checkpoint_every", _int_at_least(1), "an integer >= 1"),
+    ("log.keep_checkpoints", _int_at_least(1), "an integer >= 1 (older checkpoints beyond it are deleted)"),
+    ("mesh.data", _devices, "-1 (the remaining devices) or an integer >= 1"),
+    ("mesh.fsdp", _devices, "-1 (the remaining devices) or an integer >= 1"),
+    ("mesh.num_devices", _devices, "-1 (every device) or an integer >= 1"),
+)
+
+
+def _batch_multiple(c):
+    if c.train.batch_size % c.train.micro_batch_size:
+        return (f"train.batch_size={c.train.batch_size} must be a multiple of "
+                f"train.micro_batch_size={c.train.micro_batch_size}")
+
+
+def _one_free_mesh_axis(c):
+    if c.mesh.data == -1 and c.mesh.fsdp == -1:
+        return "only one of mesh.data and mesh.fsdp may be -1"
+
+
+def _model(c):
+    try:
+        model = model_config(c)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    if model.uses_pos_embedding and c.data.seq_len > model.block_size:
+        return (f"data.seq_len={c.data.seq_len} exceeds model.block_size={model.block_size} "
+                "(the position embedding's length)")
+
+
+COMBINATIONS: tuple[Callable, ...] = (_batch_multiple, _one_free_mesh_axis, _model)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the key for settings that cannot work together."""
-    t = config.train
-    if t.batch_size % t.micro_batch_size:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={t.micro_batch_size}"
-        )
-    if t.steps < 1 or t.warmup_steps < 0:
-        raise ValueError("train.steps must be >= 1 and train.warmup_steps >= 0")
-    if config.data.seq_len < 1:
-        raise ValueError(f"data.seq_len must be >= 1, got {config.data.seq_len}")
-    model = model_config(config)
-    if model.uses_pos_embedding and config.data.seq_len > model.block_size:
-        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.block_size={model.block_size}")
+    """Raises ConfigError naming every setting that cannot work, before any data or device is touched."""
+    problems = []
+    for key, test, requirement in RULES:
+        section, name = key.split(".")
+        if section in config and name in config[section]:
+            value = config[section][name]
+            if not test(value):
+                problems.append(f"{key}={value!r} must be {requirement}")
+    if not problems:
+        problems = [p for p in (check(config) for check in COMBINATIONS) if p]
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems) + " (fix the config file or its --config.KEY=VALUE)")
+
+
+def config_changes(saved: Path, config: ml_collections.ConfigDict, limit: int = 5) -> str:
+    """The keys whose values differ between a run's saved config.json and `config`, as 'key old -> new'."""
+    try:
+        old = _flatten(json.loads(Path(saved).read_text()))
+    except (OSError, ValueError):
+        return ""
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    keys = sorted(old.keys() | new.keys(), key=lambda k: (not k.startswith("model."), k))  # the model first
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(changed[:limit]) + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+# -------------------------------------------------------------------------------------- command line
+# ml_collections cannot override a list from the command line; these keys take a comma-separated string
+# or a Python list literal instead, applied after the flags are parsed.
+LIST_KEYS = ("data.sources",)
+
+
+def split_list_overrides(argv: list[str], flag: str = "config") -> tuple[list[str], dict[str, list[str]]]:
+    """(argv without `--config.KEY=VALUE` for LIST_KEYS, {KEY: the parsed list})."""
+    rest, lists = [], {}
+    args = iter(argv)
+    for arg in args:
+        key = arg[len(flag) + 3:].split("=", 1)[0] if arg.startswith(f"--{flag}.") else None
+        if key in LIST_KEYS:
+            value = arg.split("=", 1)[1] if "=" in arg else next(args, "")
+            lists[key] = parse_list(key, value)
+        else:
+            rest.append(arg)
+    return rest, lists
+
+
+def parse_list(key: str, value: str) -> list[str]:
+    """"['a', 'b']", "a,b" or "a" -> ['a', 'b'] / ['a']."""
+    text = value.strip()
+    if text[:1] in "[(":
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--config.{key}={value!r} is not a list literal; write it as "
+                              f"--config.{key}=a,b or --config.{key}=\"['a', 'b']\"") from None
+        items = [parsed] if isinstance(parsed, str) else list(parsed)
+    else:
+        items = text.split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def apply_list_overrides(config: ml_collections.ConfigDict, lists: dict[str, list[str]]) -> None:
+    for key, value in lists.items():
+        section, name = key.split(".")
+        config[section][name] = value
 
 
 def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -109,6 +265,6 @@ def check_override_keys(config: ml_collections.ConfigDict, argv: list[str], flag
         if arg.startswith(f"--{flag}."):
             key = arg[len(flag) + 3:].split("=", 1)[0]
             if key not in valid:
-                raise ValueError(
+                raise ConfigError(
                     f"unknown config key '{key}' in {arg!r}. Valid keys:\n  " + "\n  ".join(valid)
                 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -18,16 +17,17 @@ from tqdm import tqdm
 from jaxlin import export
 from jaxlin.data.paths import resolve_data_dir, user_cache_dir
 from jaxlin.data.pipeline import make_train_iterator, make_val_dataset
-from jaxlin.data.prepare import prepare_corpus
+from jaxlin.data.prepare import check_token_ids, prepare_corpus
+from jaxlin.data.shards import read_shard
+from jaxlin.errors import ConfigError, DataError
 from jaxlin.model import GPT
 from jaxlin.train import flops, sharding
-from jaxlin.train.checkpoint import Checkpointer
-from jaxlin.train.config import model_config, validate
+from jaxlin.train.checkpoint import Checkpointer, NoCheckpointError
+from jaxlin.train.config import config_changes, model_config, validate
 from jaxlin.train.metrics import MetricsLog
 from jaxlin.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlin.train.step import create_train_state, eval_step, train_step
-
-log = logging.getLogger(__name__)
+from jaxlin.train.workdir import WorkdirLock
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,46 +35,81 @@ class NonFiniteLossError(RuntimeError):
 
 
 def prepare_data(config: ml_collections.ConfigDict):
-    """(train shards, val shards), tokenised once into a cache keyed by the sources."""
+    """(train shards, val shards), tokenised once into a cache keyed by the sources, checked against the
+    model's vocabulary."""
     d = config.data
     data_dir = resolve_data_dir(d.data_dir or None)
     key = hashlib.sha1(json.dumps([sorted(d.sources), d.val_fraction, str(data_dir)]).encode()).hexdigest()[:12]
     out_dir = Path(d.shards_dir) if d.shards_dir else user_cache_dir().parent / "shards" / key
+    prepare = functools.partial(prepare_corpus, d.sources, out_dir, data_dir, d.val_fraction, encoding=d.encoding)
     # One process tokenises; the others wait, then read the shards it wrote (a manifest hit).
     first = jax.process_index() == 0
-    shards = prepare_corpus(d.sources, out_dir, data_dir, d.val_fraction) if first else None
+    shards = prepare() if first else None
     sharding.barrier("prepare_data")
-    return shards if first else prepare_corpus(d.sources, out_dir, data_dir, d.val_fraction)
+    train, val = shards if first else prepare()
+    check_token_ids(train + val, config.model.vocab_size)
+    return train, val
+
+
+def abstract_train_state(config: ml_collections.ConfigDict):
+    """(graphdef, the train state's shapes and dtypes) without computing it."""
+    optimizer = make_optimizer(config.train)
+    return nnx.eval_shape(lambda: create_train_state(GPT(model_config(config), rngs=nnx.Rngs(0)), optimizer))
+
+
+def check_checkpoints(config: ml_collections.ConfigDict, workdir: Path) -> Checkpointer:
+    """Opens WORKDIR/checkpoints; stops before anything is written when they hold another train state."""
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.log.keep_checkpoints)
+    changes = config_changes(workdir / "config.json", config)
+    hint = f" The settings differ from {workdir / 'config.json'} in {changes}." if changes else ""
+    checkpointer.check_compatible(abstract_train_state(config)[1], hint)
+    return checkpointer
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains to `config.train.steps`, resuming from the newest checkpoint in `workdir`. Returns the last record."""
     validate(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir):
+        checkpointer = check_checkpoints(config, workdir)
+        mesh = make_mesh(config)
+        # The mesh is current while tracing, so kernels can run per shard under shard_map (jaxlin.ops).
+        with jax.set_mesh(mesh):
+            trainer = Trainer(config, workdir, mesh, checkpointer)
+            try:
+                return trainer.train()
+            finally:
+                trainer.close()
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+    """The device mesh; settings the devices present cannot meet are a ConfigError."""
+    try:
+        return sharding.make_mesh(config.mesh)
+    except ValueError as error:
+        raise ConfigError(f"{error} (devices present: {jax.device_count()})") from None
+
+
+def say(message: str) -> None:
+    """Prints on process 0 only."""
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    mesh = sharding.make_mesh(config.mesh)
-    # The mesh is current while tracing, so kernels can run per shard under shard_map (jaxlin.ops).
-    with jax.set_mesh(mesh):
-        trainer = Trainer(config, workdir, mesh)
-        try:
-            return trainer.train()
-        finally:
-            trainer.close()
+        print(message, flush=True)
 
 
 class Trainer:
     """One run's data, state, jitted steps and reporting."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: Path, mesh):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path, mesh, checkpointer: Checkpointer):
         self.config, self.workdir, self.mesh = config, workdir, mesh
         t, d, mcfg = config.train, config.data, model_config(config)
         self.accumulation = t.batch_size // t.micro_batch_size
-        sharding.check_batch(t.micro_batch_size, mesh)
+        try:
+            sharding.check_batch(t.micro_batch_size, mesh)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         train_shards, val_shards = prepare_data(config)
         if not val_shards:
-            raise ValueError("the data has no validation split: set data.val_fraction > 0 or add *_val_*.bin shards")
+            raise DataError("the data has no validation split: set data.val_fraction > 0 or add *_val_*.bin shards")
         per_process = t.batch_size // jax.process_count()
         self.train_iter = make_train_iterator(train_shards, d.seq_len, per_process, seed=d.seed,
                                               segment_ids=d.reset_state_at_eot)
@@ -85,14 +120,16 @@ class Trainer:
         self.graphdef, state = create_train_state(GPT(mcfg, rngs=nnx.Rngs(t.seed)), optimizer)
         state_sharding = sharding.state_sharding(state, mesh)
         self.state = jax.device_put(state, state_sharding)
-        self.checkpointer = Checkpointer(workdir / "checkpoints", keep=config.log.keep_checkpoints)
+        self.checkpointer = checkpointer
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                                 state_sharding)
         restored, self.start = self.checkpointer.restore_latest(abstract, self.train_iter)
         if restored is not None:
             self.state = restored
-            log.info("resumed from step %d in %s", self.start, self.checkpointer.directory)
+        if jax.process_index() == 0:  # only once the config is accepted and its checkpoint restored
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         self.metrics_log = MetricsLog(workdir, resume_step=self.start)
+        self.announce(mcfg, train_shards, val_shards)
 
         self.train_sharding = sharding.batch_sharding(mesh)
         self.eval_sharding = sharding.batch_sharding(mesh, accumulate=False)
@@ -142,7 +179,36 @@ class Trainer:
             export.save(nnx.merge(self.graphdef, jax.device_get(self.state.params)), self.workdir / "export")
             if self.config.log.plot:
                 self.metrics_log.plot(self.workdir / "loss.png")
+            self.report(record)
         return record
+
+    def announce(self, mcfg, train_shards, val_shards) -> None:
+        """What this run is about to do, in a few lines."""
+        t, d = self.config.train, self.config.data
+        params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
+        kinds = "+".join(dict.fromkeys(mcfg.per_layer("attn")))
+        tokens = [sum(len(read_shard(p)) for p in shards) for shards in (train_shards, val_shards)]
+        device = jax.devices()[0]
+        say(f"model: {kinds}, {mcfg.n_layer} layers, width {mcfg.n_embd}, {params:,} parameters ({mcfg.dtype})\n"
+            f"data: {', '.join(map(str, d.sources))} -> {tokens[0]:,} train + {tokens[1]:,} validation tokens "
+            f"in {len(train_shards) + len(val_shards)} shards ({Path(train_shards[0]).parent})\n"
+            f"devices: {self.mesh.size} x {device.platform} ({getattr(device, 'device_kind', '')}), mesh "
+            f"{dict(self.mesh.shape)}, {jax.process_count()} process(es)\n"
+            f"workdir: {self.workdir.resolve()}, "
+            + (f"resumed from step {self.start}" if self.start else "fresh start")
+            + f"; training to step {t.steps} in batches of {t.batch_size} x {d.seq_len} tokens")
+
+    def report(self, record: dict) -> None:
+        """Where everything is, once the run ends."""
+        w = self.workdir.resolve()
+        steps = ", ".join(map(str, sorted(self.checkpointer.steps())))
+        loss = f", validation loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+        plot = f"\n  loss curve:  {w / 'loss.png'}" if self.config.log.plot else ""
+        say(f"done: step {self.config.train.steps}{loss}\n"
+            f"  checkpoints: {w / 'checkpoints'} (steps {steps})\n"
+            f"  metrics:     {w / 'metrics.jsonl'} (TensorBoard: {w / 'tb'}){plot}\n"
+            f"  export:      {w / 'export'}\n"
+            f"  score it:    python eval.py --model {w / 'export'}")
 
     def train_batch(self, batch: dict) -> dict:
         """[per-process batch, T] -> global [accumulation, micro_batch, T] arrays."""
@@ -195,18 +261,19 @@ class Trainer:
 
 
 def export_only(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    """Exports the newest checkpoint in `workdir` to `workdir/export` without training."""
+    """Exports the newest readable checkpoint in `workdir` to `workdir/export` without training."""
+    validate(config)
     workdir = Path(workdir)
-    optimizer = make_optimizer(config.train)
-    graphdef, state = create_train_state(GPT(model_config(config), rngs=nnx.Rngs(0)), optimizer)
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoints in {directory}: train first (same --config and --workdir)")
-    checkpointer = Checkpointer(directory, keep=config.log.keep_checkpoints)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    restored = checkpointer.restore_state_only(abstract)
-    if restored is None:
-        raise FileNotFoundError(f"no readable checkpoint in {directory}")
-    out = workdir / "export"
-    export.save(nnx.merge(graphdef, restored.params), out)
+    if not (workdir / "checkpoints").is_dir():
+        raise NoCheckpointError(f"no checkpoints in {workdir / 'checkpoints'}: train first (same --config and --workdir)")
+    with WorkdirLock(workdir):
+        checkpointer = check_checkpoints(config, workdir)
+        graphdef, abstract = abstract_train_state(config)
+        try:
+            restored, step = checkpointer.restore_state_only(abstract)
+        finally:
+            checkpointer.close()
+        out = workdir / "export"
+        export.save(nnx.merge(graphdef, restored.params), out)
+    say(f"exported checkpoint {step} to {out.resolve()}; score it: python eval.py --model {out.resolve()}")
     return out

@@ -144,3 +144,86 @@ def test_command_line_then_pipeline_decodes_real_text(data_dir, sources, tmp_pat
     batch = next(make_train_iterator(paths["train"], 32, 2, process_index=0, process_count=1))
     window = get_tokenizer(data_dir).decode(batch["inputs"][0].tolist())
     assert all(piece in text for piece in window.split("<|endoftext|>"))
+
+
+def test_a_folder_of_someone_elses_shards_is_never_cleaned(data_dir, tmp_path):
+    source = tmp_path / "doc.txt"
+    source.write_text("Some words to tokenise. " * 200)
+    out = tmp_path / "mine"
+    write_shard(out / "train_000000.bin", np.arange(10))  # the user's own shards, no manifest
+    write_shard(out / "val_000000.bin", np.arange(5))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="holds .bin shards jaxlin did not write.*train_000000.bin.*data.sources"):
+        prepare.prepare_corpus([str(source)], out, data_dir, val_fraction=0.1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "val_000000.bin").unlink()
+    (out / prepare.MANIFEST).write_text('{"name": "my dataset"}')  # a manifest jaxlin did not write
+    with pytest.raises(ValueError, match="was not written by jaxlin"):
+        prepare.prepare_corpus([str(source)], out, data_dir, val_fraction=0.1)
+
+
+def test_a_rebuild_deletes_only_the_files_its_manifest_lists(data_dir, tmp_path):
+    source = tmp_path / "doc.txt"
+    source.write_text("Some words to tokenise. " * 200)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "train_extra.partial").write_text("mine too")
+    train, val = prepare.prepare_corpus([str(source)], out, data_dir, val_fraction=0.1, shard_tokens=300)
+    assert len(train) > 1
+    source.write_text("Other words. " * 100)  # a rebuild with fewer shards
+    prepare.prepare_corpus([str(source)], out, data_dir, val_fraction=0.1, shard_tokens=300)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "train_extra.partial").read_text() == "mine too"
+    manifest = json.loads((out / prepare.MANIFEST).read_text())
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(manifest["train"] + manifest["val"])
+
+
+def test_an_interrupted_build_is_not_reused_and_its_files_are_known(data_dir, tmp_path, monkeypatch):
+    source = tmp_path / "doc.txt"
+    source.write_text("Some words to tokenise. " * 200)
+    out = tmp_path / "out"
+
+    def fail(*args):
+        raise KeyboardInterrupt
+    real = prepare._ShardWriter.close
+    monkeypatch.setattr(prepare._ShardWriter, "close", lambda self: real(self) if self.prefix == "train" else fail())
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_corpus([str(source)], out, data_dir, val_fraction=0.1)
+    assert json.loads((out / prepare.MANIFEST).read_text())["complete"] is False
+    monkeypatch.undo()
+    train, val = prepare.prepare_corpus([str(source)], out, data_dir, val_fraction=0.1)  # rebuilds, not refused
+    assert train and val
+
+
+def test_token_ids_beyond_the_vocabulary_name_the_shard(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    good = write_shard(tmp_path / "good.bin", np.arange(50257))
+    bad = write_shard(tmp_path / "bad.bin", np.array([5, 60000, 7]))
+    prepare.check_token_ids([good], vocab_size=50257)
+    with pytest.raises(ValueError, match=r"shard '.*bad.bin' holds token id 60000, but model.vocab_size is 50257"):
+        prepare.check_token_ids([good, bad], vocab_size=50257)
+    cache = json.loads((tmp_path / "cache" / "jaxlin" / "shard_max_token_ids.json").read_text())
+    assert sorted(cache.values()) == [50256, 60000]  # each shard is scanned once
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("utf16.txt", "hello world\n".encode("utf-16"), "is not valid utf-8 at byte 0"),
+    ("utf16le.txt", "hello world\n".encode("utf-16-le"), "holds a NUL character .*UTF-16"),
+    ("latin1.txt", "caf\xe9 ok".encode("latin-1"), "is not valid utf-8 at byte 3"),
+    ("latin1.jsonl", '{"text": "ok"}\n{"text": "caf\xe9"}\n'.encode("latin-1"), "is not valid utf-8 at byte 28"),
+    ("latin1.csv", 'text\nok\n"caf\xe9"\n'.encode("latin-1"), "is not valid utf-8 at byte 12"),
+])
+def test_text_that_does_not_decode_names_file_and_byte(tmp_path, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=f"'{tmp_path / name}' {message}.*set data.encoding"):
+        list(readers.iter_documents(tmp_path / name))
+
+
+def test_encoding_setting_decodes_other_encodings(data_dir, tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9 au lait"}\n'.encode("latin-1"))
+    (tmp_path / "utf16.txt").write_bytes("na\xefve text".encode("utf-16"))
+    assert list(readers.iter_documents(tmp_path / "latin1.jsonl", encoding="latin-1")) == ["caf\xe9 au lait"]
+    assert list(readers.iter_documents(tmp_path / "utf16.txt", encoding="utf-16")) == ["na\xefve text"]
+    train, _ = prepare.prepare_corpus([str(tmp_path / "utf16.txt")], tmp_path / "out", data_dir,
+                                      val_fraction=0.0, encoding="utf-16")
+    assert _tokens(train).tolist() == _with_eot(get_tokenizer(data_dir), "na\xefve text")

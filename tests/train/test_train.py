@@ -1,6 +1,7 @@
 """The training job end to end on the tiny config (small shapes): runs, resumes exactly, fails clearly."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_checkpoint_of_another_state_stops_the_run_and_is_kept(tmp_path, shards_
     from jaxlin.train.checkpoint import CheckpointMismatchError
 
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
-    with pytest.raises(CheckpointMismatchError, match="holds a different train state.*nothing was moved"):
+    with pytest.raises(CheckpointMismatchError, match="holds another train state.*Nothing was changed"):
         loop.run(tiny_config(shards_dir, **{"model.n_layer": 2}), tmp_path)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6, 8]
     assert not (tmp_path / "checkpoints_unreadable").exists()
@@ -190,3 +191,124 @@ def test_accumulated_micro_batches_equal_one_batch():
     np.testing.assert_allclose(m_one["grad_norm"], m_two["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != "run.lock"}
+
+
+def test_checkpoint_of_another_shape_stops_before_anything_is_written(tmp_path, shards_dir, uninterrupted):
+    import shutil
+
+    from jaxlin.train.checkpoint import CheckpointMismatchError
+
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointMismatchError, match=r"conv.k.kernel.value is float32\[4, 32\] there, "
+                       r"float32\[4, 64\] here.*model.n_embd 64 -> 128.*new --workdir"):
+        loop.run(tiny_config(shards_dir, **{"model.n_embd": 128}), tmp_path)
+    assert snapshot(tmp_path) == before  # checkpoints, metrics.jsonl, config.json, export/ and tb/ untouched
+
+
+def test_dtype_difference_is_named():
+    from jaxlin.train.checkpoint import describe_difference
+
+    saved = {"a": ((2, 3), "float32"), "b": ((4,), "float32")}
+    assert describe_difference(saved, dict(saved)) is None
+    assert describe_difference(saved, {**saved, "b": ((4,), "bfloat16")}) == \
+        "b is float32[4] there, bfloat16[4] here"
+
+
+def test_second_run_on_a_workdir_is_refused_naming_the_holder(tmp_path, shards_dir):
+    from jaxlin.train.workdir import WorkdirLockedError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from jaxlin.train.workdir import WorkdirLock\n"
+         f"with WorkdirLock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(120)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkdirLockedError, match=f"in use by pid {holder.pid} on "):
+            loop.run(tiny_config(shards_dir), tmp_path)
+        assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()  # like a crash: the operating system drops its lock
+        holder.wait()
+    from jaxlin.train.workdir import WorkdirLock
+
+    assert f"pid {holder.pid}" in (tmp_path / "run.lock").read_text()  # stale: the process is gone
+    with WorkdirLock(tmp_path):
+        assert f"pid {os.getpid()}" in (tmp_path / "run.lock").read_text()
+    with WorkdirLock(tmp_path):  # released on exit
+        pass
+
+
+def test_rejected_config_keeps_config_json(tmp_path, shards_dir):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="log.keep_checkpoints=0 must be an integer >= 1"):
+        loop.run(tiny_config(shards_dir, **{"log.keep_checkpoints": 0}), tmp_path)
+    assert (tmp_path / "config.json").read_text() == "{}"
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_export_only_falls_back_past_an_unreadable_checkpoint(tmp_path, shards_dir, uninterrupted, capsys):
+    import shutil
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    for f in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:  # the array data, not the metadata
+            f.write_bytes(f.read_bytes()[:100])
+    loop.export_only(tiny_config(shards_dir), tmp_path)
+    assert "exported checkpoint 6" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "8").is_dir()  # reported and skipped, not moved
+
+
+def test_export_only_names_what_differs(tmp_path, shards_dir, uninterrupted):
+    import shutil
+
+    from jaxlin.train.checkpoint import CheckpointMismatchError
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    with pytest.raises(CheckpointMismatchError, match=r"float32\[4, 32\] there, float32\[4, 16\] here") as e:
+        loop.export_only(tiny_config(shards_dir, **{"model.n_embd": 32}), tmp_path)
+    assert "strict" not in str(e.value)
+    assert not (tmp_path / "export").exists()
+
+
+def test_run_says_what_it_does_and_where_everything_is(tmp_path, shards_dir, capsys):
+    loop.run(tiny_config(shards_dir, **{"train.steps": 2, "log.every": 1}), tmp_path)
+    out = capsys.readouterr().out
+    for expected in ("model: gla, 1 layers, width 64, ", " parameters", "train + ", "validation tokens",
+                     "devices: ", f"workdir: {tmp_path.resolve()}, fresh start", "done: step 2",
+                     f"checkpoints: {tmp_path.resolve() / 'checkpoints'} (steps 2)", "metrics.jsonl",
+                     f"python eval.py --model {tmp_path.resolve() / 'export'}"):
+        assert expected in out, (expected, out)
+    loop.run(tiny_config(shards_dir, **{"train.steps": 4, "log.every": 1}), tmp_path)
+    assert "resumed from step 2" in capsys.readouterr().out
+
+
+def test_shard_with_ids_beyond_the_vocabulary_stops_before_training(tmp_path, monkeypatch):
+    from jaxlin.data.shards import write_shard
+    from jaxlin.errors import DataError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    write_shard(tmp_path / "data" / "x_train_000.bin", np.full(4000, 50300))
+    write_shard(tmp_path / "data" / "x_val_000.bin", np.full(4000, 3))
+    config = tiny_config("unused", **{"data.sources": [str(tmp_path / "data")]})
+    with pytest.raises(DataError, match="x_train_000.bin' holds token id 50300, but model.vocab_size is 50257"):
+        loop.run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"mesh.num_devices": 5}, "mesh.num_devices=5: 2 devices are present"),
+    ({"train.micro_batch_size": 1, "train.batch_size": 4}, "train.micro_batch_size=1 must be a multiple of the 2"),
+])
+def test_settings_the_devices_cannot_meet_name_the_key(tmp_path, values, message):
+    from jaxlin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        loop.run(tiny_config(tmp_path / "shards", **values), tmp_path / "run")
+    assert not (tmp_path / "shards").exists()  # before any data is prepared
