@@ -83,6 +83,12 @@ def logical_to_spec(axes: tuple, shape: tuple, mesh) -> P:
     return P(*spec)
 
 
+def param_specs(params, mesh):
+    """Each parameter's PartitionSpec under `mesh` (an abstract mesh will do)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: logical_to_spec(logical_axes(path_string(path), x.ndim), x.shape, mesh), params)
+
+
 def param_shardings(params, mesh):
     return jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(mesh, logical_to_spec(logical_axes(path_string(path), x.ndim), x.shape, mesh)),

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax.sharding import PartitionSpec as P
+
 from jaxlin.model import GPT
+from jaxlin.train import sharding
 from jaxlin.train.loss import chunked_cross_entropy
 
 
@@ -32,22 +37,54 @@ def loss_fn(params, graphdef: nnx.GraphDef, batch: dict, loss_chunk: int):
     return chunked_cross_entropy(hidden, model.wte[...], batch["targets"], chunk=loss_chunk)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, loss_chunk: int):
-    """One optimizer step over `batch` laid out as [accumulation, micro_batch, T] arrays."""
+def accumulate_grads(params, batch: dict, *, graphdef, loss_chunk: int, param_specs=None):
+    """(per-micro-batch losses, mean gradient) over `batch` [accumulation, micro_batch, T], on this device's rows.
+
+    `param_specs`: each gradient's layout (its parameter's); the per-micro-batch gradient is constrained to it,
+    so that under FSDP it is reduce-scattered into the sharded sum rather than all-reduced whole.
+    """
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def micro_step(grad_sum, micro_batch):
-        loss, grads = grad_fn(state.params, graphdef, micro_batch, loss_chunk)
-        return jax.tree.map(jnp.add, grad_sum, grads), loss
+    def grads_of(micro_batch):
+        loss, grads = grad_fn(params, graphdef, micro_batch, loss_chunk)
+        return loss, grads if param_specs is None else jax.lax.with_sharding_constraint(grads, param_specs)
 
     accum = jax.tree.leaves(batch)[0].shape[0]
     if accum == 1:  # no loop: saves a zero-filled gradient buffer and a pass adding into it
-        loss, grads = grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], batch), loss_chunk)
-        losses = loss[None]
+        loss, grads = grads_of(jax.tree.map(lambda x: x[0], batch))
+        return loss[None], grads
+
+    def micro_step(grad_sum, micro_batch):
+        loss, grads = grads_of(micro_batch)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    if param_specs is not None:
+        zeros = jax.lax.with_sharding_constraint(zeros, param_specs)
+    grad_sum, losses = jax.lax.scan(micro_step, zeros, batch)
+    return losses, jax.tree.map(lambda g: g / accum, grad_sum)
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, loss_chunk: int):
+    """One optimizer step over `batch` laid out as [accumulation, micro_batch, T] arrays.
+
+    Under a mesh with a `data` axis each data-parallel group accumulates its own gradient (`shard_map` over
+    `data`; the other axes stay with the partitioner) and the groups' gradients are averaged once per step:
+    left to the partitioner, the gradient was all-reduced after every micro-batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    specs = None if mesh.empty else sharding.param_specs(state.params, mesh)
+    accumulate = functools.partial(accumulate_grads, graphdef=graphdef, loss_chunk=loss_chunk, param_specs=specs)
+    if mesh.empty or mesh.shape.get("data", 1) == 1:
+        losses, grads = accumulate(state.params, batch)
     else:
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grad_sum, losses = jax.lax.scan(micro_step, zeros, batch)
-        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        def per_group(params, batch):
+            losses, grads = accumulate(params, batch)
+            return jax.lax.pmean(losses, "data"), jax.lax.pmean(grads, "data")
+
+        # check_vma=False: the gradient inside stays this group's (no implicit reduction per micro-batch).
+        losses, grads = jax.shard_map(per_group, in_specs=(P(), P(None, "data")), out_specs=(P(), P()),
+                                      axis_names={"data"}, check_vma=False)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
