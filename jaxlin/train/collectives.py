@@ -243,14 +243,21 @@ def _main(argv):
     rows = summarize(collectives)
     import jax
 
-    print(f"{config.model.n_layer} layers, {jax.device_count()} devices, mesh {dict(config.mesh)}, "
+    print(f"{config.model.n_layer} layers, {jax.device_count()} devices, mesh {config.mesh.to_dict()}, "
           f"parameters {param_bytes(config) / 1e6:.1f} MB (float32)")
     print(format_table(rows))
     totals = {kind: bytes_per_step(collectives, kind) for kind in KINDS}
     print("per step: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in totals.items() if v))
-    result = {"mesh": dict(config.mesh), "devices": jax.device_count(), "collectives": rows, "bytes_per_step": totals}
+    result = {"mesh": config.mesh.to_dict(), "devices": jax.device_count(), "collectives": rows, "bytes_per_step": totals}
     if FLAGS.step_ms:
-        table = scaling.predict_table(collectives, jax.device_count(), FLAGS.step_ms / 1e3)
+        t = config.train
+        ways = config.mesh.get("num_devices", -1)
+        ways = (jax.device_count() if ways == -1 else ways) // config.mesh.get("sequence", 1)
+        table = scaling.predict_table(collectives, accumulation=t.batch_size // t.micro_batch_size,
+                                      batch=t.batch_size, micro_per_gpu=t.micro_batch_size // ways,
+                                      step_s=FLAGS.step_ms / 1e3)
+        print(f"model: global batch {t.batch_size} sequences, {t.micro_batch_size // ways} per GPU per micro-batch, "
+              f"{FLAGS.step_ms} ms per micro-batch on one GPU")
         print(scaling.format_predictions(table))
         result["predictions"] = table
     if FLAGS.json:
@@ -265,7 +272,8 @@ def main():
     config_flags.DEFINE_config_file("config", "configs/gpt2_medium_gla.py", "Experiment config file.")
     flags.DEFINE_integer("devices", 0, "Emulate this many CPU devices (0: the devices present).")
     flags.DEFINE_string("json", None, "Also write the table here.")
-    flags.DEFINE_float("step_ms", 0.0, "A measured one-device step (ms): also print the scaling model.")
+    flags.DEFINE_float("step_ms", 0.0, "One GPU's measured time (ms) for one micro-batch of the per-GPU size: "
+                       "also print the scaling model (jaxlin.train.scaling) for 2, 8 and 64 GPUs.")
     devices = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), None)
     if devices is None and "--devices" in sys.argv:
         devices = sys.argv[sys.argv.index("--devices") + 1]

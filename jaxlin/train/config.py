@@ -55,8 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         plot=True,
     ))
-    # data x fsdp must equal num_devices; -1: all remaining devices (num_devices=-1: every device present).
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1))
+    # data x fsdp x sequence must equal num_devices; -1: all remaining devices (num_devices=-1: every device
+    # present). sequence > 1 splits each sequence over that many devices (GLA layers only).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, num_devices=-1))
     return c
 
 
@@ -89,6 +90,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.seq_len < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {config.data.seq_len}")
     model = model_config(config)
+    sequence = config.mesh.get("sequence", 1)
+    if sequence > 1 and (config.data.seq_len % sequence or set(model.per_layer("attn")) != {"gla"}):
+        raise ValueError(f"mesh.sequence={sequence} needs data.seq_len (now {config.data.seq_len}) a multiple of it "
+                         f"and every layer GLA (model.attn={model.attn!r})")
     if model.uses_pos_embedding and config.data.seq_len > model.block_size:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.block_size={model.block_size}")
 
