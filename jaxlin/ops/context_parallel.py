@@ -11,6 +11,10 @@ at its first token): the carried state never crosses a reset. The devices all-ga
 state then adds ``scale (q_t * exp(sum_{start <= j <= t} g_j)) @ S_in`` to each output t before the slice's
 first reset. Everything is plain JAX inside `shard_map`, so the backward is autodiff's: through the local op's
 own backward, and the all-gather's transpose (a reduce-scatter of state-sized gradients).
+
+The layers' short causal convolutions need the previous slice's last conv_size - 1 inputs: `causal_conv`
+sends them one device on (`ppermute`); left to the partitioner, the convolution's concatenation along the split
+time axis moved whole activations between devices (all-to-all).
 """
 
 from __future__ import annotations
@@ -46,12 +50,10 @@ def gla(local_op, q, k, v, g, *, scale, initial_state=None, output_final_state=F
         segment_ids = jnp.zeros((B, T), jnp.int32)
     # The initial state enters on the first slice: stacked with zeros for the others, it is an input of
     # that slice alone (so its gradient is that slice's).
-    if initial_state is None:
-        initial_state = jnp.zeros((B, H, K, V), jnp.float32)
-    initial = jnp.concatenate([initial_state.astype(jnp.float32)[None],
-                               jnp.zeros((n - 1, B, H, K, V), jnp.float32)])
+    initial = None if initial_state is None else jnp.concatenate(
+        [initial_state.astype(jnp.float32)[None], jnp.zeros((n - 1, B, H, K, V), jnp.float32)])
 
-    def per_slice(q, k, v, g, segment_ids, initial):
+    def per_slice(q, k, v, g, segment_ids, initial=None):
         i = jax.lax.axis_index(AXIS)
         o, local_state = local_op(q, k, v, g, segment_ids=segment_ids)
         # Documents: a reset before the slice's first token where it starts another document than the
@@ -67,7 +69,7 @@ def gla(local_op, q, k, v, g, *, scale, initial_state=None, output_final_state=F
 
         states = jax.lax.all_gather(local_state.astype(jnp.float32), AXIS)  # [n, B, H, K, V]
         decays = jax.lax.all_gather(slice_decay, AXIS)  # [n, B, H, K]
-        entering = [jax.lax.all_gather(initial[0], AXIS)[0]]
+        entering = [jnp.zeros_like(states[0]) if initial is None else jax.lax.all_gather(initial[0], AXIS)[0]]
         for j in range(n):
             entering.append(decays[j][..., None] * entering[-1] + states[j])
         entering = jnp.stack(entering)  # [n + 1, B, H, K, V]: before slice j, and after the last one
@@ -77,10 +79,34 @@ def gla(local_op, q, k, v, g, *, scale, initial_state=None, output_final_state=F
                                                precision=jax.lax.Precision.HIGHEST)
         return o.astype(v.dtype), entering[-1][None]
 
-    args = (q, k, v, g, segment_ids, initial)
-    in_specs = (tokens,) * 5 + (P(AXIS, batch),)
+    args = (q, k, v, g, segment_ids) + (() if initial is None else (initial,))
+    in_specs = (tokens,) * 5 + (() if initial is None else (P(AXIS, batch),))
     # check_vma=False: Pallas kernels' outputs carry no varying-axes annotation. Every slice computes the
     # final state; only the last slice's copy is returned (so its gradient enters once).
     o, final = jax.shard_map(per_slice, in_specs=in_specs, out_specs=(tokens, P(AXIS, batch)),
                              axis_names={*(batch or ()), AXIS}, check_vma=False)(*args)
     return o, (final[-1] if output_final_state else None)
+
+
+def causal_conv(conv, x, kernel, segment_ids, width: int):
+    """`conv(x, past, kernel, past_ids, segment_ids)` on each device's slice of x [B, T, C] (split over
+    `sequence`), with `past` the previous slice's last width - 1 inputs and `past_ids` their segment ids
+    (zeros on the first slice): a halo sent one device on (`ppermute`), whatever the length."""
+    n = jax.sharding.get_abstract_mesh().shape[AXIS]
+    B, T, _ = x.shape
+    if T % n or T // n < width - 1:
+        raise ValueError(f"sequence length {T} must be a multiple of the {n} devices of mesh axis '{AXIS}', "
+                         f"with at least {width - 1} tokens each")
+    batch = batch_axes() or None
+    tokens = P(batch, AXIS)
+    if segment_ids is None:
+        segment_ids = jnp.zeros((B, T), jnp.int32)
+    forward = [(j, j + 1) for j in range(n - 1)]
+
+    def per_slice(x, kernel, segment_ids):
+        past = jax.lax.ppermute(x[:, x.shape[1] - (width - 1):], AXIS, forward)
+        past_ids = jax.lax.ppermute(segment_ids[:, segment_ids.shape[1] - (width - 1):], AXIS, forward)
+        return conv(x, past, kernel, past_ids, segment_ids)
+
+    return jax.shard_map(per_slice, in_specs=(tokens, P(), tokens), out_specs=tokens,
+                         axis_names={*(batch or ()), AXIS}, check_vma=False)(x, kernel, segment_ids)

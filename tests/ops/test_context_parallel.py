@@ -94,3 +94,36 @@ def test_devices_exchange_states_only():
     assert short == long, "collectives grow with the sequence length"
     state = B * H * K * V * 4
     assert all(bytes <= 2 * state for (_, bytes, _) in short), short
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (tests/conftest.py emulates them)")
+def test_short_conv_takes_the_previous_slice_as_halo():
+    """The short conv with its time axis split: the previous slice's last inputs arrive by ppermute, and a
+    document starting at a slice's first token or just after it reads none of them."""
+    from jaxlin.ops import conv
+
+    T, C, width = 24, 8, 4
+    keys = jax.random.split(jax.random.key(1), 2)
+    x = jax.random.normal(keys[0], (B, T, C))
+    kernel = jax.random.normal(keys[1], (width, C))
+    starts = np.zeros((B, T), np.int32)
+    starts[0, [T // 2, 5]] = 1  # at the second slice's first token
+    starts[1, T // 2 + 1] = 1  # one token into the second slice
+    segment_ids = jnp.asarray(np.cumsum(starts, axis=1))
+    w = jnp.cos(jnp.arange(B * T * C, dtype=jnp.float32).reshape(B, T, C))
+
+    def f(x, kernel, segment_ids):
+        y, _ = conv.causal_conv(x, kernel, segment_ids=segment_ids)
+        return jnp.sum(y * w), y
+
+    grad = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+    for ids in (None, segment_ids):
+        (_, y_ref), grads_ref = jax.jit(grad)(x, kernel, ids)
+        mesh = sequence_mesh(2)
+        with jax.set_mesh(mesh):
+            split = NamedSharding(mesh, P(None, "sequence"))
+            (_, y), grads = jax.jit(grad)(jax.device_put(x, split), kernel,
+                                          None if ids is None else jax.device_put(ids, split))
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, grads_ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
