@@ -18,6 +18,10 @@ dispatches to one implementation:
   so auto picks by T. One token (a decoding step) takes the token scan everywhere: the
   chunked forms would pad it to a whole chunk.
 
+Under a mesh with a ``sequence`` axis of several devices GLA runs context-parallel
+(``context_parallel.py``): each device runs the chosen implementation on its slice of every sequence and the
+devices exchange only per-head states.
+
 All return ``(o, final_state)``: ``o`` in v's dtype ``[B, T, H, V]``, ``final_state``
 float32 ``[B, H, K, V]`` when ``output_final_state`` else None.
 """
@@ -29,8 +33,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from . import chunked, reference
-from .checks import check_inputs
+from . import chunked, context_parallel, reference
+from .checks import batch_axes, check_inputs
 
 __all__ = ["gla", "delta_rule", "gated_delta_rule", "l2norm", "SAVEABLE_NAMES"]
 
@@ -78,15 +82,16 @@ def _per_shard(fn, args, kwargs, **static):
     """Calls a kernel on each device's share of the batch when a mesh is current.
 
     XLA cannot partition a Pallas custom call (it would gather the whole batch onto every device), so
-    under `jax.set_mesh` the call runs inside `shard_map`, with the batch axis split over every mesh axis:
+    under `jax.set_mesh` the call runs inside `shard_map`, with the batch axis split over the mesh axes that
+    split it and are not manual yet (`checks.batch_axes`):
     the recurrence never mixes batch rows, so no communication is needed.
     """
-    mesh = jax.sharding.get_abstract_mesh()
+    axes = batch_axes()
     arrays = {"initial_state": kwargs["initial_state"], "segment_ids": kwargs["segment_ids"]}
     options = {k: v for k, v in kwargs.items() if k not in arrays} | static
-    if mesh.empty or mesh.size == 1:
+    if not axes:
         return fn(*args, **arrays, **options)
-    batch = P(tuple(mesh.axis_names))
+    batch = P(axes)
 
     def local(args, arrays):
         return fn(*args, **arrays, **options)
@@ -94,7 +99,8 @@ def _per_shard(fn, args, kwargs, **static):
     specs = jax.tree.map(lambda _: batch, (args, arrays))
     out_specs = (batch, batch if kwargs["output_final_state"] else None)
     # check_vma=False: pallas_call output shapes carry no varying-axes annotation.
-    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(args, arrays)
+    return jax.shard_map(local, in_specs=specs, out_specs=out_specs, axis_names=set(axes),
+                         check_vma=False)(args, arrays)
 
 
 def _pallas_supports(op, args, kwargs):
@@ -106,6 +112,9 @@ def _pallas_supports(op, args, kwargs):
 
 
 def _dispatch(op, impl, args, kwargs):
+    if op != "gla" and context_parallel.applies():
+        raise NotImplementedError(f"{op}: sequences split over mesh axis '{context_parallel.AXIS}' are supported "
+                                  f"for GLA layers only; set mesh.sequence=1")
     ref_fn, chunk_fn = _IMPLS[op]
     if impl == "auto":
         if jax.default_backend() == "gpu" and args[0].shape[1] > 1:
@@ -133,6 +142,12 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
     check_inputs(q, k, v, g=g, g_rank=4, initial_state=initial_state, segment_ids=segment_ids,
                  impl=impl, validate=validate)
     kwargs = _kwargs(q, scale, initial_state, output_final_state, segment_ids)
+    if context_parallel.applies():  # sequences split over devices: each runs this op on its slice
+        def local(q, k, v, g, segment_ids):
+            return _dispatch("gla", impl, (q, k, v, g), _kwargs(q, kwargs["scale"], None, True, segment_ids))
+
+        o, final_state = context_parallel.gla(local, q, k, v, g, **kwargs)
+        return checkpoint_name(o, OUTPUT_NAME), final_state
     return _dispatch("gla", impl, (q, k, v, g), kwargs)
 
 

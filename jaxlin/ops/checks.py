@@ -92,6 +92,15 @@ def on_one_gpu() -> bool:
     return jax.default_backend() == "gpu" and jax.sharding.get_abstract_mesh().size <= 1
 
 
+def batch_axes(exclude: tuple = ("sequence",)) -> tuple:
+    """The current mesh's axes of more than one device that split the batch and are not manual yet (a
+    computation inside `shard_map` over some axes may still split its rows over the others)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(a for a in mesh.axis_names if a not in mesh.manual_axes and a not in exclude and mesh.shape[a] > 1)
+
+
 def require_one_device(what: str, fix: str) -> None:
     """Refuses a single-device kernel asked for under a mesh of several devices, naming the config fix."""
     devices = jax.sharding.get_abstract_mesh().size

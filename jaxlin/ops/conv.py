@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import context_parallel
 from .checks import kernel_applies
 
 
@@ -29,6 +30,8 @@ def causal_conv(x, kernel, *, segment_ids=None, cache=None, return_cache=False):
     """
     B, T, C = x.shape
     width = kernel.shape[0]
+    if cache is None and not return_cache and context_parallel.applies():
+        return context_parallel.causal_conv(_conv_after, x, kernel, segment_ids, width), None
     past = jnp.zeros((B, width - 1, C), x.dtype) if cache is None else cache.astype(x.dtype)
     keep = None if segment_ids is None else _keep_masks(segment_ids, width)
     y = _conv_silu(x, past, kernel, keep)
@@ -42,10 +45,19 @@ def causal_conv(x, kernel, *, segment_ids=None, cache=None, return_cache=False):
     return y, new_cache
 
 
-def _keep_masks(segment_ids, width):
-    """keep[j] [B, T]: tap j (reading token t - (width-1-j)) lies in token t's document."""
-    seg = extend_segments(segment_ids, width - 1)
+def _keep_masks(segment_ids, width, past_ids=None):
+    """keep[j] [B, T]: tap j (reading token t - (width-1-j)) lies in token t's document. `past_ids`: the ids
+    of the width - 1 tokens before (default: the first token's document)."""
+    if past_ids is None:
+        seg = extend_segments(segment_ids, width - 1)
+    else:
+        seg = jnp.concatenate([past_ids, segment_ids], axis=1)
     return jnp.stack([seg[:, j : j + segment_ids.shape[1]] == segment_ids for j in range(width)])
+
+
+def _conv_after(x, past, kernel, past_ids, segment_ids):
+    """The convolution of x given the inputs before it, `past` [B, width-1, C], and their segment ids."""
+    return _conv_silu(x, past.astype(x.dtype), kernel, _keep_masks(segment_ids, kernel.shape[0], past_ids))
 
 
 def _taps(x, past, keep, width):

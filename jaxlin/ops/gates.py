@@ -30,7 +30,9 @@ def _backward(normalizer, residuals, dgate):
     h, bias = residuals
     # d log_sigmoid(z) / dz = sigmoid(-z), which stays accurate where sigmoid(z) rounds to 1.
     dz = dgate.astype(jnp.float32) * jax.nn.sigmoid(-_pre_activation(h, bias)) / normalizer
-    dbias = jnp.sum(dz.reshape(-1, dz.shape[-1]), axis=0)
+    # Summed over the leading axes in place: a reshape merging batch and time would gather a time axis that
+    # is split over devices (context parallelism).
+    dbias = jnp.sum(dz, axis=tuple(range(dz.ndim - 1)))
     return dz.astype(h.dtype), dbias.astype(bias.dtype)
 
 

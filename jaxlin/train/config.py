@@ -64,8 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         plot=True,
     ))
-    # data x fsdp must equal num_devices; -1: all remaining devices (num_devices=-1: every device present).
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1))
+    # data x fsdp x sequence must equal num_devices; -1: all remaining devices (num_devices=-1: every device
+    # present). sequence > 1 splits each sequence over that many devices (GLA layers only).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, num_devices=-1))
     return c
 
 
@@ -147,6 +148,7 @@ RULES: tuple[tuple[str, Callable, str], ...] = (
     ("mesh.data", _devices, "-1 (the remaining devices) or an integer >= 1"),
     ("mesh.fsdp", _devices, "-1 (the remaining devices) or an integer >= 1"),
     ("mesh.num_devices", _devices, "-1 (every device) or an integer >= 1"),
+    ("mesh.sequence", _int_at_least(1), "an integer >= 1 (devices that split each sequence)"),
 )
 
 
@@ -161,6 +163,13 @@ def _one_free_mesh_axis(c):
         return "only one of mesh.data and mesh.fsdp may be -1"
 
 
+def _sequence_split(c):
+    sequence, attn = c.mesh.get("sequence", 1), c.model.attn
+    if sequence > 1 and (c.data.seq_len % sequence or ({attn} if isinstance(attn, str) else set(attn)) != {"gla"}):
+        return (f"mesh.sequence={sequence} needs data.seq_len (now {c.data.seq_len}) a multiple of it "
+                f"and every layer GLA (model.attn={c.model.attn!r})")
+
+
 def _model(c):
     try:
         model = model_config(c)
@@ -171,7 +180,7 @@ def _model(c):
                 "(the position embedding's length)")
 
 
-COMBINATIONS: tuple[Callable, ...] = (_batch_multiple, _one_free_mesh_axis, _model)
+COMBINATIONS: tuple[Callable, ...] = (_batch_multiple, _one_free_mesh_axis, _model, _sequence_split)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

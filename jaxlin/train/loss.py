@@ -15,20 +15,26 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxlin.ops import context_parallel
+from jaxlin.ops.checks import batch_axes
+
 
 def chunked_cross_entropy(hidden, embedding, targets, *, chunk: int):
     """Mean NLL of `targets` [B, T] under logits = hidden [B, T, D] @ embedding[V, D]^T.
 
-    Under a mesh each device runs the slice loop over its own rows (`shard_map`; the batch axis split
-    over every mesh axis): left to the partitioner, a loop over slices of the sharded token axis moves
-    hidden states between devices and all-reduces the embedding gradient at every slice.
+    Under a mesh each device runs the slice loop over its own tokens (`shard_map`; the batch axis split
+    over `jaxlin.ops.checks.batch_axes()`, the time axis over `sequence` when it splits sequences): left to
+    the partitioner, a loop over slices of the sharded token axis moves hidden states between devices and
+    all-reduces the embedding gradient at every slice.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    axes = batch_axes()
+    time_axis = context_parallel.AXIS if context_parallel.applies() else None
+    if not axes and time_axis is None:
         return _nll_total(hidden, embedding, targets, chunk) / targets.size
-    rows = P(tuple(mesh.axis_names))
-    per_device = jax.shard_map(lambda h, w, y: _nll_total(h, w, y, chunk)[None], mesh=mesh,
-                               in_specs=(rows, P(), rows), out_specs=rows, check_vma=False)
+    rows = P(axes or None, time_axis)
+    per_device = jax.shard_map(lambda h, w, y: _nll_total(h, w, y, chunk)[None, None], in_specs=(rows, P(), rows),
+                               out_specs=rows, axis_names={*axes, *([time_axis] if time_axis else [])},
+                               check_vma=False)
     return jnp.sum(per_device(hidden, embedding, targets)) / targets.size
 
 

@@ -1,7 +1,8 @@
 """Device mesh, logical axis names and the rules that map them to mesh axes: the one place for sharding.
 
 Mesh axes: `data` (pure data parallelism: parameters replicated) and `fsdp` (data parallelism with
-parameters and optimizer state sharded, gathered per use by XLA). Every parameter gets logical axis
+parameters and optimizer state sharded, gathered per use by XLA) split the batch; `sequence` splits each
+sequence (context parallelism: GLA layers run `jaxlin.ops.context_parallel`). Every parameter gets logical axis
 names from PARAM_AXES by its path; LOGICAL_RULES maps names to mesh axes.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "sequence")
 LOGICAL_RULES = {
     "batch": ("data", "fsdp"),  # activations: the batch is split over every device
     "embed": "fsdp",  # parameters: the model width is split over the fsdp axis
@@ -48,17 +49,20 @@ def make_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
             raise ValueError(f"mesh.num_devices={mesh_config.num_devices}: {len(devices)} devices are present")
         devices = devices[: mesh_config.num_devices]
     n = len(devices)
-    data, fsdp = mesh_config.data, mesh_config.fsdp
+    data, fsdp, sequence = mesh_config.data, mesh_config.fsdp, mesh_config.get("sequence", 1)
     if (data == -1) + (fsdp == -1) > 1:
         raise ValueError("only one of mesh.data and mesh.fsdp may be -1")
+    if sequence < 1 or n % sequence:
+        raise ValueError(f"mesh.sequence={sequence} must divide the {n} devices present")
     if data == -1:
-        data = n // fsdp
+        data = n // sequence // fsdp
     if fsdp == -1:
-        fsdp = n // data
-    if data * fsdp != n or data < 1 or fsdp < 1:
-        raise ValueError(f"mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.fsdp} must multiply to the "
-                         f"{n} devices present")
-    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
+        fsdp = n // sequence // data
+    if data * fsdp * sequence != n or data < 1 or fsdp < 1:
+        raise ValueError(f"mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.fsdp} x mesh.sequence={sequence} "
+                         f"must multiply to the {n} devices present")
+    return jax.make_mesh((data, fsdp, sequence), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
 
 
 def path_string(path) -> str:
@@ -82,6 +86,12 @@ def logical_to_spec(axes: tuple, shape: tuple, mesh) -> P:
         ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
         spec.append(mesh_axes if names and size % ways == 0 and ways > 1 else None)
     return P(*spec)
+
+
+def param_specs(params, mesh):
+    """Each parameter's PartitionSpec under `mesh` (an abstract mesh will do)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: logical_to_spec(logical_axes(path_string(path), x.ndim), x.shape, mesh), params)
 
 
 def param_shardings(params, mesh):
@@ -111,9 +121,10 @@ def state_sharding(state, mesh):
 
 
 def batch_sharding(mesh, accumulate: bool = True) -> NamedSharding:
-    """Batches are [accumulation, micro_batch, T] (train) or [batch, T] (eval); the batch axis is split."""
+    """Batches are [accumulation, micro_batch, T] (train) or [batch, T] (eval); the batch axis is split, and
+    the time axis over `sequence`."""
     batch = LOGICAL_RULES["batch"]
-    return NamedSharding(mesh, P(None, batch) if accumulate else P(batch))
+    return NamedSharding(mesh, P(None, batch, "sequence") if accumulate else P(batch, "sequence"))
 
 
 def check_batch(micro_batch_size: int, mesh) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -9,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxlin.layers.fp8 import split_fp8_meta
 from jaxlin.model import GPT
+from jaxlin.train import sharding
 from jaxlin.train.loss import chunked_cross_entropy
 
 
@@ -34,33 +37,65 @@ def loss_fn(params, graphdef: nnx.GraphDef, batch: dict, loss_chunk: int):
     return chunked_cross_entropy(hidden, model.wte[...], batch["targets"], chunk=loss_chunk)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, loss_chunk: int):
-    """One optimizer step over `batch` laid out as [accumulation, micro_batch, T] arrays.
+def accumulate_grads(params, batch: dict, *, graphdef, loss_chunk: int, param_specs=None):
+    """(per-micro-batch losses, mean gradient) over `batch` [accumulation, micro_batch, T], on this device's rows.
 
-    The FP8 scaling state's gradients are its next values (jaxlin.layers.fp8): over micro-batches they
-    combine by maximum (each adds its own amax to the same history), and they replace the old values
-    unless the step is skipped as non-finite; the optimizer sees the weights only."""
+    `param_specs`: each gradient's layout (its parameter's); the per-micro-batch gradient is constrained to it,
+    so that under FSDP it is reduce-scattered into the sharded sum rather than all-reduced whole. The FP8
+    scaling state's gradients are its next values (jaxlin.layers.fp8): over micro-batches they combine by
+    maximum (each adds its own amax to the same history), and they are not averaged.
+    """
     grad_fn = jax.value_and_grad(loss_fn)
 
+    def grads_of(micro_batch):
+        loss, grads = grad_fn(params, graphdef, micro_batch, loss_chunk)
+        return loss, grads if param_specs is None else jax.lax.with_sharding_constraint(grads, param_specs)
+
+    accum = jax.tree.leaves(batch)[0].shape[0]
+    if accum == 1:  # no loop: saves a zero-filled gradient buffer and a pass adding into it
+        loss, grads = grads_of(jax.tree.map(lambda x: x[0], batch))
+        return loss[None], grads
+
     def micro_step(grad_sum, micro_batch):
-        loss, grads = grad_fn(state.params, graphdef, micro_batch, loss_chunk)
+        loss, grads = grads_of(micro_batch)
         (sum_weights, sum_meta), (weights, meta) = split_fp8_meta(grad_sum), split_fp8_meta(grads)
         return nnx.merge_state(jax.tree.map(jnp.add, sum_weights, weights),
                                jax.tree.map(jnp.maximum, sum_meta, meta)), loss
 
-    accum = jax.tree.leaves(batch)[0].shape[0]
-    if accum == 1:  # no loop: saves a zero-filled gradient buffer and a pass adding into it
-        loss, grads = grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], batch), loss_chunk)
-        losses = loss[None]
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    if param_specs is not None:
+        zeros = jax.lax.with_sharding_constraint(zeros, param_specs)
+    grad_sum, losses = jax.lax.scan(micro_step, zeros, batch)
+    weights, meta = split_fp8_meta(grad_sum)
+    return losses, nnx.merge_state(jax.tree.map(lambda g: g / accum, weights), meta)
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, loss_chunk: int):
+    """One optimizer step over `batch` laid out as [accumulation, micro_batch, T] arrays.
+
+    Under a mesh with a `data` axis each data-parallel group accumulates its own gradient (`shard_map` over
+    `data`; the other axes stay with the partitioner) and the groups' gradients are averaged once per step:
+    left to the partitioner, the gradient was all-reduced after every micro-batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    specs = None if mesh.empty else sharding.param_specs(state.params, mesh)
+    accumulate = functools.partial(accumulate_grads, graphdef=graphdef, loss_chunk=loss_chunk, param_specs=specs)
+    if mesh.empty or mesh.shape.get("data", 1) == 1:
+        losses, grads = accumulate(state.params, batch)
     else:
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, losses = jax.lax.scan(micro_step, zeros, batch)
+        def per_group(params, batch):
+            losses, grads = accumulate(params, batch)
+            weights, meta = split_fp8_meta(grads)
+            return jax.lax.pmean(losses, "data"), nnx.merge_state(jax.lax.pmean(weights, "data"),
+                                                                   jax.lax.pmax(meta, "data"))
+
+        # check_vma=False: the gradient inside stays this group's (no implicit reduction per micro-batch).
+        losses, grads = jax.shard_map(per_group, in_specs=(P(), P(None, "data")), out_specs=(P(), P()),
+                                      axis_names={"data"}, check_vma=False)(state.params, batch)
     grads, new_meta = split_fp8_meta(grads)
-    if accum > 1:
-        grads = jax.tree.map(lambda g: g / accum, grads)
     weights, meta = split_fp8_meta(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, weights)
-    finite = opt_state.notfinite_count == 0
+    finite = opt_state.notfinite_count == 0  # a skipped step keeps the scaling state too
     params = nnx.merge_state(optax.apply_updates(weights, updates),
                              jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_meta, meta))
     metrics = {

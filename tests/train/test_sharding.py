@@ -1,4 +1,4 @@
-"""Data parallel and FSDP on 2 emulated CPU devices: same losses as 1 device, rule-based shardings, resharding restore."""
+"""Data parallel, FSDP and split sequences on 2 emulated CPU devices: same losses as 1 device, rule-based shardings, resharding restore."""
 
 import json
 import shutil
@@ -39,6 +39,14 @@ def one_device(tmp_path_factory, shards_dir):
 @pytest.mark.parametrize("data, fsdp", [(2, 1), (1, 2)], ids=["data_parallel", "fsdp"])
 def test_two_devices_match_one(tmp_path, shards_dir, one_device, data, fsdp):
     loop.run(tiny_config(shards_dir, **STEPS, **mesh_config(data, fsdp, 2)), tmp_path)
+    a, b = losses(one_device), losses(tmp_path)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=2e-5)
+
+
+def test_sequences_split_over_two_devices_match_one(tmp_path, shards_dir, one_device):
+    """Context parallelism: each sequence's two halves on two devices (GLA exchanges states, convs a halo)."""
+    loop.run(tiny_config(shards_dir, **STEPS, **mesh_config(1, 1, 2), **{"mesh.sequence": 2}), tmp_path)
     a, b = losses(one_device), losses(tmp_path)
     assert [s for s, _ in a] == [s for s, _ in b]
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=2e-5)
