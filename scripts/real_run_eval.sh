@@ -3,8 +3,8 @@
 # results and the plot to ${OUT:-real_run_logs}/. Each command fits a 10-minute call:
 #   scripts/real_run_eval.sh train small_gla       # training, then the export (about 3 minutes on an H100)
 #   scripts/real_run_eval.sh train small_softmax   # (about 4 minutes)
-#   scripts/real_run_eval.sh eval [MODEL]          # the zero-shot table and long_ppl of each export (about
-#                                                  # 4 minutes a model); docs/long_ppl.png once both exist
+#   scripts/real_run_eval.sh eval small_gla        # the zero-shot table and long_ppl of the export (at most
+#   scripts/real_run_eval.sh eval small_softmax    # 8 minutes each); docs/long_ppl.png once both exist
 # Wheels carried in .whl/ (grain, ml_collections) are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,9 +40,9 @@ case $action in
     done ;;
   eval)
     for model in "${models[@]}"; do
-      step "eval_$model" 240 python3 eval.py --model "runs/$model/export" --output "runs/$model/eval.json" \
+      step "eval_$model" 330 python3 eval.py --model "runs/$model/export" --output "runs/$model/eval.json" \
         --no_progress
-      TAIL=10 step "long_ppl_$model" 120 python3 eval.py --model "runs/$model/export" --tasks long_ppl \
+      TAIL=10 step "long_ppl_$model" 150 python3 eval.py --model "runs/$model/export" --tasks long_ppl \
         --output "runs/$model/long_ppl.json" --no_progress
       for f in eval.json long_ppl.json long_ppl.long_ppl.png; do cp "runs/$model/$f" "$out/${model}_$f" 2>/dev/null; done
     done
