@@ -26,7 +26,7 @@ from tqdm import tqdm
 DEFAULT_DIR = "long_books"  # in the data directory
 DEFAULT_WINDOW = 16384
 FIRST_BUCKET = 1024
-CURVE_POINTS = 256  # positions are averaged in groups so the curve has about this many points
+CURVE_POINTS = 128  # at most this many points on the loss-by-position curve
 _LOGIT_SLICE = 1024  # positions whose logits exist at once ([rows, slice, vocab] float32)
 
 
@@ -73,12 +73,13 @@ def summarize(nll_sum: np.ndarray, n_windows: int, first: int = FIRST_BUCKET) ->
         loss = float(per_position[start:end].mean())
         buckets.append({"positions": bucket_name(start, end), "start": start, "end": end, "loss": loss,
                         "perplexity": math.exp(loss), "tokens": n_windows * (end - start)})
-    step = max(1, length // CURVE_POINTS)
-    curve = np.add.reduceat(per_position, np.arange(0, length, step)) / np.diff(np.append(np.arange(0, length, step),
-                                                                                            length))
+    # The curve: mean loss over log-spaced ranges of positions (fine near the start, smooth further on).
+    ends = np.unique(np.round(np.geomspace(1, length, CURVE_POINTS)).astype(int))
+    starts = np.concatenate([[0], ends[:-1]])
     loss = float(per_position.mean())
     return {"loss": loss, "perplexity": math.exp(loss), "buckets": buckets,
-            "curve": {"step": step, "loss": [round(float(x), 5) for x in curve]}}
+            "curve": {"start": starts.tolist(), "end": ends.tolist(),
+                      "loss": [round(float(per_position[a:b].mean()), 5) for a, b in zip(starts, ends)]}}
 
 
 def window_length(config, requested: int) -> tuple[int, str | None]:

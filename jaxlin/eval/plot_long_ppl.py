@@ -24,12 +24,12 @@ def plot_long_ppl(runs: dict[str, dict], out: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, result in runs.items():
-        step, losses = result["curve"]["step"], np.asarray(result["curve"]["loss"])
-        positions = np.minimum(np.arange(len(losses)) * step + step / 2, result["window"])
-        line, = ax.plot(positions, losses, label=f"{label} (window {result['window']})")
+        curve = result["curve"]
+        positions = np.sqrt((np.asarray(curve["start"]) + 1) * np.asarray(curve["end"]))  # 1-based, mid-range
+        line, = ax.plot(positions, curve["loss"], label=f"{label} (window {result['window']})")
         ax.axvline(result["train_len"], color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in window (tokens; dotted: training length)")
+    ax.set_xlabel("token position in the window (dotted: training length)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Loss by position on long documents")
     ax.grid(alpha=0.3)

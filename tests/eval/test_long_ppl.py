@@ -45,7 +45,10 @@ def test_summary_averages_positions_per_bucket():
     assert [(b["positions"], b["loss"], b["tokens"]) for b in got["buckets"]] == \
         [("0-2", 0.5, 4), ("2-4", 2.5, 4), ("4-8", 5.5, 8), ("8-12", 9.5, 8)]
     assert got["loss"] == 5.5 and got["perplexity"] == pytest.approx(math.exp(5.5))
-    assert got["curve"]["step"] == 1 and got["curve"]["loss"] == list(range(12))
+    curve = got["curve"]  # log-spaced ranges covering every position once
+    assert curve["start"][0] == 0 and curve["end"][-1] == 12 and curve["start"][1:] == curve["end"][:-1]
+    assert curve["loss"] == [(a + b - 1) / 2 for a, b in zip(curve["start"], curve["end"])]
+    assert len(long_ppl.summarize(np.ones(16384), 1)["curve"]["loss"]) <= long_ppl.CURVE_POINTS
 
 
 class SpaceSeparatedIds:

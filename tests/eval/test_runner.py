@@ -147,6 +147,7 @@ def test_cli(evaluated, data_dir, tmp_path, capsys):
     (["--limit", "0"], "--limit must be >= 1, got 0"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--long_ppl_len", "0", "--tasks", "long_ppl"], "--long_ppl_len must be >= 1"),
+    (["--long_ppl_len", "4096", "--plot", "x.png"], "--long_ppl_len, --plot only apply to long_ppl: add it to --tasks"),
 ])
 def test_cli_rejects_bad_arguments_before_any_work(capsys, argv, message):
     main = runpy.run_path(str(REPO / "eval.py"))["main"]
