@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxlin.generate.cache import forward, init_cache, logits  # noqa: E402
-from jaxlin.generate.loop import NO_TOKEN, Generator, _decode_block  # noqa: E402
+from jaxlin.generate.loop import NO_TOKEN, Generator, decode_block  # noqa: E402
 from jaxlin.generate.sampling import GREEDY, row_keys  # noqa: E402
 from jaxlin.model import GPT, ModelConfig  # noqa: E402
 
@@ -147,7 +147,7 @@ def run_row(generator: Generator, kind: str, batch: int, context: int, args) -> 
             "naive_ms_per_token": 1e3 * prefill_s}
 
     carry = {"cache": cache, "logits": last, "done": jnp.zeros(batch, bool), "count": jnp.zeros((), jnp.int32)}
-    decode = functools.partial(_decode_block, graphdef, params, head, row_keys(0, range(batch)), sampling=GREEDY,
+    decode = functools.partial(decode_block, graphdef, params, head, row_keys(0, range(batch)), sampling=GREEDY,
                                vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
     compile_start = time.perf_counter()
     carry, _, _ = _ready(decode(carry, jnp.int32(WARMUP_STEPS)))

@@ -72,10 +72,8 @@ class _TextStream:
         pieces = []
         for r, new in enumerate(new_tokens):
             self.tokens[r] += new
-            text = self.tokenizer.decode(self.tokens[r], errors="ignore")
-            if text.endswith("\ufffd"):
-                text = text[:-1]
-            text = cut_at_stop(text, self.stop_strings)
+            # A token may end inside a character: hold back trailing replacement characters until it is whole.
+            text = cut_at_stop(self.tokenizer.decode(self.tokens[r]).rstrip("\ufffd"), self.stop_strings)
             ready = len(text) - max((len(s) - 1 for s in self.stop_strings), default=0)
             pieces.append(self._take(r, text, ready))
         self.on_text(pieces)
