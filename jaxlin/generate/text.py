@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import tiktoken
-
-from jaxlin import export
 from jaxlin.generate.loop import Generator
 from jaxlin.model import GPT
+
+if TYPE_CHECKING:
+    import tiktoken
 
 STREAM_BLOCK = 8  # tokens per jitted block when streaming or watching for stop strings
 
 
 def load_model(export_dir: str | os.PathLike, *, dtype: str | None = None) -> GPT:
     """The exported GPT (`jaxlin.export.load`); `dtype` overrides its compute dtype."""
+    from jaxlin import export  # here, so that decoding alone needs no safetensors (the decode benchmark)
     return export.load(export_dir, dtype=dtype)[0]
 
 
