@@ -11,7 +11,9 @@ the per-layer state (recurrent state + short-conv inputs, or the KV cache); the 
 step, the bytes it must move at --bandwidth (every weight once in the compute dtype, the recurrent state
 read and written, or the KV cache up to the context read) and the measured step's share of it; and the
 naive way of generating, one full forward over the context for every new token (nanoGPT's sample loop),
-whose time per token is the prefill's time for the whole batch. Rows whose state and activations would
+whose time per token is the prefill's time for the whole batch; with --naive_check, rows up to
+--naive_check tokens of context also time that forward itself (GPT.__call__, the head on the last position
+only, as nanoGPT) and report how far its last logits lie from the prefill's. Rows whose state and activations would
 not fit the device, or that start after --time_budget seconds (shared out between the models), are
 skipped with a note. --tiny swaps in a 2-layer model for a smoke run on CPU.
 """
@@ -34,7 +36,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxlin.generate.cache import forward, init_cache, logits  # noqa: E402
-from jaxlin.generate.loop import NO_TOKEN, Generator, _decode_block  # noqa: E402
+from jaxlin.generate.loop import NO_TOKEN, Generator, decode_block  # noqa: E402
 from jaxlin.generate.sampling import GREEDY, row_keys  # noqa: E402
 from jaxlin.model import GPT, ModelConfig  # noqa: E402
 
@@ -66,6 +68,13 @@ def _init(graphdef, params, start, *, size):
 def _prefill_chunk(graphdef, params, head, tokens, cache):
     h, cache = forward(nnx.merge(graphdef, params), tokens, cache)
     return logits(h[:, -1:], head)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _full_forward(graphdef, params, head, tokens):
+    """The naive way's step: the whole context through the model, the head on the last position."""
+    h = nnx.merge(graphdef, params).hidden(tokens)
+    return logits(h[:, -1:], head)[:, 0]
 
 
 def nbytes(tree) -> int:
@@ -146,8 +155,10 @@ def run_row(generator: Generator, kind: str, batch: int, context: int, args) -> 
     row |= {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
             "naive_ms_per_token": 1e3 * prefill_s}
 
+    if context <= args.naive_check:
+        row |= _naive_check(generator, tokens, last)
     carry = {"cache": cache, "logits": last, "done": jnp.zeros(batch, bool), "count": jnp.zeros((), jnp.int32)}
-    decode = functools.partial(_decode_block, graphdef, params, head, row_keys(0, range(batch)), sampling=GREEDY,
+    decode = functools.partial(decode_block, graphdef, params, head, row_keys(0, range(batch)), sampling=GREEDY,
                                vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
     compile_start = time.perf_counter()
     carry, _, _ = _ready(decode(carry, jnp.int32(WARMUP_STEPS)))
@@ -160,6 +171,17 @@ def run_row(generator: Generator, kind: str, batch: int, context: int, args) -> 
     bound_ms = 1e3 * step_bytes(generator, cache_shapes, context, max(capacity, 1)) / args.bandwidth
     return row | {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_ms": bound_ms,
                   "bound_fraction": bound_ms / ms, "speedup_vs_naive": row["naive_ms_per_token"] / ms}
+
+
+def _naive_check(generator: Generator, tokens, prefill_logits) -> dict:
+    """Times the full forward over `tokens` (after a compiling call) and compares its last logits with the
+    prefill's, relative to their spread."""
+    forward = functools.partial(_full_forward, generator.graphdef, generator.params, generator.head)
+    full = _ready(forward(tokens))
+    begin = time.perf_counter()
+    _ready(forward(tokens))
+    difference = float(jnp.max(jnp.abs(full - prefill_logits)) / jnp.std(full))
+    return {"naive_measured_ms": 1e3 * (time.perf_counter() - begin), "prefill_logits_difference": difference}
 
 
 COLUMNS = (("model", "{:<14}"), ("batch", "{:>5}"), ("context", "{:>7}"), ("prefill_tok_s", "{:>10.0f}"),
@@ -195,6 +217,8 @@ def main(argv=None):
                         help="device memory bandwidth in bytes/s for the bound (default: H100 SXM)")
     parser.add_argument("--time_budget", type=float, default=220.0,
                         help="seconds; rows that would start later are skipped (shared out between the models)")
+    parser.add_argument("--naive_check", type=int, default=0, metavar="TOKENS",
+                        help="rows up to this context also time the full forward and compare its logits")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer float32 model (smoke test)")
     args = parser.parse_args(argv)
@@ -226,6 +250,9 @@ def main(argv=None):
                         row = {"model": kind, "batch": batch, "context": context, "note": "out of memory"}
                 rows.append(row)
                 print(format_table([row]).splitlines()[1], flush=True)
+                if "naive_measured_ms" in row:
+                    print(f"  full forward: {row['naive_measured_ms']:.1f} ms; its last logits differ from the "
+                          f"prefill's by {row['prefill_logits_difference']:.3g} of their std", flush=True)
         del generator
     print()
     print(format_table(rows))

@@ -29,7 +29,7 @@ def _prefill(graphdef, params, head, tokens, start, *, chunk, padded, cache_size
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "vocab_size", "steps", "stop_tokens"),
                    donate_argnames=("carry",))
-def _decode_block(graphdef, params, head, keys, carry, limit, *, sampling, vocab_size, steps, stop_tokens):
+def decode_block(graphdef, params, head, keys, carry, limit, *, sampling, vocab_size, steps, stop_tokens):
     """Up to min(`steps`, `limit`) tokens per row, fewer once every row is done. `carry`: the cache, the
     logits of each row's next token, `done` [B] and `count` (tokens generated so far, the sampling step).
     Returns the new carry, the tokens [B, steps] (NO_TOKEN once a row is done, and past the last step)
@@ -126,7 +126,7 @@ class Generator:
         stop_tokens = tuple(sorted({int(t) for t in stop_tokens if 0 <= t < self.config.vocab_size}))
         outputs, finished, produced = [[] for _ in rows], [False] * len(rows), 0
         while produced < max_new_tokens and not all(finished):
-            carry, out, n = _decode_block(self.graphdef, self.params, self.head, keys, carry,
+            carry, out, n = decode_block(self.graphdef, self.params, self.head, keys, carry,
                                           jnp.int32(max_new_tokens - produced), sampling=sampling,
                                           vocab_size=self.config.vocab_size, steps=block or max_new_tokens,
                                           stop_tokens=stop_tokens or (NO_TOKEN,))

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import tiktoken
-
-from jaxlin import export
 from jaxlin.generate.loop import Generator
 from jaxlin.model import GPT
+
+if TYPE_CHECKING:
+    import tiktoken
 
 STREAM_BLOCK = 8  # tokens per jitted block when streaming or watching for stop strings
 
 
 def load_model(export_dir: str | os.PathLike, *, dtype: str | None = None) -> GPT:
     """The exported GPT (`jaxlin.export.load`); `dtype` overrides its compute dtype."""
+    from jaxlin import export  # here, so that decoding alone needs no safetensors (the decode benchmark)
     return export.load(export_dir, dtype=dtype)[0]
 
 
@@ -72,10 +74,8 @@ class _TextStream:
         pieces = []
         for r, new in enumerate(new_tokens):
             self.tokens[r] += new
-            text = self.tokenizer.decode(self.tokens[r], errors="ignore")
-            if text.endswith("\ufffd"):
-                text = text[:-1]
-            text = cut_at_stop(text, self.stop_strings)
+            # A token may end inside a character: hold back trailing replacement characters until it is whole.
+            text = cut_at_stop(self.tokenizer.decode(self.tokens[r]).rstrip("\ufffd"), self.stop_strings)
             ready = len(text) - max((len(s) - 1 for s in self.stop_strings), default=0)
             pieces.append(self._take(r, text, ready))
         self.on_text(pieces)

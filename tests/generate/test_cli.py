@@ -51,3 +51,13 @@ def test_bad_input_gets_one_line(exported, tokenizer, args, message, capsys):
 def test_a_missing_export_is_named(tmp_path):
     with pytest.raises(SystemExit, match="config.json not found"):
         cli.main(["--model", str(tmp_path / "nothing"), "--prompt", "hi"])
+
+
+def test_streamed_text_stops_before_a_stop_string(exported, tokenizer):
+    model, _ = exported
+    whole = generate_text(model, tokenizer, ["The history of"], max_new_tokens=12, sampling=GREEDY)[0]
+    stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+    pieces = []
+    texts = generate_text(model, tokenizer, ["The history of"], max_new_tokens=12, sampling=GREEDY,
+                          stop_strings=[stop], on_text=lambda new: pieces.append(new[0]))
+    assert texts == [whole[:whole.index(stop)]] and "".join(pieces) == texts[0]
