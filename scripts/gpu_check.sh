@@ -6,7 +6,7 @@
 #   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile (default: tests, delta-tests,
 #   gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
-# compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
+# compiling), so give it a stage of its own where time is short. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape,
 # `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels.
 set -uo pipefail
@@ -61,7 +61,7 @@ for name in "${stages[@]}"; do
                --json "$out/train_delta_${impl#pallas:}.json"
            done ;;
     train-all) for config in gla deltanet gated_deltanet hybrid softmax; do  # every GPT-2 Medium config
-             # one log each and one JSON line each in train_all.jsonl: a device call returns 8 files at most
+             # one log each, and one JSON line each in train_all.jsonl
              rm -f "/tmp/train_$config.json"
              stage "train-$config" 150 python3 -m jaxlin.train.bench --steps 10 --nophases \
                --config "configs/gpt2_medium_$config.py" --json "/tmp/train_$config.json"
