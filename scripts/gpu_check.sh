@@ -39,37 +39,37 @@ for name in "${stages[@]}"; do
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
     gelu-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage gelu-tests 120 python3 -m pytest \
              tests/kernels/test_gelu_matmul.py -vv -p no:cacheprovider -W ignore ;;
-    gelu) stage gelu 150 python3 -m kernels.bench_gelu --json "$out/gelu.json" ;;
+    gelu) stage gelu 150 python3 -m jaxlin.bench.gelu --json "$out/gelu.json" ;;
     elementwise-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage elementwise-tests 360 python3 -m pytest \
              tests/kernels/test_gated_norm.py tests/kernels/test_short_conv.py tests/kernels/test_layer_norm.py \
              -vv -p no:cacheprovider -W ignore ;;
-    elementwise) stage elementwise 180 python3 -m kernels.bench_elementwise --conv-tiles 4,256,32,4 8,512,16,8 \
-             --json "$out/elementwise.json" ;;  # + two other walk tilings
-    gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
+    elementwise) stage elementwise 180 python3 -m jaxlin.bench.elementwise --conv_tiles 4,256,32,4 \
+             --conv_tiles 8,512,16,8 --json "$out/elementwise.json" ;;  # + two other walk tilings
+    gla) stage gla 150 python3 -m jaxlin.bench.kernels --op gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
     delta-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage delta-tests 300 python3 -m pytest tests/kernels/test_delta.py \
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
-    delta) stage delta 240 bash -c "python3 -m kernels.bench delta_rule --shape 32,1024,16,64,64 \
-             --impls pallas:triton,pallas:mosaic --json $out/delta_rule.json && python3 -m kernels.bench \
-             gated_delta_rule --shape 32,1024,16,64,64 --shape 4,2048,16,128,128 \
+    delta) stage delta 240 bash -c "python3 -m jaxlin.bench.kernels --op delta_rule --shape 32,1024,16,64,64 \
+             --impls pallas:triton,pallas:mosaic --json $out/delta_rule.json && python3 -m jaxlin.bench.kernels \
+             --op gated_delta_rule --shape 32,1024,16,64,64 --shape 4,2048,16,128,128 \
              --impls pallas:triton,pallas:mosaic --json $out/gated_delta_rule.json" ;;
-    train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
-    train-xla-norms) stage train-xla-norms 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+    train) stage train 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
+    train-xla-norms) stage train-xla-norms 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
              --config configs/gpt2_medium_gla.py --config.model.layer_norm_impl=xla --json "$out/train_xla_norms.json" ;;  # the A/B without the LayerNorm kernel
     train-delta) for impl in pallas:triton pallas:mosaic; do  # the delta kernels' two backends, paired
-             stage "train-delta-${impl#pallas:}" 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             stage "train-delta-${impl#pallas:}" 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
                --config configs/gpt2_medium_gated_deltanet.py --config.model.impl=$impl \
                --json "$out/train_delta_${impl#pallas:}.json"
            done ;;
     train-all) for config in gla deltanet gated_deltanet hybrid softmax; do  # every GPT-2 Medium config
              # one log each, and one JSON line each in train_all.jsonl
              rm -f "/tmp/train_$config.json"
-             stage "train-$config" 150 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             stage "train-$config" 150 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
                --config "configs/gpt2_medium_$config.py" --json "/tmp/train_$config.json"
              [ -f "/tmp/train_$config.json" ] && python3 -c "import json, sys
 print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tmp/train_$config.json" "$config" \
                >>"$out/train_all.jsonl"
            done ;;
-    profile) stage profile 240 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py \
+    profile) stage profile 240 python3 -m jaxlin.bench.train_step --steps 10 --nophases --config configs/gpt2_medium_gla.py \
                --profile /tmp/gla_profile --json "$out/profile.json"
              gzip -c /tmp/gla_profile/train_step.hlo.txt >"$out/profile_hlo.txt.gz" ;;  # fusions -> source lines
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \

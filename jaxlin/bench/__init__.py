@@ -1,0 +1,1 @@
+"""Benchmarks: kernels, layers, train step and decode, against references and physical bounds."""
