@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
+from jaxlin.ops import dispatch
 from jaxlin.ops import mlp as mlp_ops
 from jaxlin.ops import norm as norm_ops
-from jaxlin.ops.checks import KERNEL_IMPLS
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS
 from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
 
@@ -51,14 +51,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "bfloat16"  # compute dtype; parameters are always float32
     impl: str = "auto"  # linear-attention implementation, see jaxlin.ops
-    # "auto": GELU fused into the MLP's products (jaxlin.ops.mlp) where it applies, unless remat is "dots",
-    # whose memory budget has no room for the fused forward's stored gelu(h); "xla"; "pallas".
+    # The single-device kernels, each "auto", "xla" or "pallas" (the rules: jaxlin.ops.dispatch): GELU fused
+    # into the MLP's products, the recurrent layers' short convs and gated norm, the blocks' LayerNorms with
+    # the residual adds.
     mlp_impl: str = "auto"
-    # The recurrent layers' short convs and gated norm (jaxlin.ops.conv, jaxlin.ops.norm): "auto" their
-    # Pallas kernels on one GPU, "xla", "pallas".
     elementwise_impl: str = "auto"
-    # The blocks' LayerNorms with the residual adds: "auto" kernels.layer_norm (one pass each way) on one GPU,
-    # "xla" (Flax's LayerNorm), "pallas".
     layer_norm_impl: str = "auto"
     remat: str = "none"  # a key of REMAT_POLICIES: what each block saves for the backward pass
 
@@ -78,8 +75,9 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat: unknown {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         for name in ("mlp_impl", "elementwise_impl", "layer_norm_impl"):
-            if getattr(self, name) not in KERNEL_IMPLS:
-                raise ValueError(f"model.{name}: unknown {getattr(self, name)!r}; expected one of {KERNEL_IMPLS}")
+            if getattr(self, name) not in dispatch.KERNEL_IMPLS:
+                raise ValueError(f"model.{name}: unknown {getattr(self, name)!r}; "
+                                 f"expected one of {dispatch.KERNEL_IMPLS}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
 
@@ -121,7 +119,7 @@ class MLP(nnx.Module):
     def __call__(self, x):
         w_fc, w_proj = (layer.kernel[...].astype(layer.dtype) for layer in (self.c_fc, self.c_proj))
         x = x.astype(self.c_fc.dtype)
-        if self.impl == "pallas" or (self.impl == "auto" and mlp_ops.fused_applies(x, w_fc)):
+        if dispatch.fused_mlp_applies(self.impl, x, w_fc):
             return mlp_ops.gelu_mlp(x, w_fc, w_proj)
         return jnp.dot(activation(jax.nn.gelu(jnp.dot(x, w_fc), approximate=True)), w_proj)
 
@@ -146,13 +144,13 @@ class Block(nnx.Module):
         self.attn = ATTENTION_KINDS[kind](config.n_embd, config.n_head, out_std=out_std, dtype=dtype, rngs=rngs,
                                           **kwargs)
         self.ln_2 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
-        mlp_impl = "xla" if config.mlp_impl == "auto" and config.remat == "dots" else config.mlp_impl
-        self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs, impl=mlp_impl)
+        self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs,
+                       impl=dispatch.mlp_impl(config.mlp_impl, config.remat))
         self.layer_norm_impl = config.layer_norm_impl
 
     def __call__(self, x, segment_ids=None, state=None, return_state=False):
         attend = lambda h: self.attn(activation(h), segment_ids=segment_ids, state=state, return_state=return_state)
-        if norm_ops.layer_norm_applies(x, self.layer_norm_impl):
+        if dispatch.layer_norm_applies(x, self.layer_norm_impl):
             x, h = self._norm(self.ln_1, x, None)
             y, new_state = attend(h)
             x, h = self._norm(self.ln_2, x, y)
