@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one call: compiled kernel tests, the kernel benchmarks and the train-step benchmark,
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
-# ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
+# ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, ...) are installed first; those in
+# .whl/reference/ (FLA and its dependencies) go to a folder of their own, on PYTHONPATH only for the `reference`
+# stage: transformers inside FLA breaks with the project's safetensors.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
-#   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile (default: tests, delta-tests,
-#   gelu-tests, gla, delta, gelu, train)
+#   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, reference (default: tests,
+#   delta-tests, gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so give it a stage of its own where time is short. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape,
-# `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels.
+# `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels. `reference` times the PyTorch
+# reference's step (jaxlin.bench.reference); `reference train` puts it beside ours, same GPU, same call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_logs}
@@ -72,7 +75,17 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     profile) stage profile 240 python3 -m jaxlin.bench.train_step --steps 10 --nophases --config configs/gpt2_medium_gla.py \
                --profile /tmp/gla_profile --json "$out/profile.json"
              gzip -c /tmp/gla_profile/train_step.hlo.txt >"$out/profile_hlo.txt.gz" ;;  # fusions -> source lines
+    reference)
+      if ! compgen -G ".whl/reference/*.whl" >/dev/null; then
+        echo "   reference: skipped, no FLA wheels in .whl/reference/ (pip download flash-linear-attention there)"
+        continue
+      fi
+      rm -rf /tmp/reference_site
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/reference_site \
+        .whl/reference/*.whl || { echo "error: installing .whl/reference/*.whl failed" >&2; exit 1; }
+      PYTHONPATH=/tmp/reference_site:$PWD stage reference 240 python3 -m jaxlin.bench.reference --steps 10 \
+        --json "$out/reference.json" ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
-            "gelu, elementwise, train, train-xla-norms, train-delta, train-all or profile)" >&2; exit 2 ;;
+            "gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile or reference)" >&2; exit 2 ;;
   esac
 done

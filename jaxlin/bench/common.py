@@ -1,7 +1,9 @@
-"""What every benchmark shares: its command line (absl flags, one ``FlagValues`` per tool) and the timer."""
+"""What every benchmark shares: its command line (absl flags, one ``FlagValues`` per tool), the timer, and the
+train-step report that ``train_step`` and ``reference`` print alike."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -48,3 +50,19 @@ def median_ms(fn, *args, warmup=3, queued=10, min_runs=10, max_runs=200, budget_
         if len(times) >= 3 and sum(times) * queued > 4 * budget_s:
             break
     return 1e3 * statistics.median(times)
+
+
+# The train-step keys printed, in order, by jaxlin.bench.train_step and jaxlin.bench.reference alike.
+REPORTED = ("device", "micro_batch", "seq_len", "sharded", "step_ms", "forward_ms", "backward_ms", "optimizer_ms",
+            "tokens_per_s", "mfu", "peak_memory_gib")
+
+
+def report(results: dict, json_path: str | None) -> None:
+    """Prints the ``REPORTED`` keys that ``results`` has, one a line, and writes all of it to ``json_path``."""
+    for key in REPORTED:
+        value = results.get(key)
+        if value is not None:
+            print(f"{key:>16}: {value:,.2f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)

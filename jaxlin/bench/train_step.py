@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import pathlib
 import statistics
 import time
@@ -23,7 +22,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxlin.bench.common import parse
+from jaxlin.bench.common import parse, report
 from jaxlin.model import GPT
 from jaxlin.train import flops, profiling, sharding
 from jaxlin.train.config import apply_xla_flags, model_config
@@ -41,9 +40,6 @@ _PHASES = flags.DEFINE_bool("phases", True, "Also time forward and forward+backw
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
 _PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps into this directory and print where device time goes.",
                                flag_values=FLAGS)
-# The keys printed, in order; jaxlin.bench.reference prints the PyTorch reference's under the same names.
-REPORTED = ("device", "micro_batch", "seq_len", "sharded", "step_ms", "forward_ms", "backward_ms", "optimizer_ms",
-            "tokens_per_s", "mfu", "peak_memory_gib")
 
 
 def median_ms(fn, *args, steps: int) -> float:
@@ -117,17 +113,6 @@ def bench(config, steps: int, sharded: bool, phases: bool = True, profile_dir: s
     if peak:
         results["mfu"] = results["tokens_per_s"] * results["train_flops_per_token"] / peak
     return results
-
-
-def report(results: dict, json_path: str | None) -> None:
-    """Prints the ``REPORTED`` keys that ``results`` has, one a line, and writes all of it to ``json_path``."""
-    for key in REPORTED:
-        value = results.get(key)
-        if value is not None:
-            print(f"{key:>16}: {value:,.2f}" if isinstance(value, float) else f"{key:>16}: {value}")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 def main(argv=None):
