@@ -37,7 +37,7 @@ def _xla_mlp(x, w_fc, w_proj):
 
 
 def _parse_tiles(text):
-    """``kernels.gelu_matmul.Tiles`` from ``"k=32,stages=4,split=m"``: the fields that differ from ``Tiles()``."""
+    """``kernels.gelu_matmul.Tiles`` from ``"k=32,stages=4,epilogue=64x32"``: the fields that differ from ``Tiles()``."""
     fields = {f.name: f.type for f in dataclasses.fields(gm.Tiles)}
     changes = {}
     for item in text.split(","):
@@ -46,7 +46,7 @@ def _parse_tiles(text):
             raise SystemExit(f"error: --tiles {text!r}: expected KEY=VALUE items, e.g. m=128,n=64,stages=4")
         if key not in fields:
             raise SystemExit(f"error: --tiles {text!r}: unknown field {key!r} (fields: {', '.join(fields)})")
-        kind = {"int": int, "str": str, "tuple[int, int]": lambda v: tuple(map(int, v.split("x")))}[fields[key]]
+        kind = {"int": int, "tuple[int, int]": lambda v: tuple(map(int, v.split("x")))}[fields[key]]
         changes[key] = kind(value)
     return gm.Tiles(**changes)
 
