@@ -1,4 +1,4 @@
-"""The real-run GLA model of issue 8: 6 layers, width 512, 44.7M parameters, on the shipped corpus.
+"""The real-run GLA model: 6 layers, width 512, 44.7M parameters, on the shipped corpus.
 
 Heads keep the reference's shape (8 heads, key dim 32, value dim 64). The corpus is 18.1M training
 tokens, so 2,200 steps of 32 x 1024 tokens are four epochs; `small_softmax` is the same model with

@@ -12,9 +12,9 @@ from flax import nnx
 
 from jaxlin import ops
 from jaxlin.ops import attention as attention_ops
+from jaxlin.ops import dispatch
 from jaxlin.ops import mlp as mlp_ops
 from jaxlin.ops import norm as norm_ops
-from jaxlin.ops.checks import KERNEL_IMPLS
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS, fp8
 from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
 
@@ -59,14 +59,11 @@ class ModelConfig:
     # Softmax layers' attention (jaxlin.ops.attention): "auto" cuDNN's fused flash attention on GPU with
     # bf16, XLA otherwise; "cudnn"; "xla".
     attention_impl: str = "auto"
-    # "auto": GELU fused into the MLP's products (jaxlin.ops.mlp) where it applies, unless remat is "dots",
-    # whose memory budget has no room for the fused forward's stored gelu(h); "xla"; "pallas".
+    # The single-device kernels, each "auto", "xla" or "pallas" (the rules: jaxlin.ops.dispatch): GELU fused
+    # into the MLP's products, the recurrent layers' short convs and gated norm, the blocks' LayerNorms with
+    # the residual adds.
     mlp_impl: str = "auto"
-    # The recurrent layers' short convs and gated norm (jaxlin.ops.conv, jaxlin.ops.norm): "auto" their
-    # Pallas kernels on one GPU, "xla", "pallas".
     elementwise_impl: str = "auto"
-    # The blocks' LayerNorms with the residual adds: "auto" kernels.layer_norm (one pass each way) on one GPU,
-    # "xla" (Flax's LayerNorm), "pallas".
     layer_norm_impl: str = "auto"
     remat: str = "none"  # a key of REMAT_POLICIES: what each block saves for the backward pass
     # "fp8": the attention layers' projections and the MLP's products in FP8 (jaxlin.layers.fp8), with
@@ -90,8 +87,9 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat: unknown {self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         for name in ("mlp_impl", "elementwise_impl", "layer_norm_impl"):
-            if getattr(self, name) not in KERNEL_IMPLS:
-                raise ValueError(f"model.{name}: unknown {getattr(self, name)!r}; expected one of {KERNEL_IMPLS}")
+            if getattr(self, name) not in dispatch.KERNEL_IMPLS:
+                raise ValueError(f"model.{name}: unknown {getattr(self, name)!r}; "
+                                 f"expected one of {dispatch.KERNEL_IMPLS}")
         if self.matmul_precision not in fp8.MATMUL_PRECISIONS:
             raise ValueError(f"model.matmul_precision: unknown {self.matmul_precision!r}; expected one of "
                              f"{fp8.MATMUL_PRECISIONS}")
@@ -148,7 +146,7 @@ class MLP(nnx.Module):
     def __call__(self, x):
         w_fc, w_proj = (layer.kernel[...].astype(layer.dtype) for layer in (self.c_fc, self.c_proj))
         x = x.astype(self.c_fc.dtype)
-        if self.impl == "pallas" or (self.impl == "auto" and mlp_ops.fused_applies(x, w_fc)):
+        if dispatch.fused_mlp_applies(self.impl, x, w_fc):
             return mlp_ops.gelu_mlp(x, w_fc, w_proj)
         h = activation(jax.nn.gelu(fp8.matmul(x, w_fc, self.c_fc), approximate=True))
         return fp8.matmul(h, w_proj, self.c_proj)
@@ -176,10 +174,8 @@ class Block(nnx.Module):
         self.attn = ATTENTION_KINDS[kind](config.n_embd, config.n_head, out_std=out_std, dtype=dtype, rngs=rngs,
                                           **kwargs)
         self.ln_2 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
-        # The fused GELU MLP has no FP8 path: under fp8, "auto" takes XLA's products.
-        xla_mlp = config.remat == "dots" or config.matmul_precision == "fp8"
-        mlp_impl = "xla" if config.mlp_impl == "auto" and xla_mlp else config.mlp_impl
-        self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs, impl=mlp_impl)
+        self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs,
+                       impl=dispatch.mlp_impl(config.mlp_impl, config.remat, config.matmul_precision))
         if config.matmul_precision == "fp8":
             fp8.use_fp8(self.attn, config.fp8_amax_history)
             fp8.use_fp8(self.mlp, config.fp8_amax_history)
@@ -187,7 +183,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, segment_ids=None, state=None, return_state=False):
         attend = lambda h: self.attn(activation(h), segment_ids=segment_ids, state=state, return_state=return_state)
-        if norm_ops.layer_norm_applies(x, self.layer_norm_impl):
+        if dispatch.layer_norm_applies(x, self.layer_norm_impl):
             x, h = self._norm(self.ln_1, x, None)
             y, new_state = attend(h)
             x, h = self._norm(self.ln_2, x, y)

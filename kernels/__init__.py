@@ -1,5 +1,5 @@
-"""Pallas GPU kernels for jaxlin's linear-attention ops.
+"""Pallas GPU kernels for jaxlin's ops: Mosaic GPU (Hopper) and Triton lowerings.
 
-Kernels import only jax; ``jaxlin.ops`` dispatches to them lazily (``impl="pallas"``).
-``kernels.bench`` is the timing tool and may import jaxlin.
+Kernels import only jax; ``jaxlin.ops.dispatch`` decides which of them run. Their benchmarks live in
+``jaxlin.bench``.
 """

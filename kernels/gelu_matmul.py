@@ -45,38 +45,27 @@ MEMORY_REGISTERS = 40
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """One compute warpgroup's ``m x n`` output tile, the axis (``split``) along which the two
-    warpgroups' tiles lie side by side (each loaded slice is shared along the other), the depth
-    ``k`` of each loaded slice, the SMEM ring's ``stages``, the ``(rows, cols)`` of the sub-tiles in
-    which the ``epilogue`` stores, the forward epilogue's SMEM ``slots`` (each a sub-tile of h and
-    one of gelu(h); a slot is written again once its stores have read it), the width of the snake in
-    which output tiles are visited (neighbours share operand slices in L2) and the programs per SM
-    (with two, one program's epilogue can overlap the other's products).
+    """One compute warpgroup's ``m x n`` output tile (the two warpgroups' tiles lie side by side along n
+    and share each loaded slice of the left operand), the depth ``k`` of each loaded slice, the SMEM ring's
+    ``stages``, the ``(rows, cols)`` of the sub-tiles in which the ``epilogue`` stores, the forward
+    epilogue's SMEM ``slots`` (each a sub-tile of h and one of gelu(h); a slot is written again once its
+    stores have read it) and the width of the snake in which output tiles are visited (neighbours share
+    operand slices in L2). One program per SM.
 
-    Each step waits for its products before its SMEM slot is released. Releasing a slot a step later,
-    with the products left in flight (the pipeline's ``delay_release``), gave no speed and, by the
-    pipeline's source, is unsafe here: the last step's release is never waited for, and the next output
-    tile's first loads overwrite that slot while its products may still read it (wrong products with
-    ``split='m'`` on an H200)."""
+    Each step waits for its products before its SMEM slot is released: releasing it a step later gave no
+    speed and, by the pipeline's source, is unsafe in a persistent loop."""
     m: int = 128
     n: int = 128
     k: int = 64
-    stages: int = 3  # 4 fit beside 32 KiB of epilogue SMEM (slots=1), in the forward only: no faster
+    stages: int = 3
     epilogue: tuple[int, int] = (64, 64)
     slots: int = 2
     snake_width: int = 8
-    per_sm: int = 1
-    split: str = "n"
-
-    def __post_init__(self):
-        if self.split not in ("m", "n"):
-            raise ValueError(f"gelu_matmul: Tiles.split is 'm' or 'n', got {self.split!r}")
 
     @property
     def program_tile(self):
         """One program's ``(rows, cols)`` of the output: both compute warpgroups' tiles."""
-        wgs = COMPUTE_WARPGROUPS
-        return (wgs * self.m, self.n) if self.split == "m" else (self.m, wgs * self.n)
+        return self.m, COMPUTE_WARPGROUPS * self.n
 
     def divides(self, m, k, n):
         cta_m, cta_n = self.program_tile
@@ -89,7 +78,9 @@ class Tiles:
                              f"n of {cta_n} and k of {self.k} (see supports())")
 
 
-TILES = Tiles()  # the fastest of the tiles timed on an H200, for both products (docs/benchmarks.md)
+# The fastest, for both products, of the tilings `python -m jaxlin.bench.gelu --tiles ...` timed on an H200
+# (deeper rings, narrower epilogue sub-tiles, other tile shapes: docs/benchmarks.md).
+TILES = Tiles()
 
 
 def supports(x, w_fc) -> bool:
@@ -153,9 +144,8 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
         def _(loop):
             mi, ni = plgpu.planar_snake(loop.index[0], (m_tiles, n_tiles), 1, tiles.snake_width)
-            by_m, by_n = (wg, 0) if tiles.split == "m" else (0, wg)
-            rows = pl.ds(mi * cta_m + by_m * tiles.m, tiles.m)
-            cols = pl.ds(ni * cta_n + by_n * tiles.n, tiles.n)
+            rows = pl.ds(mi * cta_m, tiles.m)
+            cols = pl.ds(ni * cta_n + wg * tiles.n, tiles.n)
             tile = _Tile(rows, cols, wg)
 
             def context(run):
@@ -168,8 +158,7 @@ def _product_kernel(a_gmem, b_gmem, *refs, tiles: Tiles, epilogue, prologue=None
                 pl.run_scoped(with_acc, plgpu.ACC((tiles.m, tiles.n), jnp.float32))
 
             def step(_, a_smem, b_smem, acc_ref):
-                plgpu.wgmma(acc_ref, a_smem.at[pl.ds(by_m * tiles.m, tiles.m), :],
-                            b_smem.at[:, pl.ds(by_n * tiles.n, tiles.n)])
+                plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, pl.ds(wg * tiles.n, tiles.n)])
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
@@ -248,18 +237,18 @@ def _gelu_grad_product_kernel(dy_gmem, w_t_gmem, h_gmem, dh_gmem, *, tiles):
     pl.run_scoped(scoped, ring, h_smem, bars, collective_axes="wg")
 
 
-def _num_programs(tiles, interpret):
+def _num_programs(interpret):
     if interpret:
         return 2
     device = jax.devices()[0]
-    return tiles.per_sm * (device.core_count if device.platform == "gpu" else 132)  # 132: H100 and H200 SXM
+    return device.core_count if device.platform == "gpu" else 132  # 132: H100 and H200 SXM
 
 
 def _launch(kernel, operands, out_type, *, tiles, interpret, name=None):
     m, k = operands[0].shape
     tiles.check(m, k, operands[1].shape[1])
     return plgpu.kernel(
-        functools.partial(kernel, tiles=tiles), out_type=out_type, grid=(_num_programs(tiles, interpret),),
+        functools.partial(kernel, tiles=tiles), out_type=out_type, grid=(_num_programs(interpret),),
         grid_names=("sm",), thread_name="wg", num_threads=COMPUTE_WARPGROUPS + 1,  # + the memory warpgroup
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                              approx_math=True),

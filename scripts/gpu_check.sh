@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one call: compiled kernel tests, the kernel benchmarks and the train-step benchmark,
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
-# ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
+# ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, ...) are installed first; those in
+# .whl/reference/ (FLA and its dependencies) go to a folder of their own, on PYTHONPATH only for the `reference`
+# stage: transformers inside FLA breaks with the project's safetensors.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
-#   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, attention-tests,
+#   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, reference, attention-tests,
 #   train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run (default: tests,
 #   delta-tests, gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
-# compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
+# compiling), so give it a stage of its own where time is short. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape,
-# `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels. `fp8` times the GPT-2 Medium GLA
+# `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels. `reference` times the PyTorch
+# reference's step (jaxlin.bench.reference); `reference train` puts it beside ours, same GPU, same call.
 # step at model.matmul_precision bf16 then fp8 on the same GPU (about 5 minutes); `fp8-run` trains
 # configs/small_gla.py for its 2,200 steps at bf16 then fp8 (about 3 minutes each on an H100: run it alone)
 # on the corpus in $JAXLIN_DATA_DIR and plots both curves into fp8_loss.png.
@@ -23,6 +26,16 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+
+install_reference_wheels() {  # .whl/reference/ (FLA) into /tmp/reference_site, once
+  [ -d /tmp/reference_site ] && return 0
+  if ! compgen -G ".whl/reference/*.whl" >/dev/null; then
+    echo "   no FLA wheels in .whl/reference/ (pip download flash-linear-attention there): FLA rows skipped"
+    return 1
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/reference_site \
+    .whl/reference/*.whl || { echo "error: installing .whl/reference/*.whl failed" >&2; exit 1; }
+}
 
 stage() {  # name, seconds, command...: the log keeps everything, the terminal the last lines
   local name=$1 seconds=$2
@@ -43,59 +56,64 @@ for name in "${stages[@]}"; do
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
     gelu-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage gelu-tests 120 python3 -m pytest \
              tests/kernels/test_gelu_matmul.py -vv -p no:cacheprovider -W ignore ;;
-    gelu) stage gelu 150 python3 -m kernels.bench_gelu --json "$out/gelu.json" ;;
+    gelu) stage gelu 150 python3 -m jaxlin.bench.gelu --json "$out/gelu.json" ;;
     elementwise-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage elementwise-tests 360 python3 -m pytest \
              tests/kernels/test_gated_norm.py tests/kernels/test_short_conv.py tests/kernels/test_layer_norm.py \
              -vv -p no:cacheprovider -W ignore ;;
-    elementwise) stage elementwise 180 python3 -m kernels.bench_elementwise --conv-tiles 4,256,32,4 8,512,16,8 \
-             --json "$out/elementwise.json" ;;  # + two other walk tilings
-    gla) stage gla 150 python3 -m kernels.bench gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
+    elementwise) stage elementwise 180 python3 -m jaxlin.bench.elementwise --conv_tiles 4,256,32,4 \
+             --conv_tiles 8,512,16,8 --json "$out/elementwise.json" ;;  # + two other walk tilings
+    gla) stage gla 150 python3 -m jaxlin.bench.kernels --op gla $shapes --impls pallas:triton,pallas:mosaic --json "$out/gla.json" ;;
     delta-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage delta-tests 300 python3 -m pytest tests/kernels/test_delta.py \
              -k "mosaic or bf16" -vv -p no:cacheprovider -W ignore ;;
-    delta) stage delta 240 bash -c "python3 -m kernels.bench delta_rule --shape 32,1024,16,64,64 \
-             --impls pallas:triton,pallas:mosaic --json $out/delta_rule.json && python3 -m kernels.bench \
-             gated_delta_rule --shape 32,1024,16,64,64 --shape 4,2048,16,128,128 \
+    delta) stage delta 240 bash -c "python3 -m jaxlin.bench.kernels --op delta_rule --shape 32,1024,16,64,64 \
+             --impls pallas:triton,pallas:mosaic --json $out/delta_rule.json && python3 -m jaxlin.bench.kernels \
+             --op gated_delta_rule --shape 32,1024,16,64,64 --shape 4,2048,16,128,128 \
              --impls pallas:triton,pallas:mosaic --json $out/gated_delta_rule.json" ;;
-    train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
-    train-xla-norms) stage train-xla-norms 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+    train) stage train 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
+    train-xla-norms) stage train-xla-norms 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
              --config configs/gpt2_medium_gla.py --config.model.layer_norm_impl=xla --json "$out/train_xla_norms.json" ;;  # the A/B without the LayerNorm kernel
     train-delta) for impl in pallas:triton pallas:mosaic; do  # the delta kernels' two backends, paired
-             stage "train-delta-${impl#pallas:}" 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             stage "train-delta-${impl#pallas:}" 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
                --config configs/gpt2_medium_gated_deltanet.py --config.model.impl=$impl \
                --json "$out/train_delta_${impl#pallas:}.json"
            done ;;
     train-all) for config in gla deltanet gated_deltanet hybrid softmax; do  # every GPT-2 Medium config
-             # one log each and one JSON line each in train_all.jsonl: a device call returns 8 files at most
+             # one log each, and one JSON line each in train_all.jsonl
              rm -f "/tmp/train_$config.json"
-             stage "train-$config" 150 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             stage "train-$config" 150 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
                --config "configs/gpt2_medium_$config.py" --json "/tmp/train_$config.json"
              [ -f "/tmp/train_$config.json" ] && python3 -c "import json, sys
 print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tmp/train_$config.json" "$config" \
                >>"$out/train_all.jsonl"
            done ;;
-    profile) stage profile 240 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py \
+    profile) stage profile 240 python3 -m jaxlin.bench.train_step --steps 10 --nophases --config configs/gpt2_medium_gla.py \
                --profile /tmp/gla_profile --json "$out/profile.json"
              gzip -c /tmp/gla_profile/train_step.hlo.txt >"$out/profile_hlo.txt.gz" ;;  # fusions -> source lines
+    reference)
+      install_reference_wheels || continue
+      PYTHONPATH=/tmp/reference_site:$PWD stage reference 240 python3 -m jaxlin.bench.reference --steps 10 \
+        --json "$out/reference.json" ;;
     attention-tests) JAX_PLATFORMS=cuda stage attention-tests 300 python3 -m pytest tests/ops/test_attention.py \
              -vv -p no:cacheprovider -W ignore ;;  # cuDNN attention against XLA's, values and gradients
     train-softmax) for run in gla:gla softmax:softmax softmax_xla:softmax; do  # GLA beside fused and XLA softmax
              label=${run%%:*} config=${run#*:} extra=()
              [ "$label" = softmax_xla ] && extra=(--config.model.attention_impl=xla)
-             stage "train-$label" 150 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             stage "train-$label" 150 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
                --config "configs/gpt2_medium_$config.py" "${extra[@]}" --json "$out/train_$label.json"
            done ;;
     seq-sweep) stage seq-sweep 570 python3 -m jaxlin.bench.seq_sweep --configs gla,softmax --budget 530 \
              --json "$out/seq_sweep.json" ;;
     seq-sweep-recurrent) stage seq-sweep-recurrent 570 python3 -m jaxlin.bench.seq_sweep \
              --configs gated_deltanet,hybrid --budget 530 --json "$out/seq_sweep_recurrent.json" ;;
-    attention-layer) stage attention-layer 420 python3 -m jaxlin.bench.attention_layer \
+    attention-layer) install_reference_wheels  # FLA's chunk_gla beside ours, when carried
+             PYTHONPATH=$PYTHONPATH:/tmp/reference_site stage attention-layer 420 python3 -m jaxlin.bench.attention_layer \
              --json "$out/attention_layer.json" ;;
     long-train) for config in small_gla_8k small_softmax_8k; do  # a short long-context run each; loss in metrics
              stage "$config" 280 python3 train.py --config "configs/$config.py" --workdir "/tmp/runs/$config"
              cp "/tmp/runs/$config/metrics.jsonl" "$out/$config.metrics.jsonl" 2>/dev/null
            done ;;
     fp8) for precision in bf16 fp8; do  # side by side on one GPU
-           stage "train-$precision" 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+           stage "train-$precision" 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
              --config configs/gpt2_medium_gla.py --config.model.matmul_precision=$precision \
              --json "$out/train_$precision.json"
          done
@@ -117,7 +135,7 @@ val = {p: [r['val_loss'] for r in map(json.loads, open(f'{sys.argv[1]}/small_gla
 print('final val loss: bf16 %.4f, fp8 %.4f (%+.2f %%)' % (val['bf16'][-1], val['fp8'][-1],
       100 * (val['fp8'][-1] / val['bf16'][-1] - 1)))" "$out" ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
-            "gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, attention-tests," \
+            "gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, reference, attention-tests," \
             "train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8 or fp8-run)" >&2; exit 2 ;;
   esac
 done

@@ -43,7 +43,7 @@ def test_small_real_run_size():
     from jaxlin.model import GPT, count_params
     gla, softmax = load("small_gla"), load("small_softmax")
     n = count_params(nnx.eval_shape(lambda: GPT(gla, rngs=nnx.Rngs(0))))
-    assert 20e6 <= n <= 50e6  # issue 8: a 20-50M parameter model
+    assert 20e6 <= n <= 50e6  # the real run: a 20-50M parameter model
     assert (softmax.attn, softmax.n_layer, softmax.n_embd) == ("softmax", gla.n_layer, gla.n_embd)
 
 

@@ -292,12 +292,12 @@ def test_fused_gelu_mlp_refuses_a_mesh_of_several_devices():
 
 def test_elementwise_kernels_refuse_a_mesh_of_several_devices():
     """Forced on under a mesh, the kernels refuse with the fix; auto keeps XLA there."""
-    from jaxlin.ops import conv, norm
+    from jaxlin.ops import dispatch
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
-        assert not conv.kernels_apply("auto")
+        assert not dispatch.elementwise_kernels_apply("auto")
         with pytest.raises(ValueError, match="elementwise_impl='auto' or 'xla'"):
-            conv.kernels_apply("pallas")
-        assert not norm.layer_norm_applies(jnp.ones((64, 64)), "auto")
+            dispatch.elementwise_kernels_apply("pallas")
+        assert not dispatch.layer_norm_applies(jnp.ones((64, 64)), "auto")
         with pytest.raises(ValueError, match="layer_norm_impl='auto' or 'xla'"):
-            norm.layer_norm_applies(jnp.ones((64, 64)), "pallas")
+            dispatch.layer_norm_applies(jnp.ones((64, 64)), "pallas")

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxlin import ops  # noqa: E402
 from jaxlin.ops import attention  # noqa: E402
-from kernels.bench import _inputs, _median_ms, _time_fla  # noqa: E402
+from jaxlin.bench.kernels import _inputs, _time_fla  # noqa: E402
 
 IMPLS = ("gla", "fla", "softmax", "xla")
 FLA_MISSING = ("fla: FLA's chunk_gla is not importable (needs torch, triton and flash-linear-attention: "

@@ -39,7 +39,7 @@ DEFAULT_LENGTHS = "1024,2048,4096,8192,16384"
 
 def time_train_step(config, steps: int) -> dict:
     """The train-step benchmark that every row runs (one micro-batch, chained donated steps)."""
-    from jaxlin.train.bench import bench
+    from jaxlin.bench.train_step import bench
     return bench(config, steps, sharded=False, phases=False)
 
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "reference", "chunked", "pallas", "pallas:mosaic", "pallas:triton")
+from .dispatch import LINEAR_ATTENTION_IMPLS as IMPLS
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
@@ -80,40 +80,3 @@ def check_inputs(q, k, v, *, g=None, g_rank=None, beta=None, initial_state=None,
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
     return B, T, H, K, V
-
-
-# ModelConfig's mlp_impl, elementwise_impl and layer_norm_impl: the single-device kernels' switches.
-KERNEL_IMPLS = ("auto", "xla", "pallas")
-
-
-def on_one_gpu() -> bool:
-    """Whether the code runs on one GPU: where the single-device kernels (fused GELU MLP, element-wise
-    kernels, LayerNorm), which are not partitioned over a mesh, apply by default."""
-    return jax.default_backend() == "gpu" and jax.sharding.get_abstract_mesh().size <= 1
-
-
-def batch_axes(exclude: tuple = ("sequence",)) -> tuple:
-    """The current mesh's axes of more than one device that split the batch and are not manual yet (a
-    computation inside `shard_map` over some axes may still split its rows over the others)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return ()
-    return tuple(a for a in mesh.axis_names if a not in mesh.manual_axes and a not in exclude and mesh.shape[a] > 1)
-
-
-def require_one_device(what: str, fix: str) -> None:
-    """Refuses a single-device kernel asked for under a mesh of several devices, naming the config fix."""
-    devices = jax.sharding.get_abstract_mesh().size
-    if devices > 1:
-        raise ValueError(f"{what}: one device only, not partitioned over a mesh of {devices}; use {fix}")
-
-
-def kernel_applies(impl: str, what: str, key: str) -> bool:
-    """Whether a single-device kernel runs under ``impl``, the value of config field ``key``: "pallas"
-    (interpret mode off the GPU; refused under a mesh of several devices), or "auto" on one GPU."""
-    if impl not in KERNEL_IMPLS:
-        raise ValueError(f"{key} must be one of {KERNEL_IMPLS}, got {impl!r}")
-    if impl == "pallas":
-        require_one_device(what, f"{key}='auto' or 'xla'")
-        return True
-    return impl == "auto" and on_one_gpu()

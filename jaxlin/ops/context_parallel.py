@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .checks import batch_axes
+from .mesh_axes import batch_axes
 
 AXIS = "sequence"
 

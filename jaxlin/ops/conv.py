@@ -2,7 +2,7 @@
 
 ``causal_conv`` is the formula in XLA, for one input, with an optional cache of past inputs (decoding).
 ``conv_and_split`` takes the layers' joined input projection ``y = x @ [W_q | W_k | W_v | ...]``, convolves
-its q|k|v columns and splits off the rest; on one GPU it runs ``kernels.short_conv``, whose backward writes
+its q|k|v columns and splits off the rest; where ``dispatch`` says, it runs ``kernels.short_conv``, whose backward writes
 ``y``'s gradient in one pass instead of XLA's three (see there).
 """
 
@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import short_conv
+
 from . import context_parallel
-from .checks import kernel_applies
+from .dispatch import elementwise_kernels_apply
 
 
 def extend_segments(segment_ids: jax.Array, n_past: int) -> jax.Array:
@@ -111,18 +113,11 @@ def split_channels(y, widths):
     return jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
 
 
-def kernels_apply(impl: str = "auto") -> bool:
-    """Whether the layers' element-wise Pallas kernels (``kernels.short_conv``, ``kernels.gated_norm``) run:
-    ``impl`` "pallas" (interpret mode off the GPU), or "auto" on one GPU (they are not partitioned over a
-    mesh)."""
-    return kernel_applies(impl, "the element-wise Pallas kernels", "model.elementwise_impl")
-
-
 def conv_and_split(y, kernels, rest_widths, *, segment_ids=None, impl="auto"):
     """``(convolved, rest)``: y [B, T, sum(conv widths) + sum(rest_widths)] split by columns into one
     piece per kernel [width, channels], each convolved (``causal_conv``, no cache), then the
     ``rest_widths`` pieces as they are."""
-    if not kernels_apply(impl):
+    if not elementwise_kernels_apply(impl):
         pieces = split_channels(y, [k.shape[1] for k in kernels] + list(rest_widths))
         convolved = (causal_conv(x, k, segment_ids=segment_ids)[0] for x, k in zip(pieces, kernels))
         return tuple(convolved), tuple(pieces[len(kernels):])
@@ -134,7 +129,6 @@ def conv_and_split(y, kernels, rest_widths, *, segment_ids=None, impl="auto"):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv_and_split(y, kernel, segment_ids, conv_widths, rest_widths, interpret):
-    from kernels import short_conv
     convolved = short_conv.conv_forward(y, kernel, conv_widths, segment_ids, interpret=interpret)
     return (*convolved, *split_channels(y, list(conv_widths) + list(rest_widths))[len(conv_widths):])
 
@@ -144,7 +138,6 @@ def _conv_and_split_fwd(y, kernel, segment_ids, conv_widths, rest_widths, interp
 
 
 def _conv_and_split_bwd(conv_widths, rest_widths, interpret, residuals, grads):
-    from kernels import short_conv
     y, kernel, segment_ids = residuals
     dy, dkernel = short_conv.conv_join_backward(y, kernel, grads[:len(conv_widths)], grads[len(conv_widths):],
                                                 segment_ids, interpret=interpret)

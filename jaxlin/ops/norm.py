@@ -8,20 +8,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .checks import kernel_applies
-from .conv import kernels_apply
+from kernels import gated_norm, layer_norm
+
+from .dispatch import gated_norm_applies
 
 
 def gated_rms_norm(x, weight, gate=None, *, eps, impl="auto"):
     """``x * rsqrt(mean(x^2) + eps) * weight``, times ``silu(gate)`` when given, over the last axis, in
     float32; returned in x's dtype. x and gate ``[..., D]``, weight ``[D]``. The kernel takes gated calls
     whose rows it supports; the rest run the formula in XLA."""
-    if gate is not None and kernels_apply(impl):
-        from kernels import gated_norm
-        rows = x.reshape(-1, x.shape[-1])
-        if gated_norm.supports(rows):
-            out = _gated_norm(rows, gate.reshape(rows.shape), weight, eps, jax.default_backend() != "gpu")
-            return out.reshape(x.shape)
+    rows = x.reshape(-1, x.shape[-1])
+    if gate is not None and gated_norm_applies(impl, rows):
+        out = _gated_norm(rows, gate.reshape(rows.shape), weight, eps, jax.default_backend() != "gpu")
+        return out.reshape(x.shape)
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * weight
     if gate is not None:
@@ -31,7 +30,6 @@ def gated_rms_norm(x, weight, gate=None, *, eps, impl="auto"):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _gated_norm(x, gate, weight, eps, interpret):
-    from kernels import gated_norm
     return gated_norm.gated_norm_forward(x, gate.astype(x.dtype), weight, eps=eps, interpret=interpret)
 
 
@@ -40,7 +38,6 @@ def _gated_norm_fwd(x, gate, weight, eps, interpret):
 
 
 def _gated_norm_bwd(eps, interpret, residuals, dout):
-    from kernels import gated_norm
     x, gate, weight = residuals
     dx, dgate, dweight = gated_norm.gated_norm_backward(x, gate.astype(x.dtype), weight, dout, eps=eps,
                                                         interpret=interpret)
@@ -53,26 +50,15 @@ _gated_norm.defvjp(_gated_norm_fwd, _gated_norm_bwd)
 def residual_layer_norm(x, residual, scale, bias, *, eps):
     """``(x + residual, LayerNorm(x + residual))`` over the last axis by ``kernels.layer_norm`` (interpret
     mode off the GPU); with ``residual`` None, ``(x, LayerNorm(x))``. Returning the sum (or x) lets the
-    backward add the residual stream's gradient in the same pass. Callers check ``layer_norm_applies``."""
+    backward add the residual stream's gradient in the same pass. Callers check ``dispatch.layer_norm_applies``."""
     shape, D = x.shape, x.shape[-1]
     outputs = _layer_norm(x.reshape(-1, D), None if residual is None else residual.reshape(-1, D), scale, bias,
                           eps, jax.default_backend() != "gpu")
     return tuple(o.reshape(shape) for o in outputs)
 
 
-def layer_norm_applies(x, impl: str) -> bool:
-    """Whether ``impl`` (ModelConfig.layer_norm_impl) runs ``residual_layer_norm`` on x: "pallas" (interpret
-    mode off the GPU; one device), or "auto" on one GPU; for rows the kernel's programs cover (others take
-    Flax's LayerNorm)."""
-    if not kernel_applies(impl, "the LayerNorm kernel", "model.layer_norm_impl"):
-        return False
-    from kernels import layer_norm
-    return layer_norm.supports(x.reshape(-1, x.shape[-1]))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _layer_norm(x, residual, scale, bias, eps, interpret):
-    from kernels import layer_norm
     return layer_norm.layer_norm_forward(x, residual, scale, bias, eps=eps, interpret=interpret)
 
 
@@ -81,7 +67,6 @@ def _layer_norm_fwd(x, residual, scale, bias, eps, interpret):
 
 
 def _layer_norm_bwd(eps, interpret, residuals, grads):
-    from kernels import layer_norm
     x, residual, scale, bias = residuals
     dsum, dout = grads
     dx, dscale, dbias = layer_norm.layer_norm_backward(x, residual, scale, dsum, dout, eps=eps, interpret=interpret)

@@ -16,14 +16,14 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlin.ops import context_parallel
-from jaxlin.ops.checks import batch_axes
+from jaxlin.ops.mesh_axes import batch_axes
 
 
 def chunked_cross_entropy(hidden, embedding, targets, *, chunk: int):
     """Mean NLL of `targets` [B, T] under logits = hidden [B, T, D] @ embedding[V, D]^T.
 
     Under a mesh each device runs the slice loop over its own tokens (`shard_map`; the batch axis split
-    over `jaxlin.ops.checks.batch_axes()`, the time axis over `sequence` when it splits sequences): left to
+    over `jaxlin.ops.mesh_axes.batch_axes()`, the time axis over `sequence` when it splits sequences): left to
     the partitioner, a loop over slices of the sharded token axis moves hidden states between devices and
     all-reduces the embedding gradient at every slice.
     """

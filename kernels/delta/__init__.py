@@ -1,13 +1,13 @@
 """Chunked delta rule and gated delta rule on Pallas, differentiable via custom_vjp.
 
-``kernels.delta_rule`` and ``kernels.gated_delta_rule`` are the thin entry points
-``jaxlin.ops`` dispatches to; both run the kernels here, the plain rule without gates.
-Two backends:
+``delta_pallas`` is the entry point of ``jaxlin.ops.delta_rule`` (``g`` None) and
+``gated_delta_rule`` with ``impl="pallas"``; inputs arrive validated, and ``jaxlin.ops.dispatch`` picks
+the backend. Two backends:
 
 - Mosaic GPU (the Hopper path: TMA, wgmma), bf16 q, k, v with K and V in {64, 128}: forward, the
   chunk transform then one fused pass for the states, written values and outputs
   (``mosaic_forward.py``); backward, the reverse state-gradient pass then the two chunk-gradient
-  kernels (``mosaic_backward.py``). ``backend="auto"`` takes these where they apply;
+  kernels (``mosaic_backward.py``);
 - Triton (any supported dtype, float32 included): three kernels forward (``forward.py``), three
   backward (``backward.py``).
 
@@ -29,7 +29,7 @@ from .mosaic_backward import gate_grads, output_path_grads, state_grad_pass_mosa
 from .mosaic_forward import chunk_transform_mosaic, state_outputs_mosaic
 
 HEAD_DIMS = (32, 64, 128)
-BACKENDS = ("auto", "mosaic", "triton")
+BACKENDS = ("mosaic", "triton")
 
 
 def supports(q, k, v, *gates_and_beta, **_):
@@ -46,19 +46,15 @@ def mosaic_supports(q, k, v):
 
 
 def delta_pallas(q, k, v, g, beta, *, scale, initial_state, output_final_state, segment_ids,
-                 interpret=False, backend="auto"):
-    """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``g`` None: plain rule.
-
-    ``backend``: "mosaic" or "triton"; "auto" takes Mosaic where it applies (``mosaic_supports``):
-    1.5-2x faster than Triton alone, and a Gated DeltaNet GPT-2 Medium step on an H200 runs 7 % faster
-    with them (docs/benchmarks.md).
-    """
+                 backend, interpret=False):
+    """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``g`` None: the plain rule.
+    ``backend`` "mosaic" (where ``mosaic_supports``) or "triton"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if backend == "mosaic" and not mosaic_supports(q, k, v):
         raise ValueError(f"backend='mosaic' needs bf16 q, k, v and K, V in {mosaic_forward.HEAD_DIMS}; got "
-                         f"{q.dtype}, K={q.shape[-1]}, V={v.shape[-1]}. Use 'auto' or 'triton'.")
-    use_mosaic = backend == "mosaic" or (backend == "auto" and mosaic_supports(q, k, v))
+                         f"{q.dtype}, K={q.shape[-1]}, V={v.shape[-1]}. Use 'triton'.")
+    use_mosaic = backend == "mosaic"
     B, T = q.shape[:2]
     padded = -(-T // CHUNK) * CHUNK
     seg = segment_index(segment_ids, B, T, padded)

@@ -1,7 +1,7 @@
 """Chunked gated linear attention on Pallas, differentiable via custom_vjp.
 
 ``gla_pallas`` is the entry point ``jaxlin.ops.gla(..., impl="pallas")`` calls; inputs arrive
-validated. Two backends:
+validated, and ``jaxlin.ops.dispatch`` picks the backend. Two backends:
 
 - Mosaic GPU (the Hopper path: TMA, wgmma), bf16 only: one fused forward kernel
   (``mosaic_forward.py``) and one fused backward kernel (``mosaic_backward.py``), each a pass over
@@ -28,7 +28,7 @@ from .mosaic_backward import all_chunks_mild, final_state_gate_grad, gla_backwar
 from .mosaic_forward import gla_forward_mosaic
 
 HEAD_DIMS = (32, 64, 128)
-BACKENDS = ("auto", "mosaic", "triton")
+BACKENDS = ("mosaic", "triton")
 
 
 def mosaic_supports(q, k, v, g):
@@ -46,18 +46,15 @@ def supports(q, k, v, g, *, scale=None, initial_state=None, output_final_state=F
 
 
 def gla_pallas(q, k, v, g, *, scale, initial_state, output_final_state, segment_ids,
-               interpret=False, backend="auto"):
-    """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``.
-
-    ``backend``: "mosaic" or "triton"; "auto" takes Mosaic where it applies (``mosaic_supports``).
-    """
+               backend, interpret=False):
+    """``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``; ``backend`` "mosaic" (where
+    ``mosaic_supports``) or "triton"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-    mosaic_ok = mosaic_supports(q, k, v, g)
-    if backend == "mosaic" and not mosaic_ok:
+    if backend == "mosaic" and not mosaic_supports(q, k, v, g):
         raise ValueError(f"backend='mosaic' needs bf16 q, k, v, g, V in (64, 128) and K in (32, 64); got "
-                         f"{q.dtype}/{g.dtype}, K={q.shape[-1]}, V={v.shape[-1]}. Use 'auto' or 'triton'.")
-    use_mosaic = backend == "mosaic" or (backend == "auto" and mosaic_ok)
+                         f"{q.dtype}/{g.dtype}, K={q.shape[-1]}, V={v.shape[-1]}. Use 'triton'.")
+    use_mosaic = backend == "mosaic"
     B, T = q.shape[:2]
     padded = -(-T // CHUNK) * CHUNK
     seg = segment_index(segment_ids, B, T, padded)

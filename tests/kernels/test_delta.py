@@ -12,13 +12,12 @@ import pytest
 from jax.experimental import pallas as pl
 
 from jaxlin import ops
+from jaxlin.ops.dispatch import pallas_backend
 from jaxlin.ops.reference import delta_rule_reference, gated_delta_rule_reference
 from kernels.common import CHUNK
-from kernels.delta import mosaic_supports
+from kernels.delta import delta_pallas, mosaic_supports, supports
 from kernels.delta.mosaic_backward import gate_grads
 from kernels.delta.forward import unit_lower_inverse
-from kernels.delta_rule import delta_rule_pallas
-from kernels.gated_delta_rule import gated_delta_rule_pallas, supports
 from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, packed_segments, rel_error, value_and_grads
 
 BATCH, HEADS = (2, 4) if ON_GPU else (1, 2)  # HEADS even: see _per_head
@@ -51,10 +50,12 @@ def _outputs_and_grads(fn, gated, q, k, v, g, beta, h0, cot_key, segment_ids, us
 
 
 def _check(T, gated=True, K=32, V=64, dtype=jnp.float32, gate_scale=0.1, beta_range=(0.0, 1.0),
-           segments=None, use_h0=True, seed=0, backend="auto"):
+           segments=None, use_h0=True, seed=0, backend=None):
+    """``backend`` None: the one ``impl="pallas"`` takes for these inputs."""
     q, k, v, g, beta, h0, cot_key = _inputs(seed, T, K, V, dtype, gate_scale, beta_range)
     seg = None if segments is None else packed_segments(BATCH, T, segments)
-    kernel = gated_delta_rule_pallas if gated else delta_rule_pallas
+    backend = backend or pallas_backend("gated_delta_rule", (q, k, v, g, beta))
+    kernel = delta_pallas if gated else lambda q, k, v, beta, **kw: delta_pallas(q, k, v, None, beta, **kw)
     pallas = lambda *a, **kw: kernel(*a, **kw, interpret=not ON_GPU, backend=backend)
     reference = gated_delta_rule_reference if gated else delta_rule_reference
     args = (q, k, v, g, beta, h0, cot_key)
@@ -129,9 +130,9 @@ def test_mosaic_refuses_what_it_cannot_run():
     assert not mosaic_supports(x(64, jnp.float32), x(64, jnp.float32), x(64, jnp.float32))
     kwargs = dict(scale=1.0, initial_state=None, output_final_state=False, segment_ids=None)
     with pytest.raises(ValueError, match="backend='mosaic' needs bf16"):
-        gated_delta_rule_pallas(x(32), x(32), x(64), gate, gate, **kwargs, backend="mosaic")
+        delta_pallas(x(32), x(32), x(64), gate, gate, **kwargs, backend="mosaic")
     with pytest.raises(ValueError, match="expected one of"):
-        gated_delta_rule_pallas(x(64), x(64), x(64), gate, gate, **kwargs, backend="cuda")
+        delta_pallas(x(64), x(64), x(64), gate, gate, **kwargs, backend="cuda")
 
 
 @pytest.mark.parametrize("K,V", [(128, 32), (64, 128)])

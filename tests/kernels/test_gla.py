@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxlin.ops.dispatch import pallas_backend
 from jaxlin.ops.reference import gla_reference
 from kernels.gla import gla_pallas, mosaic_backward, mosaic_supports, supports
 from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, packed_segments, rel_error, value_and_grads
@@ -40,9 +41,11 @@ def _outputs_and_grads(fn, q, k, v, g, h0, cot_key, segment_ids, use_h0):
 
 
 def _check(T, K=32, V=64, dtype=jnp.float32, gate_scale=1.0, segments=None, use_h0=True, seed=0,
-           backend="auto"):
+           backend=None):
+    """``backend`` None: the one ``impl="pallas"`` takes for these inputs."""
     q, k, v, g, h0, cot_key = _inputs(seed, T, K, V, dtype, gate_scale)
     seg = None if segments is None else packed_segments(BATCH, T, segments)
+    backend = backend or pallas_backend("gla", (q, k, v, g))
     pallas = lambda *a, **kw: gla_pallas(*a, **kw, interpret=not ON_GPU, backend=backend)
     got = jax.jit(lambda *a: _outputs_and_grads(pallas, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
     want = jax.jit(lambda *a: _outputs_and_grads(gla_reference, *a, seg, use_h0))(q, k, v, g, h0, cot_key)
@@ -124,7 +127,7 @@ def test_head_dims_bf16(K, V):
 def test_no_initial_state_no_final_state():
     q, k, v, g, _, _ = _inputs(5, 63, 32, 64, jnp.float32, 1.0)
     o, s = gla_pallas(q, k, v, g, scale=0.2, initial_state=None, output_final_state=False,
-                      segment_ids=None, interpret=not ON_GPU)
+                      segment_ids=None, backend="triton", interpret=not ON_GPU)
     want, _ = gla_reference(q, k, v, g, scale=0.2)
     assert s is None and rel_error(o, want) <= 1e-4
 

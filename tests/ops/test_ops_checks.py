@@ -1,13 +1,13 @@
 """Argument validation (ValueError naming the argument) and impl dispatch."""
 
-import sys
-import types
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxlin import ops
+from jaxlin.ops import dispatch
 
 B, T, H, K, V = 1, 4, 2, 16, 32
 
@@ -83,15 +83,6 @@ def test_gates_of_the_other_dtype_are_accepted():
     assert o.dtype == jnp.bfloat16 and s is None
 
 
-def test_pallas_missing_kernel_is_not_implemented(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kernels.delta_rule", None)  # as if the module did not exist
-    with pytest.raises(NotImplementedError, match="delta_rule_pallas"):
-        call("delta_rule", impl="pallas")
-    monkeypatch.setitem(sys.modules, "kernels.gla", types.ModuleType("kernels.gla"))  # module, no function
-    with pytest.raises(NotImplementedError, match="gla_pallas"):
-        call("gla", impl="pallas")
-
-
 def test_pallas_dispatch_and_auto_fallback(monkeypatch):
     seen = {}
 
@@ -99,18 +90,19 @@ def test_pallas_dispatch_and_auto_fallback(monkeypatch):
         seen.update(kw)
         return jnp.full(v.shape, 7.0, v.dtype), None  # recognisably the fake kernel's output
 
-    fake = types.ModuleType("kernels.gla")
-    fake.gla_pallas = gla_pallas
-    monkeypatch.setitem(sys.modules, "kernels.gla", fake)
+    table = dispatch.LINEAR_ATTENTION["gla"]
+    monkeypatch.setitem(dispatch.LINEAR_ATTENTION, "gla",
+                        dataclasses.replace(table, pallas=gla_pallas, supports=lambda *a: True))
     from_kernel = lambda o: bool(jnp.all(o == 7.0))
     assert from_kernel(call("gla", impl="pallas")[0])
-    assert seen["interpret"] is True and seen["scale"] == K ** -0.5 and "backend" not in seen
-    assert from_kernel(call("gla", impl="pallas:triton")[0]) and seen["backend"] == "triton"
+    assert seen["interpret"] is True and seen["scale"] == K ** -0.5 and seen["backend"] == "triton"  # float32
+    assert from_kernel(call("gla", impl="pallas:mosaic")[0]) and seen["backend"] == "mosaic"
 
     assert not from_kernel(call("gla", impl="auto")[0])  # CPU: never the kernel
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert from_kernel(call("gla", impl="auto")[0])
-    fake.supports = lambda *a, **kw: False  # the kernel declines: auto falls back to chunked
+    declines = dataclasses.replace(table, pallas=gla_pallas, supports=lambda *a: False)
+    monkeypatch.setitem(dispatch.LINEAR_ATTENTION, "gla", declines)  # auto falls back to chunked
     q, k, v, gk, _, _ = ok_args()
     o, _ = jax.jit(lambda *a: ops.gla(*a, impl="auto"))(q, k, v, gk)
     want, _ = ops.gla(q, k, v, gk, impl="reference")
@@ -122,3 +114,12 @@ def test_no_final_state_unless_asked():
     for impl in ("reference", "chunked"):
         o, s = jax.jit(lambda *a: ops.gla(*a, impl=impl))(q, k, v, gk)
         assert s is None and o.shape == (B, T, H, V)
+
+
+def test_pallas_takes_mosaic_where_it_applies():
+    bf16 = lambda *shape: jnp.zeros(shape, jnp.bfloat16)
+    assert dispatch.pallas_backend("gla", (bf16(1, 8, 1, 32), bf16(1, 8, 1, 32), bf16(1, 8, 1, 64),
+                                           bf16(1, 8, 1, 32))) == "mosaic"
+    assert dispatch.pallas_backend("gla", ok_args()[:4]) == "triton"  # float32
+    assert dispatch.pallas_backend("delta_rule", (bf16(1, 8, 1, 64),) * 3 + (bf16(1, 8, 1),)) == "mosaic"
+    assert dispatch.pallas_backend("gated_delta_rule", (bf16(1, 8, 1, 32),) * 3 + (bf16(1, 8, 1),) * 2) == "triton"

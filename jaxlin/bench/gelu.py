@@ -1,8 +1,7 @@
 """Time the MLP with GELU in the products' epilogues against XLA: median ms, calls queued.
 
-    python -m kernels.bench_gelu [--tokens 32768] [--width 1024]
-        [--tiles KEY=VALUE[,KEY=VALUE...] ...]
-        [--json out.json]
+    python -m jaxlin.bench.gelu [--tokens 32768] [--width 1024]
+        [--tiles KEY=VALUE[,KEY=VALUE...] ...] [--json out.json]
 
 Rows: the ``c_fc`` product alone (XLA's cuBLAS call: the floor), the product with GELU (``h`` and
 ``gelu(h)``), the backward product with GELU's derivative, and the whole MLP forward+backward
@@ -12,7 +11,6 @@ Two more rows place the fused forward's time: its product kernel storing ``h`` a
 twice, with no GELU (the main loop against cuBLAS's, then the cost of a second output).
 """
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -21,8 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import gelu_matmul as gm
-from .bench import _median_ms
+from absl import flags
+
+from jaxlin.bench.common import median_ms, parse
+from kernels import gelu_matmul as gm
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("tokens", 32 * 1024, "Rows of the products (micro-batch x sequence).", flag_values=FLAGS)
+flags.DEFINE_integer("width", 1024, "The model's width d (products d x 4d and 4d x d).", flag_values=FLAGS)
+flags.DEFINE_multi_string("tiles", [], "Also time the fused products with these kernels.gelu_matmul.Tiles fields "
+                          "changed, KEY=VALUE[,KEY=VALUE...] (repeatable).", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Write the rows and errors here.", flag_values=FLAGS)
 
 
 def _xla_mlp(x, w_fc, w_proj):
@@ -30,7 +37,7 @@ def _xla_mlp(x, w_fc, w_proj):
 
 
 def _parse_tiles(text):
-    """``kernels.gelu_matmul.Tiles`` from ``"k=32,stages=4,split=m"``: the fields that differ from ``Tiles()``."""
+    """``kernels.gelu_matmul.Tiles`` from ``"k=32,stages=4,epilogue=64x32"``: the fields that differ from ``Tiles()``."""
     fields = {f.name: f.type for f in dataclasses.fields(gm.Tiles)}
     changes = {}
     for item in text.split(","):
@@ -39,7 +46,7 @@ def _parse_tiles(text):
             raise SystemExit(f"error: --tiles {text!r}: expected KEY=VALUE items, e.g. m=128,n=64,stages=4")
         if key not in fields:
             raise SystemExit(f"error: --tiles {text!r}: unknown field {key!r} (fields: {', '.join(fields)})")
-        kind = {"int": int, "str": str, "tuple[int, int]": lambda v: tuple(map(int, v.split("x")))}[fields[key]]
+        kind = {"int": int, "tuple[int, int]": lambda v: tuple(map(int, v.split("x")))}[fields[key]]
         changes[key] = kind(value)
     return gm.Tiles(**changes)
 
@@ -65,14 +72,8 @@ def _max_rel_err(a, b):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=32 * 1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--tiles", nargs="*", default=[], metavar="KEY=VALUE[,KEY=VALUE...]",
-                        help="kernels.gelu_matmul.Tiles fields that differ from Tiles(), e.g. stages=4,epilogue=64x32")
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
-    m, d = args.tokens, args.width
+    parse(FLAGS, argv, __doc__)
+    m, d = FLAGS.tokens, FLAGS.width
     interpret = jax.default_backend() != "gpu"  # the kernels' code on CPU, for checking, not timing
     keys = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(keys[0], (m, d), jnp.bfloat16)
@@ -100,7 +101,7 @@ def main(argv=None):
         "mlp fwd+bwd (XLA)": (_fwd_bwd(_xla_mlp), (x, w_fc, w_proj, dy)),
         "mlp fwd+bwd (fused)": (_fwd_bwd(lambda *a: gm.gelu_mlp(*a, interpret)), (x, w_fc, w_proj, dy)),
     }
-    for text in args.tiles:
+    for text in FLAGS.tiles:
         tiles = _parse_tiles(text)
         rows[f"product + gelu (fused, {text})"] = (
             jax.jit(lambda x, w, t=tiles: gm.gelu_product(x, w, tiles=t, interpret=interpret)), (x, w_fc))
@@ -112,7 +113,7 @@ def main(argv=None):
     records, failed = [], set()
     for name, (fn, operands) in rows.items():
         try:
-            ms = _median_ms(fn, *operands)
+            ms = median_ms(fn, *operands)
         except Exception as e:  # noqa: BLE001 (tiles that do not fit in SMEM): the rest still count
             print(f"{name:<44} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             failed.add(name)
@@ -132,8 +133,8 @@ def main(argv=None):
             errors[name] = max(_max_rel_err(a, b) for a, b in zip(jax.tree.leaves(got),
                                                                     jax.tree.leaves(want[name.split(" (")[0]])))
             print(f"{name:<44} max error vs XLA {errors[name]:.1e}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump(dict(rows=records, errors=errors), f, indent=1)
 
 

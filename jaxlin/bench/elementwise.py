@@ -3,27 +3,40 @@
 (``kernels.gated_norm``) and the blocks' LayerNorm with its residual add (``kernels.layer_norm``). Median
 ms of queued calls, and the largest difference from XLA.
 
-    python -m kernels.bench_elementwise [--batch 32] [--seq 1024] [--conv 512,512,1024] [--rest 16]
-        [--heads 16] [--width 1024] [--segments N] [--conv-tiles ROWS,COLS,STEPS,WARPS ...]
-        [--gated-norm-tiles ROWS,WARPS ...] [--layer-norm-tiles ROWS,STEPS,WARPS ...] [--json out.json]
+    python -m jaxlin.bench.elementwise [--batch 32] [--seq 1024] [--conv 512,512,1024] [--rest 16]
+        [--heads 16] [--width 1024] [--segments N] [--conv_tiles ROWS,COLS,STEPS,WARPS ...]
+        [--gated_norm_tiles ROWS,WARPS ...] [--layer_norm_tiles ROWS,STEPS,WARPS ...] [--json out.json]
 
 Defaults: GPT-2 Medium's GLA layer (q, k, v convolved; the forget gate's low-rank input passed through;
-16 heads of 64 values normed). The ``--*-tiles`` options also time the kernels with other tilings
+16 heads of 64 values normed). The ``--*_tiles`` options (each repeatable) also time the kernels with other tilings
 (``Tiles`` of ``kernels.short_conv``, ``kernels.gated_norm``, ``kernels.layer_norm``).
 """
 
-import argparse
 import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from jaxlin.bench.common import median_ms, parse
 from jaxlin.ops import conv, norm
-from . import gated_norm, layer_norm, short_conv
-from .bench import _median_ms
+from kernels import gated_norm, layer_norm, short_conv
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("batch", 32, "Micro-batch.", flag_values=FLAGS)
+flags.DEFINE_integer("seq", 1024, "Sequence length.", flag_values=FLAGS)
+flags.DEFINE_string("conv", "512,512,1024", "Widths of the convolved pieces (q, k, v).", flag_values=FLAGS)
+flags.DEFINE_string("rest", "16", "Widths of the pieces passed through.", flag_values=FLAGS)
+flags.DEFINE_integer("heads", 16, "Heads of the gated norm (over the last conv width).", flag_values=FLAGS)
+flags.DEFINE_integer("width", 1024, "The model's width (the LayerNorm's).", flag_values=FLAGS)
+flags.DEFINE_integer("segments", 0, "Documents per row (0: no segment ids).", flag_values=FLAGS)
+flags.DEFINE_multi_string("conv_tiles", [], "ROWS,COLS,STEPS,WARPS (repeatable).", flag_values=FLAGS)
+flags.DEFINE_multi_string("gated_norm_tiles", [], "ROWS,WARPS (repeatable).", flag_values=FLAGS)
+flags.DEFINE_multi_string("layer_norm_tiles", [], "ROWS,STEPS,WARPS (repeatable).", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Write the rows and errors here.", flag_values=FLAGS)
 
 
 def _widths(text):
@@ -117,40 +130,28 @@ def _layer_norm_rows(B, T, width, tilings):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--conv", default="512,512,1024")
-    parser.add_argument("--rest", default="16")
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--width", type=int, default=1024, help="the model's width (the LayerNorm's)")
-    parser.add_argument("--segments", type=int, default=0, help="documents per row (0: no segment ids)")
-    parser.add_argument("--conv-tiles", nargs="*", default=[], metavar="ROWS,COLS,STEPS,WARPS")
-    parser.add_argument("--gated-norm-tiles", nargs="*", default=[], metavar="ROWS,WARPS")
-    parser.add_argument("--layer-norm-tiles", nargs="*", default=[], metavar="ROWS,STEPS,WARPS")
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
-    widths, rest, B, T = _widths(args.conv), _widths(args.rest), args.batch, args.seq
+    parse(FLAGS, argv, __doc__)
+    widths, rest, B, T = _widths(FLAGS.conv), _widths(FLAGS.rest), FLAGS.batch, FLAGS.seq
     segment_ids = None
-    if args.segments:
-        segment_ids = jnp.broadcast_to(jnp.arange(T) * args.segments // T, (B, T)).astype(jnp.int32)
-    rows = {**_conv_rows(B, T, widths, rest, segment_ids, args.conv_tiles),
-            **_norm_rows(B, T, args.heads, widths[-1] // args.heads, args.gated_norm_tiles),
-            **_layer_norm_rows(B, T, args.width, args.layer_norm_tiles)}
-    print(f"device: {jax.devices()[0].device_kind}, B {B}, T {T}, conv {widths}, rest {rest}, heads {args.heads}, "
-          f"segments {args.segments}")
+    if FLAGS.segments:
+        segment_ids = jnp.broadcast_to(jnp.arange(T) * FLAGS.segments // T, (B, T)).astype(jnp.int32)
+    rows = {**_conv_rows(B, T, widths, rest, segment_ids, FLAGS.conv_tiles),
+            **_norm_rows(B, T, FLAGS.heads, widths[-1] // FLAGS.heads, FLAGS.gated_norm_tiles),
+            **_layer_norm_rows(B, T, FLAGS.width, FLAGS.layer_norm_tiles)}
+    print(f"device: {jax.devices()[0].device_kind}, B {B}, T {T}, conv {widths}, rest {rest}, heads {FLAGS.heads}, "
+          f"segments {FLAGS.segments}")
     records, errors = [], {}
     for name, (fn, operands, moved) in rows.items():
-        ms = _median_ms(fn, *operands)
+        ms = median_ms(fn, *operands)
         print(f"{name:<40} {ms:8.3f} ms  {moved / ms / 1e6:6.0f} GB/s")
-        records.append(dict(row=name, ms=ms, batch=B, seq=T, conv=widths, rest=rest, segments=args.segments))
+        records.append(dict(row=name, ms=ms, batch=B, seq=T, conv=widths, rest=rest, segments=FLAGS.segments))
         if name.endswith("(Pallas)"):
             want = rows[name.replace("Pallas", "XLA")][0](*operands)
             errors[name] = _max_errors(want, fn(*operands))
             print(f"{'':<40} max error vs XLA (max abs over max abs), each output: "
                   + " ".join(f"{e:.1e}" for e in errors[name]))
-    if args.json:
-        with open(args.json, "w") as f:
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump(dict(rows=records, errors=errors), f, indent=1)
 
 

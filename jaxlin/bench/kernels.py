@@ -1,7 +1,7 @@
 """Time linear-attention implementations: forward and forward+backward, median ms.
 
-    python -m kernels.bench {gla,delta_rule,gated_delta_rule} --shape B,T,H,K,V [--shape ...]
-        [--dtype bf16] [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2 8x1 ...]
+    python -m jaxlin.bench.kernels --op {gla,delta_rule,gated_delta_rule} --shape B,T,H,K,V [--shape ...]
+        [--dtype bf16] [--impls reference,chunked,pallas,fla] [--json out.json] [--stages 4x2,8x1]
         [--profile DIR]
 
 ``pallas:triton`` and ``pallas:mosaic`` pin the Pallas backend (``pallas`` is "auto").
@@ -12,12 +12,9 @@ is one jitted ``vjp`` with a fixed random cotangent that returns the output and 
 with ``triton.testing.do_bench`` when importable. Inputs: see ``_inputs``.
 """
 
-import argparse
 import functools
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for FLA's torch
 
@@ -25,28 +22,24 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from absl import flags  # noqa: E402
+
 from jaxlin import ops  # noqa: E402
+from jaxlin.bench.common import median_ms, parse  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
-
-
-def _median_ms(fn, *args, warmup=3, queued=10, min_runs=10, max_runs=200, budget_s=3.0):
-    """Median ms of a call, each sample the mean of ``queued`` calls dispatched back to back and waited
-    for once, as a training loop runs them (and as ``triton.testing.do_bench`` times FLA): the device
-    time, without the host's launch latency after each wait."""
-    for _ in range(warmup):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-    if time.perf_counter() - start > 0.1:  # the last warm-up call says: the slow token scan, one call per sample
-        queued = 1
-    times = []
-    while len(times) < max_runs and (len(times) < min_runs or sum(times) * queued < budget_s):
-        start = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(queued)])
-        times.append((time.perf_counter() - start) / queued)
-        if len(times) >= 3 and sum(times) * queued > 4 * budget_s:
-            break
-    return 1e3 * statistics.median(times)
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("op", None, ["gla", "delta_rule", "gated_delta_rule"], "The op to time.", flag_values=FLAGS)
+flags.DEFINE_multi_string("shape", None, "B,T,H,K,V (repeatable).", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bf16", sorted(DTYPES), "Inputs' dtype.", flag_values=FLAGS)
+flags.DEFINE_list("impls", ["reference", "chunked", "pallas", "fla"],
+                  "Implementations: reference, chunked, pallas, pallas:triton, pallas:mosaic, fla.", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Write all rows here.", flag_values=FLAGS)
+flags.DEFINE_list("stages", [], "Also time each Triton GLA kernel alone for these WARPSxSTAGES, e.g. 4x2,8x1.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("profile", None, "Also trace each Pallas impl's forward+backward into this folder and print "
+                    "each kernel's device ms.", flag_values=FLAGS)
+flags.mark_flags_as_required(["op", "shape"], flag_values=FLAGS)
 
 
 def _inputs(op, shape, dtype, seed=0):
@@ -91,7 +84,7 @@ def _jitted(op, impl):
 def _time_jax(op, impl, args, do):
     forward, forward_backward = _jitted(op, impl)
     out = forward(*args)
-    return _median_ms(forward, *args), _median_ms(forward_backward, args, do), out
+    return median_ms(forward, *args), median_ms(forward_backward, args, do), out
 
 
 def _pallas_kernel_profile(op, impl, args, do, log_dir, runs=5):
@@ -162,7 +155,7 @@ def _pallas_gla_stages(q, k, v, g, do, configs):
         times = []
         for warps, pipeline in configs:
             try:
-                times.append(f"{warps}w{pipeline}s {_median_ms(jax.jit(functools.partial(stage, num_warps=warps, num_stages=pipeline))):.3f}")
+                times.append(f"{warps}w{pipeline}s {median_ms(jax.jit(functools.partial(stage, num_warps=warps, num_stages=pipeline))):.3f}")
             except Exception as e:  # a config Triton cannot compile (e.g. out of shared memory)
                 times.append(f"{warps}w{pipeline}s failed ({type(e).__name__})")
         print(f"  {name:<16}" + "  ".join(times))
@@ -210,32 +203,22 @@ def bench_op(op, shape, dtype, impls, configs=None, profile_dir=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("op", choices=["gla", "delta_rule", "gated_delta_rule"])
-    parser.add_argument("--shape", action="append", required=True, help="B,T,H,K,V (repeatable)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--impls", default="reference,chunked,pallas,fla")
-    parser.add_argument("--json", help="write all rows here")
-    parser.add_argument("--stages", nargs="*", metavar="WARPSxSTAGES",
-                        help="also time each Pallas kernel alone for these configs, e.g. 4x2 8x1")
-    parser.add_argument("--profile", metavar="DIR",
-                        help="also trace each Pallas impl's forward+backward into DIR and print each kernel's device ms")
-    args = parser.parse_args(argv)
+    parse(FLAGS, argv, __doc__)
     records = []
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}")
-    for text in args.shape:
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {FLAGS.dtype}")
+    for text in FLAGS.shape:
         shape = tuple(int(x) for x in text.split(","))
-        configs = [tuple(int(x) for x in c.split("x")) for c in (args.stages or [])]
-        rows, base = bench_op(args.op, shape, DTYPES[args.dtype], args.impls.split(","), configs, args.profile)
-        print(f"\n{args.op} B,T,H,K,V={text} {args.dtype} (speed-up vs {base})")
+        configs = [tuple(int(x) for x in c.split("x")) for c in FLAGS.stages]
+        rows, base = bench_op(FLAGS.op, shape, DTYPES[FLAGS.dtype], FLAGS.impls, configs, FLAGS.profile)
+        print(f"\n{FLAGS.op} B,T,H,K,V={text} {FLAGS.dtype} (speed-up vs {base})")
         print(f"{'impl':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd x':>9}{'fwd+bwd x':>11}")
         for r in rows:
             fwd_bwd = "n/a" if r["fwd_bwd_ms"] is None else f"{r['fwd_bwd_ms']:.3f}"
             speedup = "n/a" if r["fwd_bwd_speedup"] is None else f"{r['fwd_bwd_speedup']:.1f}"
             print(f"{r['impl']:<16}{r['fwd_ms']:>10.3f}{fwd_bwd:>12}{r['fwd_speedup']:>9.1f}{speedup:>11}")
-            records.append(dict(op=args.op, shape=text, dtype=args.dtype, device=jax.devices()[0].device_kind, **r))
-    if args.json:
-        with open(args.json, "w") as f:
+            records.append(dict(op=FLAGS.op, shape=text, dtype=FLAGS.dtype, device=jax.devices()[0].device_kind, **r))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump(records, f, indent=1)
 
 

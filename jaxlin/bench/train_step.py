@@ -1,7 +1,7 @@
 """Times the full train step of a config on one accelerator.
 
-    python -m jaxlin.train.bench --config configs/gpt2_medium_gla.py [--config.model.remat=dots] \
-        [--steps 20] [--sharded] [--json out.json] [--profile DIR]
+    python -m jaxlin.bench.train_step --config configs/gpt2_medium_gla.py [--config.model.remat=dots] \
+        [--steps 20] [--sharded] [--nophases] [--json out.json] [--profile DIR]
 
 Random tokens at the config's micro-batch (one micro-batch per step, no accumulation). After compilation it
 runs steps as the train loop does, back to back on a donated state, and reports the time per step, tokens/s,
@@ -13,28 +13,33 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import pathlib
 import statistics
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+from jaxlin.bench.common import parse, report
 from jaxlin.model import GPT
 from jaxlin.train import flops, profiling, sharding
 from jaxlin.train.config import apply_xla_flags, model_config
 from jaxlin.train.optimizer import make_optimizer
 from jaxlin.train.step import create_train_state, loss_fn, train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt2_medium_gla.py", "Experiment config file.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed repetitions of each phase (median reported).")
-_SHARDED = flags.DEFINE_bool("sharded", False, "Use the mesh code path (explicit shardings) of train.loop.")
-_PHASES = flags.DEFINE_bool("phases", True, "Also time forward and forward+backward alone (two more compiles).")
-_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
-_PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps into this directory and print where device time goes.")
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt2_medium_gla.py", "Experiment config file.",
+                                          flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed repetitions of each phase (median reported).", flag_values=FLAGS)
+_SHARDED = flags.DEFINE_bool("sharded", False, "Use the mesh code path (explicit shardings) of train.loop.",
+                             flag_values=FLAGS)
+_PHASES = flags.DEFINE_bool("phases", True, "Also time forward and forward+backward alone (two more compiles).",
+                            flag_values=FLAGS)
+_JSON = flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
+_PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps into this directory and print where device time goes.",
+                               flag_values=FLAGS)
 
 
 def median_ms(fn, *args, steps: int) -> float:
@@ -110,20 +115,14 @@ def bench(config, steps: int, sharded: bool, phases: bool = True, profile_dir: s
     return results
 
 
-def main(argv):
-    del argv
+def main(argv=None):
+    parse(FLAGS, argv, __doc__)
     apply_xla_flags(_CONFIG.value)
     results = bench(_CONFIG.value, _STEPS.value, _SHARDED.value, _PHASES.value, _PROFILE.value)
     if "profile" in results:
         print(profiling.format_table(results["profile"]))
-    for key in ("device", "micro_batch", "seq_len", "sharded", "step_ms", "forward_ms", "backward_ms",
-                "optimizer_ms", "tokens_per_s", "mfu", "peak_memory_gib"):
-        value = results.get(key)
-        print(f"{key:>16}: {value:,.2f}" if isinstance(value, float) else f"{key:>16}: {value}")
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, _JSON.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
