@@ -21,6 +21,8 @@ skipped with a note. --tiny swaps in a 2-layer model for a smoke run on CPU.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
@@ -120,13 +122,22 @@ def _ready(x):
     return jax.block_until_ready(x)
 
 
-def run_row(generator: Generator, kind: str, batch: int, context: int, args) -> dict:
+@dataclasses.dataclass(frozen=True, order=True)
+class Shape:
+    """What the compiled functions of a row depend on (a recurrent model's do not depend on the context)."""
+
+    batch: int
+    capacity: int  # KV cache slots; 0 without softmax layers
+    chunk: int  # prompt tokens per row per prefill call
+    full_forward: int = 0  # context of the naive check's full forward; 0: none
+
+
+def plan_row(generator: Generator, kind: str, batch: int, context: int, args) -> tuple[dict, Shape | None]:
+    """The row's fixed columns, and its Shape; None (and a note) when it is skipped."""
     cfg = generator.config
     row = {"model": kind, "batch": batch, "context": context}
     capacity = context + WARMUP_STEPS + args.new_tokens if kind == "softmax" else 0
-    start = jnp.zeros((batch,), jnp.int32)
-    cache_shapes = jax.eval_shape(functools.partial(_init, generator.graphdef, size=capacity), generator.params,
-                                  start)
+    cache_shapes = _cache_shapes(generator, batch, capacity)
     chunk = prefill_chunk(kind, batch, capacity, min(args.prefill_chunk, context), cfg.n_head)
     row["state_mib"] = nbytes(cache_shapes) / 2**20
     # Activations of a prefill call: ~12 d_model-wide values per token in the compute dtype, and for
@@ -137,46 +148,76 @@ def run_row(generator: Generator, kind: str, batch: int, context: int, args) -> 
     limit = device_memory()
     needed = 3 * nbytes(generator.params) + nbytes(cache_shapes) + transient
     if limit is not None and needed > 0.9 * limit:
-        return row | {"note": f"skipped: needs ~{needed / 2**30:.0f} GiB of {limit / 2**30:.0f}"}
+        return row | {"note": f"skipped: needs ~{needed / 2**30:.0f} GiB of {limit / 2**30:.0f}"}, None
     if context % chunk:
-        return row | {"note": f"skipped: context is not a multiple of the prefill chunk {chunk}"}
-    tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
-    params, head, graphdef = generator.params, generator.head, generator.graphdef
+        return row | {"note": f"skipped: context is not a multiple of the prefill chunk {chunk}"}, None
+    bound_ms = 1e3 * step_bytes(generator, cache_shapes, context, max(capacity, 1)) / args.bandwidth
+    return row | {"bound_ms": bound_ms}, Shape(batch, capacity, chunk, context if context <= args.naive_check else 0)
 
-    compile_start = time.perf_counter()
-    _ready(_prefill_chunk(graphdef, params, head, tokens[:, :chunk], _init(graphdef, params, start, size=capacity)))
-    row["prefill_compile_s"] = time.perf_counter() - compile_start
-    cache = _ready(_init(graphdef, params, start, size=capacity))
+
+def _cache_shapes(generator: Generator, batch: int, capacity: int):
+    start = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return jax.eval_shape(functools.partial(_init, generator.graphdef, size=capacity), generator.params, start)
+
+
+def compile_shapes(generator: Generator, shapes, args) -> dict:
+    """{(shape, name): compiled function} for "init", "prefill", "decode" (and "full"): traced one after the
+    other, compiled in parallel threads (XLA releases the GIL), which divides the compile time of a grid."""
+    cfg, graphdef, params, head = generator.config, generator.graphdef, generator.params, generator.head
+    sds = jax.ShapeDtypeStruct
+    lowered = {}
+    for shape in sorted(shapes):
+        B = shape.batch
+        cache = _cache_shapes(generator, B, shape.capacity)
+        lowered[shape, "init"] = _init.lower(graphdef, params, sds((B,), jnp.int32), size=shape.capacity)
+        lowered[shape, "prefill"] = _prefill_chunk.lower(graphdef, params, head, sds((B, shape.chunk), jnp.int32),
+                                                         cache)
+        carry = {"cache": cache, "logits": sds((B, cfg.padded_vocab_size), jnp.float32), "done": sds((B,), bool),
+                 "count": sds((), jnp.int32)}
+        lowered[shape, "decode"] = decode_block.lower(
+            graphdef, params, head, jax.eval_shape(lambda: row_keys(0, range(B))), carry, sds((), jnp.int32),
+            sampling=GREEDY, vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
+        if shape.full_forward:
+            lowered[shape, "full"] = _full_forward.lower(graphdef, params, head,
+                                                         sds((B, shape.full_forward), jnp.int32))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+
+
+def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args) -> dict:
+    cfg = generator.config
+    batch, context, chunk = row["batch"], row["context"], shape.chunk
+    params, head = generator.params, generator.head
+    tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
+    start = jnp.zeros((batch,), jnp.int32)
+    prefill = compiled[shape, "prefill"]
+    _ready(prefill(params, head, tokens[:, :chunk], compiled[shape, "init"](params, start)))  # warm-up
+    cache = _ready(compiled[shape, "init"](params, start))
     begin = time.perf_counter()
     for offset in range(0, context, chunk):
-        last, cache = _prefill_chunk(graphdef, params, head, tokens[:, offset:offset + chunk], cache)
+        last, cache = prefill(params, head, tokens[:, offset:offset + chunk], cache)
     _ready(last)
     prefill_s = time.perf_counter() - begin
-    row |= {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
-            "naive_ms_per_token": 1e3 * prefill_s}
+    row = row | {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
+                 "naive_ms_per_token": 1e3 * prefill_s}
+    if shape.full_forward:
+        row |= _naive_check(functools.partial(compiled[shape, "full"], params, head), tokens, last)
 
-    if context <= args.naive_check:
-        row |= _naive_check(generator, tokens, last)
     carry = {"cache": cache, "logits": last, "done": jnp.zeros(batch, bool), "count": jnp.zeros((), jnp.int32)}
-    decode = functools.partial(decode_block, graphdef, params, head, row_keys(0, range(batch)), sampling=GREEDY,
-                               vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
-    compile_start = time.perf_counter()
+    decode = functools.partial(compiled[shape, "decode"], params, head, row_keys(0, range(batch)))
     carry, _, _ = _ready(decode(carry, jnp.int32(WARMUP_STEPS)))
-    row["decode_compile_s"] = time.perf_counter() - compile_start
     begin = time.perf_counter()
     carry, out, steps = _ready(decode(carry, jnp.int32(args.new_tokens)))
     decode_s = time.perf_counter() - begin
     assert int(steps) == args.new_tokens and int(np.asarray(out).min()) >= 0
     ms = 1e3 * decode_s / args.new_tokens
-    bound_ms = 1e3 * step_bytes(generator, cache_shapes, context, max(capacity, 1)) / args.bandwidth
-    return row | {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_ms": bound_ms,
-                  "bound_fraction": bound_ms / ms, "speedup_vs_naive": row["naive_ms_per_token"] / ms}
+    return row | {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_fraction": row["bound_ms"] / ms,
+                  "speedup_vs_naive": row["naive_ms_per_token"] / ms}
 
 
-def _naive_check(generator: Generator, tokens, prefill_logits) -> dict:
-    """Times the full forward over `tokens` (after a compiling call) and compares its last logits with the
+def _naive_check(forward, tokens, prefill_logits) -> dict:
+    """Times the full forward over `tokens` (after a warm-up call) and compares its last logits with the
     prefill's, relative to their spread."""
-    forward = functools.partial(_full_forward, generator.graphdef, generator.params, generator.head)
     full = _ready(forward(tokens))
     begin = time.perf_counter()
     _ready(forward(tokens))
@@ -237,23 +278,27 @@ def main(argv=None):
         print(f"{kind}: {weight_bytes(generator) / 1e9:.3f} GB of weights read per decode step, "
               f"{1e3 * weight_bytes(generator) / args.bandwidth:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s",
               flush=True)
-        for batch in args.batch:
-            for context in args.context:
-                if time.perf_counter() > deadline:
-                    row = {"model": kind, "batch": batch, "context": context, "note": "skipped: time budget"}
-                else:
-                    try:
-                        row = run_row(generator, kind, batch, context, args)
-                    except jax.errors.JaxRuntimeError as e:
-                        if "RESOURCE_EXHAUSTED" not in str(e):
-                            raise
-                        row = {"model": kind, "batch": batch, "context": context, "note": "out of memory"}
-                rows.append(row)
-                print(format_table([row]).splitlines()[1], flush=True)
-                if "naive_measured_ms" in row:
-                    print(f"  full forward: {row['naive_measured_ms']:.1f} ms; its last logits differ from the "
-                          f"prefill's by {row['prefill_logits_difference']:.3g} of their std", flush=True)
-        del generator
+        plans = [plan_row(generator, kind, batch, context, args) for batch in args.batch for context in args.context]
+        compile_start, compiled = time.perf_counter(), {}
+        if compile_start < deadline:
+            compiled = compile_shapes(generator, {shape for _, shape in plans if shape is not None}, args)
+            print(f"{kind}: compiled in {time.perf_counter() - compile_start:.0f} s", flush=True)
+        for row, shape in plans:
+            if shape is not None and time.perf_counter() > deadline:
+                row = row | {"note": "skipped: time budget"}
+            elif shape is not None:
+                try:
+                    row = run_row(generator, row, shape, compiled, args)
+                except jax.errors.JaxRuntimeError as e:
+                    if "RESOURCE_EXHAUSTED" not in str(e):
+                        raise
+                    row = row | {"note": "out of memory"}
+            rows.append(row)
+            print(format_table([row]).splitlines()[1], flush=True)
+            if "naive_measured_ms" in row:
+                print(f"  full forward: {row['naive_measured_ms']:.1f} ms; its last logits differ from the "
+                      f"prefill's by {row['prefill_logits_difference']:.3g} of their std", flush=True)
+        del generator, compiled
     print()
     print(format_table(rows))
     print(f"device: {jax.devices()[0].device_kind}; bound: bytes a decode step must move / {args.bandwidth:.3g} B/s; "
