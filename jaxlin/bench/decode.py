@@ -155,13 +155,14 @@ def plan_row(generator: Generator, kind: str, batch: int, context: int, args) ->
     return row | {"bound_ms": bound_ms}, Shape(batch, capacity, chunk, context if context <= args.naive_check else 0)
 
 
+@functools.lru_cache(maxsize=64)
 def _cache_shapes(generator: Generator, batch: int, capacity: int):
     start = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return jax.eval_shape(functools.partial(_init, generator.graphdef, size=capacity), generator.params, start)
 
 
 def compile_shapes(generator: Generator, shapes, args) -> dict:
-    """{(shape, name): compiled function} for "init", "prefill", "decode" (and "full"): traced one after the
+    """{(shape, name): compiled function} for "prefill", "decode" (and "full"): traced one after the
     other, compiled in parallel threads (XLA releases the GIL), which divides the compile time of a grid."""
     cfg, graphdef, params, head = generator.config, generator.graphdef, generator.params, generator.head
     sds = jax.ShapeDtypeStruct
@@ -169,7 +170,6 @@ def compile_shapes(generator: Generator, shapes, args) -> dict:
     for shape in sorted(shapes):
         B = shape.batch
         cache = _cache_shapes(generator, B, shape.capacity)
-        lowered[shape, "init"] = _init.lower(graphdef, params, sds((B,), jnp.int32), size=shape.capacity)
         lowered[shape, "prefill"] = _prefill_chunk.lower(graphdef, params, head, sds((B, shape.chunk), jnp.int32),
                                                          cache)
         carry = {"cache": cache, "logits": sds((B, cfg.padded_vocab_size), jnp.float32), "done": sds((B,), bool),
@@ -189,10 +189,12 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args)
     batch, context, chunk = row["batch"], row["context"], shape.chunk
     params, head = generator.params, generator.head
     tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
-    start = jnp.zeros((batch,), jnp.int32)
+    # Prompts without padding: the empty cache (start 0, length 0) is all zeros.
+    empty = functools.partial(jax.tree.map, lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(generator, batch,
+                                                                                                  shape.capacity))
     prefill = compiled[shape, "prefill"]
-    _ready(prefill(params, head, tokens[:, :chunk], compiled[shape, "init"](params, start)))  # warm-up
-    cache = _ready(compiled[shape, "init"](params, start))
+    _ready(prefill(params, head, tokens[:, :chunk], empty()))  # warm-up
+    cache = _ready(empty())
     begin = time.perf_counter()
     for offset in range(0, context, chunk):
         last, cache = prefill(params, head, tokens[:, offset:offset + chunk], cache)
@@ -299,6 +301,7 @@ def main(argv=None):
                 print(f"  full forward: {row['naive_measured_ms']:.1f} ms; its last logits differ from the "
                       f"prefill's by {row['prefill_logits_difference']:.3g} of their std", flush=True)
         del generator, compiled
+        _cache_shapes.cache_clear()
     print()
     print(format_table(rows))
     print(f"device: {jax.devices()[0].device_kind}; bound: bytes a decode step must move / {args.bandwidth:.3g} B/s; "
