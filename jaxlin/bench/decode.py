@@ -11,8 +11,8 @@ the per-layer state (recurrent state + short-conv inputs, or the KV cache); the 
 step, the bytes it must move at --bandwidth (every weight once in the compute dtype, the recurrent state
 read and written, or the KV cache up to the context read) and the measured step's share of it; and the
 naive way of generating, one full forward over the context for every new token (nanoGPT's sample loop),
-whose time per token is the prefill's time for the whole batch; with --naive_check, rows up to
---naive_check tokens of context also time that forward itself (GPT.__call__, the head on the last position
+whose time per token is the prefill's time for the whole batch; rows up to --naive_check tokens of
+context (1024 by default) also time that forward itself (GPT.__call__, the head on the last position
 only, as nanoGPT) and report how far its last logits lie from the prefill's. Rows whose state and activations would
 not fit the device, or that start after --time_budget seconds (shared out between the models), are
 skipped with a note. --tiny swaps in a 2-layer model for a smoke run on CPU.
@@ -260,8 +260,8 @@ def main(argv=None):
                         help="device memory bandwidth in bytes/s for the bound (default: H100 SXM)")
     parser.add_argument("--time_budget", type=float, default=220.0,
                         help="seconds; rows that would start later are skipped (shared out between the models)")
-    parser.add_argument("--naive_check", type=int, default=0, metavar="TOKENS",
-                        help="rows up to this context also time the full forward and compare its logits")
+    parser.add_argument("--naive_check", type=int, default=1024, metavar="TOKENS",
+                        help="rows up to this context also time the full forward and compare its logits (0: none)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer float32 model (smoke test)")
     args = parser.parse_args(argv)
