@@ -2,7 +2,7 @@
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
         [--context 1024,4096,16384,32768] [--new_tokens 32] [--bandwidth 3.35e12] [--time_budget 220]
-        [--json decode.json] [--tiny]
+        [--naive_check 1024] [--json decode.json] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
 jitted call each), then --new_tokens greedy tokens are decoded in one jitted while loop (after a warm-up
@@ -12,9 +12,9 @@ step, the bytes it must move at --bandwidth (every weight once in the compute dt
 read and written, or the KV cache up to the context read) and the measured step's share of it; and the
 naive way of generating, one full forward over the context for every new token (nanoGPT's sample loop),
 whose time per token is the prefill's time for the whole batch; rows up to --naive_check tokens of
-context (1024 by default) also time that forward itself (GPT.__call__, the head on the last position
-only, as nanoGPT) and report how far its last logits lie from the prefill's. Rows whose state and activations would
-not fit the device, or that start after --time_budget seconds (shared out between the models), are
+context (1024 by default) also time that forward itself (GPT.hidden, the head on the last position only,
+as nanoGPT's) and report how far its last logits lie from the prefill's. Rows whose state and activations
+would not fit the device, or that start after --time_budget seconds (shared out between the models), are
 skipped with a note. --tiny swaps in a 2-layer model for a smoke run on CPU.
 """
 
@@ -61,7 +61,6 @@ def model_config(kind: str, max_positions: int, tiny: bool) -> ModelConfig:
                        block_size=max(1024, max_positions))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "size"))
 def _init(graphdef, params, start, *, size):
     return init_cache(nnx.merge(graphdef, params), start, size)
 
