@@ -1,7 +1,7 @@
 """Decode benchmark: GPT-2 Medium (random weights) generating from a fixed-size state or a KV cache.
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
-        [--context 1024,4096,16384,32768] [--new_tokens 32] [--bandwidth 3.35e12] [--time_budget 220]
+        [--context 1024,4096,16384,32768] [--new_tokens 32] [--bandwidth 3.35e12] [--time_budget 400]
         [--naive_check 1024] [--json decode.json] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
@@ -257,7 +257,7 @@ def main(argv=None):
     parser.add_argument("--prefill_chunk", type=int, default=1024, help="prompt tokens per row per prefill call")
     parser.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
                         help="device memory bandwidth in bytes/s for the bound (default: H100 SXM)")
-    parser.add_argument("--time_budget", type=float, default=220.0,
+    parser.add_argument("--time_budget", type=float, default=400.0,
                         help="seconds; rows that would start later are skipped (shared out between the models)")
     parser.add_argument("--naive_check", type=int, default=1024, metavar="TOKENS",
                         help="rows up to this context also time the full forward and compare its logits (0: none)")
