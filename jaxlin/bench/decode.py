@@ -1,8 +1,8 @@
 """Decode benchmark: GPT-2 Medium (random weights) generating from a fixed-size state or a KV cache.
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
-        [--context 1024,4096,16384,32768] [--new_tokens 32] [--bandwidth 3.35e12] [--time_budget 220]
-        [--json decode.json] [--tiny]
+        [--context 1024,4096,16384,32768] [--new_tokens 32] [--bandwidth 3.35e12] [--time_budget 400]
+        [--naive_check 1024] [--json decode.json] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
 jitted call each), then --new_tokens greedy tokens are decoded in one jitted while loop (after a warm-up
@@ -11,16 +11,18 @@ the per-layer state (recurrent state + short-conv inputs, or the KV cache); the 
 step, the bytes it must move at --bandwidth (every weight once in the compute dtype, the recurrent state
 read and written, or the KV cache up to the context read) and the measured step's share of it; and the
 naive way of generating, one full forward over the context for every new token (nanoGPT's sample loop),
-whose time per token is the prefill's time for the whole batch; with --naive_check, rows up to
---naive_check tokens of context also time that forward itself (GPT.__call__, the head on the last position
-only, as nanoGPT) and report how far its last logits lie from the prefill's. Rows whose state and activations would
-not fit the device, or that start after --time_budget seconds (shared out between the models), are
+whose time per token is the prefill's time for the whole batch; rows up to --naive_check tokens of
+context (1024 by default) also time that forward itself (GPT.hidden, the head on the last position only,
+as nanoGPT's) and report how far its last logits lie from the prefill's. Rows whose state and activations
+would not fit the device, or that start after --time_budget seconds (shared out between the models), are
 skipped with a note. --tiny swaps in a 2-layer model for a smoke run on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
@@ -59,7 +61,6 @@ def model_config(kind: str, max_positions: int, tiny: bool) -> ModelConfig:
                        block_size=max(1024, max_positions))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "size"))
 def _init(graphdef, params, start, *, size):
     return init_cache(nnx.merge(graphdef, params), start, size)
 
@@ -120,13 +121,22 @@ def _ready(x):
     return jax.block_until_ready(x)
 
 
-def run_row(generator: Generator, kind: str, batch: int, context: int, args) -> dict:
+@dataclasses.dataclass(frozen=True, order=True)
+class Shape:
+    """What the compiled functions of a row depend on (a recurrent model's do not depend on the context)."""
+
+    batch: int
+    capacity: int  # KV cache slots; 0 without softmax layers
+    chunk: int  # prompt tokens per row per prefill call
+    full_forward: int = 0  # context of the naive check's full forward; 0: none
+
+
+def plan_row(generator: Generator, kind: str, batch: int, context: int, args) -> tuple[dict, Shape | None]:
+    """The row's fixed columns, and its Shape; None (and a note) when it is skipped."""
     cfg = generator.config
     row = {"model": kind, "batch": batch, "context": context}
     capacity = context + WARMUP_STEPS + args.new_tokens if kind == "softmax" else 0
-    start = jnp.zeros((batch,), jnp.int32)
-    cache_shapes = jax.eval_shape(functools.partial(_init, generator.graphdef, size=capacity), generator.params,
-                                  start)
+    cache_shapes = _cache_shapes(generator, batch, capacity)
     chunk = prefill_chunk(kind, batch, capacity, min(args.prefill_chunk, context), cfg.n_head)
     row["state_mib"] = nbytes(cache_shapes) / 2**20
     # Activations of a prefill call: ~12 d_model-wide values per token in the compute dtype, and for
@@ -137,46 +147,78 @@ def run_row(generator: Generator, kind: str, batch: int, context: int, args) -> 
     limit = device_memory()
     needed = 3 * nbytes(generator.params) + nbytes(cache_shapes) + transient
     if limit is not None and needed > 0.9 * limit:
-        return row | {"note": f"skipped: needs ~{needed / 2**30:.0f} GiB of {limit / 2**30:.0f}"}
+        return row | {"note": f"skipped: needs ~{needed / 2**30:.0f} GiB of {limit / 2**30:.0f}"}, None
     if context % chunk:
-        return row | {"note": f"skipped: context is not a multiple of the prefill chunk {chunk}"}
-    tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
-    params, head, graphdef = generator.params, generator.head, generator.graphdef
+        return row | {"note": f"skipped: context is not a multiple of the prefill chunk {chunk}"}, None
+    bound_ms = 1e3 * step_bytes(generator, cache_shapes, context, max(capacity, 1)) / args.bandwidth
+    return row | {"bound_ms": bound_ms}, Shape(batch, capacity, chunk, context if context <= args.naive_check else 0)
 
-    compile_start = time.perf_counter()
-    _ready(_prefill_chunk(graphdef, params, head, tokens[:, :chunk], _init(graphdef, params, start, size=capacity)))
-    row["prefill_compile_s"] = time.perf_counter() - compile_start
-    cache = _ready(_init(graphdef, params, start, size=capacity))
+
+@functools.lru_cache(maxsize=64)
+def _cache_shapes(generator: Generator, batch: int, capacity: int):
+    start = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return jax.eval_shape(functools.partial(_init, generator.graphdef, size=capacity), generator.params, start)
+
+
+def compile_shapes(generator: Generator, shapes, args) -> dict:
+    """{(shape, name): compiled function} for "prefill", "decode" (and "full"): traced one after the
+    other, compiled in parallel threads (XLA releases the GIL), which divides the compile time of a grid."""
+    cfg, graphdef, params, head = generator.config, generator.graphdef, generator.params, generator.head
+    sds = jax.ShapeDtypeStruct
+    lowered = {}
+    for shape in sorted(shapes):
+        B = shape.batch
+        cache = _cache_shapes(generator, B, shape.capacity)
+        lowered[shape, "prefill"] = _prefill_chunk.lower(graphdef, params, head, sds((B, shape.chunk), jnp.int32),
+                                                         cache)
+        carry = {"cache": cache, "logits": sds((B, cfg.padded_vocab_size), jnp.float32), "done": sds((B,), bool),
+                 "count": sds((), jnp.int32)}
+        lowered[shape, "decode"] = decode_block.lower(
+            graphdef, params, head, jax.eval_shape(lambda: row_keys(0, range(B))), carry, sds((), jnp.int32),
+            sampling=GREEDY, vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
+        if shape.full_forward:
+            lowered[shape, "full"] = _full_forward.lower(graphdef, params, head,
+                                                         sds((B, shape.full_forward), jnp.int32))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+
+
+def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args) -> dict:
+    cfg = generator.config
+    batch, context, chunk = row["batch"], row["context"], shape.chunk
+    params, head = generator.params, generator.head
+    tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
+    # Prompts without padding: the empty cache (start 0, length 0) is all zeros.
+    empty = functools.partial(jax.tree.map, lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(generator, batch,
+                                                                                                  shape.capacity))
+    prefill = compiled[shape, "prefill"]
+    _ready(prefill(params, head, tokens[:, :chunk], empty()))  # warm-up
+    cache = _ready(empty())
     begin = time.perf_counter()
     for offset in range(0, context, chunk):
-        last, cache = _prefill_chunk(graphdef, params, head, tokens[:, offset:offset + chunk], cache)
+        last, cache = prefill(params, head, tokens[:, offset:offset + chunk], cache)
     _ready(last)
     prefill_s = time.perf_counter() - begin
-    row |= {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
-            "naive_ms_per_token": 1e3 * prefill_s}
+    row = row | {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
+                 "naive_ms_per_token": 1e3 * prefill_s}
+    if shape.full_forward:
+        row |= _naive_check(functools.partial(compiled[shape, "full"], params, head), tokens, last)
 
-    if context <= args.naive_check:
-        row |= _naive_check(generator, tokens, last)
     carry = {"cache": cache, "logits": last, "done": jnp.zeros(batch, bool), "count": jnp.zeros((), jnp.int32)}
-    decode = functools.partial(decode_block, graphdef, params, head, row_keys(0, range(batch)), sampling=GREEDY,
-                               vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
-    compile_start = time.perf_counter()
+    decode = functools.partial(compiled[shape, "decode"], params, head, row_keys(0, range(batch)))
     carry, _, _ = _ready(decode(carry, jnp.int32(WARMUP_STEPS)))
-    row["decode_compile_s"] = time.perf_counter() - compile_start
     begin = time.perf_counter()
     carry, out, steps = _ready(decode(carry, jnp.int32(args.new_tokens)))
     decode_s = time.perf_counter() - begin
     assert int(steps) == args.new_tokens and int(np.asarray(out).min()) >= 0
     ms = 1e3 * decode_s / args.new_tokens
-    bound_ms = 1e3 * step_bytes(generator, cache_shapes, context, max(capacity, 1)) / args.bandwidth
-    return row | {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_ms": bound_ms,
-                  "bound_fraction": bound_ms / ms, "speedup_vs_naive": row["naive_ms_per_token"] / ms}
+    return row | {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_fraction": row["bound_ms"] / ms,
+                  "speedup_vs_naive": row["naive_ms_per_token"] / ms}
 
 
-def _naive_check(generator: Generator, tokens, prefill_logits) -> dict:
-    """Times the full forward over `tokens` (after a compiling call) and compares its last logits with the
+def _naive_check(forward, tokens, prefill_logits) -> dict:
+    """Times the full forward over `tokens` (after a warm-up call) and compares its last logits with the
     prefill's, relative to their spread."""
-    forward = functools.partial(_full_forward, generator.graphdef, generator.params, generator.head)
     full = _ready(forward(tokens))
     begin = time.perf_counter()
     _ready(forward(tokens))
@@ -215,10 +257,10 @@ def main(argv=None):
     parser.add_argument("--prefill_chunk", type=int, default=1024, help="prompt tokens per row per prefill call")
     parser.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
                         help="device memory bandwidth in bytes/s for the bound (default: H100 SXM)")
-    parser.add_argument("--time_budget", type=float, default=220.0,
+    parser.add_argument("--time_budget", type=float, default=400.0,
                         help="seconds; rows that would start later are skipped (shared out between the models)")
-    parser.add_argument("--naive_check", type=int, default=0, metavar="TOKENS",
-                        help="rows up to this context also time the full forward and compare its logits")
+    parser.add_argument("--naive_check", type=int, default=1024, metavar="TOKENS",
+                        help="rows up to this context also time the full forward and compare its logits (0: none)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer float32 model (smoke test)")
     args = parser.parse_args(argv)
@@ -237,23 +279,28 @@ def main(argv=None):
         print(f"{kind}: {weight_bytes(generator) / 1e9:.3f} GB of weights read per decode step, "
               f"{1e3 * weight_bytes(generator) / args.bandwidth:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s",
               flush=True)
-        for batch in args.batch:
-            for context in args.context:
-                if time.perf_counter() > deadline:
-                    row = {"model": kind, "batch": batch, "context": context, "note": "skipped: time budget"}
-                else:
-                    try:
-                        row = run_row(generator, kind, batch, context, args)
-                    except jax.errors.JaxRuntimeError as e:
-                        if "RESOURCE_EXHAUSTED" not in str(e):
-                            raise
-                        row = {"model": kind, "batch": batch, "context": context, "note": "out of memory"}
-                rows.append(row)
-                print(format_table([row]).splitlines()[1], flush=True)
-                if "naive_measured_ms" in row:
-                    print(f"  full forward: {row['naive_measured_ms']:.1f} ms; its last logits differ from the "
-                          f"prefill's by {row['prefill_logits_difference']:.3g} of their std", flush=True)
-        del generator
+        plans = [plan_row(generator, kind, batch, context, args) for batch in args.batch for context in args.context]
+        compile_start, compiled = time.perf_counter(), {}
+        if compile_start < deadline:
+            compiled = compile_shapes(generator, {shape for _, shape in plans if shape is not None}, args)
+            print(f"{kind}: compiled in {time.perf_counter() - compile_start:.0f} s", flush=True)
+        for row, shape in plans:
+            if shape is not None and time.perf_counter() > deadline:
+                row = row | {"note": "skipped: time budget"}
+            elif shape is not None:
+                try:
+                    row = run_row(generator, row, shape, compiled, args)
+                except jax.errors.JaxRuntimeError as e:
+                    if "RESOURCE_EXHAUSTED" not in str(e):
+                        raise
+                    row = row | {"note": "out of memory"}
+            rows.append(row)
+            print(format_table([row]).splitlines()[1], flush=True)
+            if "naive_measured_ms" in row:
+                print(f"  full forward: {row['naive_measured_ms']:.1f} ms; its last logits differ from the "
+                      f"prefill's by {row['prefill_logits_difference']:.3g} of their std", flush=True)
+        del generator, compiled
+        _cache_shapes.cache_clear()
     print()
     print(format_table(rows))
     print(f"device: {jax.devices()[0].device_kind}; bound: bytes a decode step must move / {args.bandwidth:.3g} B/s; "

@@ -43,10 +43,12 @@ def generate_text(model: GPT | Generator, tokenizer: tiktoken.Encoding, prompts:
         if not prompt:
             raise ValueError(f"prompt {i} is empty: give some text to continue")
     stop_strings = [s for s in stop_strings if s]
-    stop = None
-    if stop_strings:
-        def stop(row, tokens):
-            return cut_at_stop(tokenizer.decode(tokens), stop_strings) != tokenizer.decode(tokens)
+
+    def reached_stop(row, tokens):
+        text = tokenizer.decode(tokens)
+        return cut_at_stop(text, stop_strings) != text
+
+    stop = reached_stop if stop_strings else None
     on_tokens = None
     if on_text is not None:
         on_tokens = _TextStream(tokenizer, stop_strings, on_text)

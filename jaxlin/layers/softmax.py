@@ -35,22 +35,28 @@ class CausalSelfAttention(nnx.Module):
 
     def init_cache(self, start, size: int) -> dict:
         """An empty KV cache of `size` slots for rows whose tokens begin at slot `start` [B] (slots before
-        it hold left padding, which no token reads); "length" counts the slots written."""
+        it hold left padding, which no token reads); "length" counts the slots written. Keys and values are
+        [B, H, slots, D]: (batch, head) lead, as the products over the cache batch them, so that no step
+        transposes the cache."""
         d_head = self.c_attn.in_features // self.n_head
-        kv = jnp.zeros((start.shape[0], size, self.n_head, d_head), self.c_attn.dtype)
+        kv = jnp.zeros((start.shape[0], self.n_head, size, d_head), self.c_attn.dtype)
         return {"k": kv, "v": kv, "length": jnp.zeros((), jnp.int32), "start": start.astype(jnp.int32)}
 
     @staticmethod
     def _attend_cache(q, k, v, cache):
         """Writes k, v [B, T, H, D] at slots length .. length + T - 1; each query reads the row's slots from
-        `start` to its own. A padding token (before `start`) reads itself only, which keeps it finite."""
+        `start` to its own. A padding token (before `start`) reads itself only, which keeps it finite. The
+        formula is jax.nn.dot_product_attention's (float32 scores and softmax, probabilities in v's dtype)."""
         length, T = cache["length"], q.shape[1]
-        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), length, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), length, axis=1)
-        slots = jnp.arange(keys.shape[1])
+        write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), length, 2)
+        keys, values = write(cache["k"], k), write(cache["v"], v)
+        slots = jnp.arange(keys.shape[2])
         query_slots = length + jnp.arange(T)
         causal = slots[None, :] <= query_slots[:, None]  # [T, S]
         own = slots[None, :] == query_slots[:, None]
         mask = (causal[None] & (slots >= cache["start"][:, None])[:, None]) | own[None]  # [B, T, S]
-        o = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
+        scores = jnp.einsum("bthd,bhsd->bhts", q, keys, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        o = jnp.einsum("bhts,bhsd->bthd", probs, values)
         return o, {"k": keys, "v": values, "length": length + T, "start": cache["start"]}

@@ -89,7 +89,8 @@ def test_greedy_generation_is_argmax_of_repeated_full_forwards(name):
 
 
 @pytest.mark.parametrize("name", ["recurrent_and_softmax"])
-@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=1.0, top_k=20, top_p=0.9)], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=1.0, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
 def test_a_batch_of_prompts_gives_each_prompt_its_solo_output(name, sampling):
     model = tiny_model(name)
     generator = Generator(model)
