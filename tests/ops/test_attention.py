@@ -98,6 +98,14 @@ def test_config_without_softmax_layers_ignores_the_setting():
     ModelConfig(n_layer=2, n_head=2, n_embd=64, attn="gla", dtype="float32", attention_impl="cudnn")
 
 
+def test_cudnn_model_off_the_gpu_says_so():
+    if ON_GPU:
+        pytest.skip("checks the refusal on a host without a GPU")
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, attn="softmax", attention_impl="cudnn")
+    with pytest.raises(ValueError, match="'cudnn' needs a GPU"):
+        GPT(cfg, rngs=nnx.Rngs(0))(jnp.ones((1, 8), jnp.int32))
+
+
 def test_layers_get_the_config_impl():
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, attn=("softmax", "gla"), dtype="float32",
                       attention_impl="xla")
