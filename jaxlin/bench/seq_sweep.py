@@ -109,7 +109,8 @@ def crossover(rows: list[dict], challenger: str, baseline: str) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'config':<16}{'T':>7}{'batch':>7}{'step ms':>10}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'vs short':>10}"
+    header = (f"{'config':<16}{'T':>7}{'batch':>7}{'step ms':>10}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
+              f"{'vs short':>10}")
     lines = [header, "-" * len(header)]
     shortest = {}
     for r in rows:
