@@ -63,6 +63,21 @@ def test_choice_off_the_gpu():
         resolve_impl("cudnn", jnp.bfloat16, 64)
 
 
+def test_choice_on_a_gpu(monkeypatch):
+    """The decision alone (no kernel runs): cuDNN where it applies, XLA otherwise, refusals for "cudnn"."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_impl("auto", jnp.bfloat16, 64) == "cudnn"
+    assert resolve_impl("auto", jnp.bfloat16, 64, 129) == "cudnn"
+    assert resolve_impl("auto", jnp.float32, 64) == "xla"
+    assert resolve_impl("auto", jnp.bfloat16, 64, 129, segments=True) == "xla"  # a bias needs an even T
+    assert resolve_impl("auto", jnp.bfloat16, 64, 128, segments=True) == "cudnn"
+    assert resolve_impl("xla", jnp.bfloat16, 64) == "xla"
+    with pytest.raises(ValueError, match="'cudnn': cuDNN attention with segment ids .* even sequence length"):
+        resolve_impl("cudnn", jnp.bfloat16, 64, 129, segments=True)
+    with pytest.raises(ValueError, match="'cudnn': cuDNN attention needs bfloat16"):
+        resolve_impl("cudnn", jnp.float32, 64)
+
+
 @pytest.mark.parametrize("args, reason", [
     ((jnp.float32, 64), "bfloat16 or float16"),
     ((jnp.bfloat16, 60), "multiple of 8"),
