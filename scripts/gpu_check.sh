@@ -90,7 +90,9 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     long-train) for config in small_gla_8k small_softmax_8k; do  # a short long-context run each; loss in metrics
              stage "$config" 280 python3 train.py --config "configs/$config.py" --workdir "/tmp/runs/$config"
              cp "/tmp/runs/$config/metrics.jsonl" "$out/$config.metrics.jsonl" 2>/dev/null
-           done ;;
+           done
+           python3 -m jaxlin.train.metrics --out "$out/long_context_loss.png" \
+             GLA=/tmp/runs/small_gla_8k/metrics.jsonl softmax=/tmp/runs/small_softmax_8k/metrics.jsonl ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
             "gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, attention-tests," \
             "train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer or long-train)" >&2; exit 2 ;;
