@@ -111,7 +111,9 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     long-train) for config in small_gla_8k small_softmax_8k; do  # a short long-context run each; loss in metrics
              stage "$config" 280 python3 train.py --config "configs/$config.py" --workdir "/tmp/runs/$config"
              cp "/tmp/runs/$config/metrics.jsonl" "$out/$config.metrics.jsonl" 2>/dev/null
-           done ;;
+           done
+           python3 -m jaxlin.train.metrics --out "$out/long_context_loss.png" \
+             GLA=/tmp/runs/small_gla_8k/metrics.jsonl softmax=/tmp/runs/small_softmax_8k/metrics.jsonl ;;
     fp8) for precision in bf16 fp8; do  # side by side on one GPU
            stage "train-$precision" 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
              --config configs/gpt2_medium_gla.py --config.model.matmul_precision=$precision \

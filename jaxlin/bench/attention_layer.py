@@ -8,7 +8,10 @@ At each head dim D and length T it times, on bf16 inputs of B = tokens // T sequ
   per-channel gates log_sigmoid(normal) / 16;
 - ``fla``: FLA's ``chunk_gla`` (PyTorch/Triton) on the same inputs, when ``fla`` and ``torch`` import;
 - ``softmax``: causal softmax attention (``jaxlin.ops.attention``, impl "auto": cuDNN's fused flash
-  attention on GPU, XLA elsewhere); ``xla`` pins XLA's, which materialises the T x T scores (memory).
+  attention on GPU, XLA elsewhere); ``xla`` pins XLA's, which materialises the T x T scores (memory);
+- ``pallas`` (not in the default list): the Pallas flash attention that JAX ships with a causal backward,
+  ``jax.experimental.pallas.ops.gpu.attention.mha`` (Triton lowering, deprecated by JAX; default blocks),
+  to compare with cuDNN. Its Mosaic GPU sibling ``attention_mgpu`` has no causal backward.
 D = 64 is GPT-2 Medium's softmax head (1024 / 16); D = 128 the shape of FLA's README tables. The default
 B = 32768 // T gives B = 2 at T = 16384, as those tables. Times are medians of back-to-back calls (the
 JAX side) and ``triton.testing.do_bench`` (FLA), so neither includes host dispatch.
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import warnings
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for FLA's torch
 
@@ -29,7 +34,7 @@ from jaxlin import ops  # noqa: E402
 from jaxlin.ops import attention  # noqa: E402
 from jaxlin.bench.kernels import _inputs, _time_fla  # noqa: E402
 
-IMPLS = ("gla", "fla", "softmax", "xla")
+IMPLS = ("gla", "fla", "softmax", "xla", "pallas")
 FLA_MISSING = ("fla: FLA's chunk_gla is not importable (needs torch, triton and flash-linear-attention: "
                "pip install flash-linear-attention); its column is left out")
 
@@ -50,9 +55,17 @@ def time_shape(impl: str, B: int, T: int, H: int, D: int, budget_s: float):
         if impl == "fla":
             timed = _time_fla("gla", args, do)
             return None if timed is None else (*timed, "fla chunk_gla")
-        return (*_timed(lambda *a: ops.gla(*a, impl="auto")[0], args, do, budget_s), "gla")
+        gla_impl = "pallas" if jax.default_backend() == "gpu" else "auto"  # no silent fallback on GPU
+        return (*_timed(lambda *a: ops.gla(*a, impl=gla_impl)[0], args, do, budget_s), f"gla {gla_impl}")
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (jax.random.normal(key, (B, T, H, D), jnp.bfloat16) for key in keys)
+    if impl == "pallas":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from jax.experimental.pallas.ops.gpu.attention import mha
+        forward = lambda q, k, v: mha(q, k, v, None, sm_scale=1 / math.sqrt(D), causal=True,
+                                      interpret=jax.default_backend() != "gpu")
+        return (*_timed(forward, (q, k, v), do, budget_s), "pallas mha")
     chosen = "xla" if impl == "xla" else attention.resolve_impl("auto", q.dtype, D)
     forward = lambda q, k, v: attention.causal_attention(q, k, v, impl=chosen)
     return (*_timed(forward, (q, k, v), do, budget_s), f"softmax {chosen}")

@@ -9,10 +9,10 @@ configs/ named gpt2_medium_NAME.py or NAME.py, or a path. Learned position embed
 (block_size), so the softmax model runs at every length. Each row runs in its own process under
 --row_timeout, so a row that runs out of memory or time is reported as such and the sweep goes on. Rows
 run length by length (every config at T before the next T); those still to run when --budget seconds
-have passed are skipped and listed, to run later with --configs/--lengths. The table gives tokens/s, MFU (the analytic
-FLOPs of jaxlin.train.flops: softmax layers' q k^T and p v are counted over the whole T x T square), peak
-memory and tokens/s relative to the config's shortest length, then where each config overtakes the
-softmax config: the shortest T from which it is faster at every longer length measured.
+have passed are skipped and listed, to run later with --configs/--lengths. The table gives tokens/s,
+MFU (the analytic FLOPs of jaxlin.train.flops: softmax layers' q k^T and p v are counted over the whole
+T x T square), peak memory and tokens/s relative to the config's shortest length, then where each config
+overtakes the softmax config: the shortest T from which it is faster at every longer length measured.
 
 A row costs a process start, a compile and steps + 2 steps (tens of seconds for GPT-2 Medium on an
 H100), so the default pair (gla, softmax: 10 rows) takes a few minutes; the other GPT-2 Medium configs
@@ -33,8 +33,8 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CONFIGS = "gla,softmax"
-MIN_ROW_S = 30  # a row needs at least this long (process start and compile)
 DEFAULT_LENGTHS = "1024,2048,4096,8192,16384"
+MIN_ROW_S = 30  # a row needs at least this long (process start and compile)
 
 
 def time_train_step(config, steps: int) -> dict:
@@ -109,7 +109,8 @@ def crossover(rows: list[dict], challenger: str, baseline: str) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'config':<16}{'T':>7}{'batch':>7}{'step ms':>10}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'vs short':>10}"
+    header = (f"{'config':<16}{'T':>7}{'batch':>7}{'step ms':>10}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
+              f"{'vs short':>10}")
     lines = [header, "-" * len(header)]
     shortest = {}
     for r in rows:

@@ -17,6 +17,12 @@ def test_cpu_smoke_run_writes_every_measurement(tmp_path, capsys):
     assert "softmax/gla" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_pallas_flash_attention_runs_in_interpret_mode():
+    fwd, fwd_bwd, label = attention_layer.time_shape("pallas", 1, 32, 1, 16, budget_s=0.01)
+    assert fwd > 0 and fwd_bwd > 0 and label == "pallas mha"
+
+
 def test_table_marks_failed_and_missing_cells():
     records = [dict(impl="gla", D=64, T=1024, B=32, fwd_ms=1.0, fwd_bwd_ms=2.0),
                dict(impl="softmax", D=64, T=1024, B=32, fwd_ms=1.0, fwd_bwd_ms=3.0),
