@@ -3,8 +3,8 @@
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, FLA, ...) are installed first.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
-#   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, fp8, fp8-run (default: tests,
-#   delta-tests, gelu-tests, gla, delta, gelu, train)
+#   gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, fp8, fp8-run
+#   (default: tests, delta-tests, gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so run it alone or with one other stage: a call gets 10 minutes. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape,
@@ -58,6 +58,8 @@ for name in "${stages[@]}"; do
     train) stage train 180 python3 -m jaxlin.train.bench --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
     train-xla-norms) stage train-xla-norms 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
              --config configs/gpt2_medium_gla.py --config.model.layer_norm_impl=xla --json "$out/train_xla_norms.json" ;;  # the A/B without the LayerNorm kernel
+    train-xla-mlp) stage train-xla-mlp 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
+             --config configs/gpt2_medium_gla.py --config.model.mlp_impl=xla --json "$out/train_xla_mlp.json" ;;  # bf16 without the fused GELU MLP, as fp8 runs it
     train-delta) for impl in pallas:triton pallas:mosaic; do  # the delta kernels' two backends, paired
              stage "train-delta-${impl#pallas:}" 180 python3 -m jaxlin.train.bench --steps 10 --nophases \
                --config configs/gpt2_medium_gated_deltanet.py --config.model.impl=$impl \
@@ -98,6 +100,7 @@ val = {p: [r['val_loss'] for r in map(json.loads, open(f'{sys.argv[1]}/small_gla
 print('final val loss: bf16 %.4f, fp8 %.4f (%+.2f %%)' % (val['bf16'][-1], val['fp8'][-1],
       100 * (val['fp8'][-1] / val['bf16'][-1] - 1)))" "$out" ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
-            "gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, fp8 or fp8-run)" >&2; exit 2 ;;
+            "gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, fp8 or" \
+            "fp8-run)" >&2; exit 2 ;;
   esac
 done
