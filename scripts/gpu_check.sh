@@ -5,15 +5,15 @@
 # .whl/reference/ (FLA and its dependencies) go to a folder of their own, on PYTHONPATH only for the `reference`
 # stage: transformers inside FLA breaks with the project's safetensors.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
-#   gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, reference, attention-tests,
-#   train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run (default: tests,
-#   delta-tests, gelu-tests, gla, delta, gelu, train)
+#   gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference,
+#   attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run
+#   (default: tests, delta-tests, gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so give it a stage of its own where time is short. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape,
 # `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels. `reference` times the PyTorch
 # reference's step (jaxlin.bench.reference); `reference train` puts it beside ours, same GPU, same call.
-# step at model.matmul_precision bf16 then fp8 on the same GPU (about 5 minutes); `fp8-run` trains
+# `fp8` times the GPT-2 Medium GLA step at model.matmul_precision bf16 then fp8 on the same GPU (about 5 minutes); `fp8-run` trains
 # configs/small_gla.py for its 2,200 steps at bf16 then fp8 (about 3 minutes each on an H100: run it alone)
 # on the corpus in $JAXLIN_DATA_DIR and plots both curves into fp8_loss.png.
 set -uo pipefail
@@ -72,6 +72,8 @@ for name in "${stages[@]}"; do
     train) stage train 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases --config configs/gpt2_medium_gla.py --json "$out/train.json" ;;
     train-xla-norms) stage train-xla-norms 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
              --config configs/gpt2_medium_gla.py --config.model.layer_norm_impl=xla --json "$out/train_xla_norms.json" ;;  # the A/B without the LayerNorm kernel
+    train-xla-mlp) stage train-xla-mlp 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
+             --config configs/gpt2_medium_gla.py --config.model.mlp_impl=xla --json "$out/train_xla_mlp.json" ;;  # bf16 without the fused GELU MLP, as fp8 runs it
     train-delta) for impl in pallas:triton pallas:mosaic; do  # the delta kernels' two backends, paired
              stage "train-delta-${impl#pallas:}" 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
                --config configs/gpt2_medium_gated_deltanet.py --config.model.impl=$impl \
@@ -137,7 +139,8 @@ val = {p: [r['val_loss'] for r in map(json.loads, open(f'{sys.argv[1]}/small_gla
 print('final val loss: bf16 %.4f, fp8 %.4f (%+.2f %%)' % (val['bf16'][-1], val['fp8'][-1],
       100 * (val['fp8'][-1] / val['bf16'][-1] - 1)))" "$out" ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
-            "gelu, elementwise, train, train-xla-norms, train-delta, train-all, profile, reference, attention-tests," \
-            "train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8 or fp8-run)" >&2; exit 2 ;;
+            "gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference," \
+            "attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8 or" \
+            "fp8-run)" >&2; exit 2 ;;
   esac
 done

@@ -76,6 +76,21 @@ def test_first_loss_is_finite_and_near_bf16(attn):
 
 
 @pytest.mark.slow
+def test_remat_keeps_the_gradients_and_the_scaling_state():
+    """The GPT-2 Medium configs recompute under remat: the FP8 products' backward (and the new scaling state
+    it hands back) must not change."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 256)
+
+    def grads(remat):
+        model = GPT(tiny(vocab_size=256, dtype="float32", matmul_precision="fp8", remat=remat), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+        return jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p).hidden(tokens) ** 2)))(params)
+
+    for got, want in zip(jax.tree.leaves(grads("dots_and_activations")), jax.tree.leaves(grads("none"))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_a_step_overwrites_the_scaling_state_with_its_new_values():
     opt = optimizer()
     graphdef, state = create_train_state(GPT(tiny(matmul_precision="fp8"), rngs=nnx.Rngs(0)), opt)

@@ -40,7 +40,7 @@ def test_fp8_kill_and_resume_continues_the_same_loss_sequence(tmp_path_factory):
 
 @pytest.mark.slow
 def test_bench_times_an_fp8_step_on_a_mesh():
-    from jaxlin.train import bench
+    from jaxlin.bench import train_step as bench
 
     config = tiny_config("unused", **FP8, **{"train.micro_batch_size": 2})
     results = bench.bench(config, steps=1, sharded=True, phases=False)
