@@ -27,7 +27,7 @@ from jaxlin.train.config import config_changes, model_config, validate
 from jaxlin.train.metrics import MetricsLog
 from jaxlin.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlin.train.step import create_train_state, eval_step, train_step
-from jaxlin.train.workdir import WorkdirLock
+from jaxlin.train.workdir import WorkdirLock, set_aside_outputs
 
 
 class NonFiniteLossError(RuntimeError):
@@ -127,6 +127,9 @@ class Trainer:
         if restored is not None:
             self.state = restored
         if jax.process_index() == 0:  # only once the config is accepted and its checkpoint restored
+            previous = None if self.start else set_aside_outputs(workdir)
+            if previous:
+                say(f"fresh start: the outputs already in {workdir} were moved to {previous}")
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         self.metrics_log = MetricsLog(workdir, resume_step=self.start)
         self.announce(mcfg, train_shards, val_shards)
