@@ -19,7 +19,7 @@ from jaxlin.data.paths import resolve_data_dir, user_cache_dir
 from jaxlin.data.pipeline import make_train_iterator, make_val_dataset
 from jaxlin.data.prepare import check_token_ids, prepare_corpus
 from jaxlin.data.shards import read_shard
-from jaxlin.errors import ConfigError, DataError
+from jaxlin.errors import ConfigError, DataError, UserError
 from jaxlin.model import GPT
 from jaxlin.train import flops, sharding
 from jaxlin.train.checkpoint import Checkpointer, NoCheckpointError
@@ -30,8 +30,8 @@ from jaxlin.train.step import create_train_state, eval_step, train_step
 from jaxlin.train.workdir import WorkdirLock, set_aside_outputs
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training stopped on a run of non-finite steps; the message says where the last good state is."""
 
 
 def prepare_data(config: ml_collections.ConfigDict):
