@@ -254,15 +254,17 @@ def test_rejected_config_keeps_config_json(tmp_path, shards_dir):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_export_only_falls_back_past_an_unreadable_checkpoint(tmp_path, shards_dir, uninterrupted, capsys):
+def test_export_only_falls_back_past_an_unreadable_checkpoint(tmp_path, shards_dir, uninterrupted, capsys, caplog):
     import shutil
 
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
-    for f in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 1000:  # the array data, not the metadata
-            f.write_bytes(f.read_bytes()[:100])
+    for f in (tmp_path / "checkpoints" / "8" / "state" / "ocdbt.process_0").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100_000:  # array files cut short
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     loop.export_only(tiny_config(shards_dir), tmp_path)
     assert "exported checkpoint 6" in capsys.readouterr().out
+    (report,) = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert report.startswith("checkpoint 8 in ") and "\n" not in report and len(report) < 600  # one line
     assert (tmp_path / "checkpoints" / "8").is_dir()  # reported and skipped, not moved
 
 
