@@ -62,7 +62,11 @@ def check_checkpoints(config: ml_collections.ConfigDict, workdir: Path) -> Check
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.log.keep_checkpoints)
     changes = config_changes(workdir / "config.json", config)
     hint = f" The settings differ from {workdir / 'config.json'} in {changes}." if changes else ""
-    checkpointer.check_compatible(abstract_train_state(config)[1], hint)
+    try:
+        checkpointer.check_compatible(abstract_train_state(config)[1], hint)
+    except Exception:
+        checkpointer.close()
+        raise
     return checkpointer
 
 
@@ -72,14 +76,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     with WorkdirLock(workdir):
         checkpointer = check_checkpoints(config, workdir)
-        mesh = make_mesh(config)
-        # The mesh is current while tracing, so kernels can run per shard under shard_map (jaxlin.ops).
-        with jax.set_mesh(mesh):
-            trainer = Trainer(config, workdir, mesh, checkpointer)
-            try:
-                return trainer.train()
-            finally:
-                trainer.close()
+        try:
+            mesh = make_mesh(config)
+            # The mesh is current while tracing, so kernels can run per shard under shard_map (jaxlin.ops).
+            with jax.set_mesh(mesh):
+                trainer = Trainer(config, workdir, mesh, checkpointer)
+                try:
+                    return trainer.train()
+                finally:
+                    trainer.close()
+        finally:
+            checkpointer.close()
 
 
 def make_mesh(config: ml_collections.ConfigDict):
@@ -260,7 +267,6 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
         self.metrics_log.close()
-        self.checkpointer.close()
 
 
 def export_only(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
