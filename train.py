@@ -69,7 +69,7 @@ def check_config_keys(argv):
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if path is None and "--config" in argv:
         path = argv[argv.index("--config") + 1]
-    path = path or DEFAULT_CONFIG
+    path = (path or DEFAULT_CONFIG).split(":", 1)[0]  # ml_collections' "file.py:argument" form
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' does not exist: give --config configs/NAME.py "
                         f"(from the repository root)")

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxlin.data.shards import read_shard
 from jaxlin.data.tokenizer import EOT_TOKEN
+from jaxlin.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def make_train_iterator(
     index, count = _process(process_index, process_count)
     windows = grain.MapDataset.source(TokenWindows(shard_paths, seq_len))
     if len(windows) < batch_size * count:
-        raise ValueError(f"{len(windows)} windows of {seq_len + 1} tokens cannot fill one batch of "
+        raise DataError(f"{len(windows)} windows of {seq_len + 1} tokens cannot fill one batch of "
                          f"{batch_size} on each of {count} processes: add data or lower seq_len/batch_size")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
@@ -100,7 +101,7 @@ def make_val_dataset(
     windows = grain.MapDataset.source(TokenWindows(shard_paths, seq_len))
     available = len(windows) // count // batch_size
     if available == 0:
-        raise ValueError(f"{len(windows)} validation windows of {seq_len + 1} tokens cannot fill one batch of "
+        raise DataError(f"{len(windows)} validation windows of {seq_len + 1} tokens cannot fill one batch of "
                          f"{batch_size} on each of {count} processes: add validation data or lower the batch")
     if num_batches is not None and num_batches > available:
         log.warning("asked for %d validation batches, the data holds %d: using %d", num_batches, available, available)

@@ -31,7 +31,7 @@ import numpy as np
 from jaxlin.data import readers
 from jaxlin.data.paths import require, resolve_data_dir, user_cache_dir
 from jaxlin.data.shards import TOKEN_DTYPE, max_token_id, read_shard, write_shard
-from jaxlin.errors import DataError
+from jaxlin.errors import DataError, UserError
 from jaxlin.data.tokenizer import EOT_TOKEN, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ MANIFEST_FORMAT = 1
 DEFAULT_SOURCES = ("train_corpus", "train_corpus_extra")
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's shard size
 _BATCH_CHARS = 8_000_000  # text handed to tiktoken's thread pool at once
+
+
+class MissingSourceError(UserError, FileNotFoundError):
+    """A source named in the settings matches no file."""
 
 
 def resolve_sources(sources: Iterable[str], data_dir=None) -> tuple[list[Path], list[Path]]:
@@ -55,10 +59,10 @@ def resolve_sources(sources: Iterable[str], data_dir=None) -> tuple[list[Path], 
         if any(c in str(source) for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(str(pattern)))
             if not matches:
-                raise FileNotFoundError(f"source pattern '{source}' matches no file (searched '{pattern}')")
+                raise MissingSourceError(f"source pattern '{source}' matches no file (searched '{pattern}')")
         elif Path(source).is_absolute():
             if not pattern.exists():
-                raise FileNotFoundError(f"source '{pattern}' does not exist")
+                raise MissingSourceError(f"source '{pattern}' does not exist: fix data.sources / --sources")
             matches = [pattern]
         else:
             matches = [require(root, source)]
@@ -67,7 +71,7 @@ def resolve_sources(sources: Iterable[str], data_dir=None) -> tuple[list[Path], 
                 bins = sorted(path.glob("*.bin"))
                 found = bins or sorted(p for p in path.iterdir() if readers.is_supported(p))
                 if not found:
-                    raise FileNotFoundError(
+                    raise MissingSourceError(
                         f"folder '{path}' holds no .bin shards and no text files ({readers.SUPPORTED_TEXT})"
                     )
                 (shards if bins else texts).extend(found)
@@ -76,7 +80,7 @@ def resolve_sources(sources: Iterable[str], data_dir=None) -> tuple[list[Path], 
             elif readers.is_supported(path):
                 texts.append(path)
             else:
-                raise ValueError(f"source '{path}' has an unknown format; supported: .bin, {readers.SUPPORTED_TEXT}")
+                raise DataError(f"source '{path}' has an unknown format; supported: .bin, {readers.SUPPORTED_TEXT}")
     return _unique(texts), _unique(shards)
 
 
@@ -121,7 +125,7 @@ def prepare_corpus(
         )
         train, val = built_train + train, built_val + val
     if not train:
-        raise ValueError(f"sources {sources} gave no training shards")
+        raise DataError(f"sources {sources} gave no training shards: add text files or *_train_*.bin shards")
     return train, val
 
 

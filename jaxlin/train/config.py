@@ -178,6 +178,12 @@ def _model(c):
     if model.uses_pos_embedding and c.data.seq_len > model.block_size:
         return (f"data.seq_len={c.data.seq_len} exceeds model.block_size={model.block_size} "
                 "(the position embedding's length)")
+    layers = zip(model.per_layer("attn"), model.per_layer("expand_k"), model.per_layer("expand_v"))
+    for layer, (kind, expand_k, expand_v) in enumerate(layers):
+        widths = (model.n_embd,) if kind == "softmax" else (int(model.n_embd * expand_k), int(model.n_embd * expand_v))
+        if any(w == 0 or w % model.n_head for w in widths):
+            return (f"layer {layer} ({kind}): the key/value widths {widths} (model.n_embd={model.n_embd} times "
+                    f"model.expand_k/expand_v) must be multiples of model.n_head={model.n_head}")
 
 
 COMBINATIONS: tuple[Callable, ...] = (_batch_multiple, _one_free_mesh_axis, _model, _sequence_split)

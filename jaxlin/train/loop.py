@@ -19,7 +19,7 @@ from jaxlin.data.paths import resolve_data_dir, user_cache_dir
 from jaxlin.data.pipeline import make_train_iterator, make_val_dataset
 from jaxlin.data.prepare import check_token_ids, prepare_corpus
 from jaxlin.data.shards import read_shard
-from jaxlin.errors import ConfigError, DataError
+from jaxlin.errors import ConfigError, DataError, UserError
 from jaxlin.model import GPT
 from jaxlin.train import flops, sharding
 from jaxlin.train.checkpoint import Checkpointer, NoCheckpointError
@@ -27,11 +27,11 @@ from jaxlin.train.config import config_changes, model_config, validate
 from jaxlin.train.metrics import MetricsLog
 from jaxlin.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxlin.train.step import create_train_state, eval_step, train_step
-from jaxlin.train.workdir import WorkdirLock
+from jaxlin.train.workdir import WorkdirLock, set_aside_outputs
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training stopped on a run of non-finite steps; the message says where the last good state is."""
 
 
 def prepare_data(config: ml_collections.ConfigDict):
@@ -62,7 +62,11 @@ def check_checkpoints(config: ml_collections.ConfigDict, workdir: Path) -> Check
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.log.keep_checkpoints)
     changes = config_changes(workdir / "config.json", config)
     hint = f" The settings differ from {workdir / 'config.json'} in {changes}." if changes else ""
-    checkpointer.check_compatible(abstract_train_state(config)[1], hint)
+    try:
+        checkpointer.check_compatible(abstract_train_state(config)[1], hint)
+    except Exception:
+        checkpointer.close()
+        raise
     return checkpointer
 
 
@@ -72,14 +76,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     with WorkdirLock(workdir):
         checkpointer = check_checkpoints(config, workdir)
-        mesh = make_mesh(config)
-        # The mesh is current while tracing, so kernels can run per shard under shard_map (jaxlin.ops).
-        with jax.set_mesh(mesh):
-            trainer = Trainer(config, workdir, mesh, checkpointer)
-            try:
-                return trainer.train()
-            finally:
-                trainer.close()
+        try:
+            mesh = make_mesh(config)
+            # The mesh is current while tracing, so kernels can run per shard under shard_map (jaxlin.ops).
+            with jax.set_mesh(mesh):
+                trainer = Trainer(config, workdir, mesh, checkpointer)
+                try:
+                    return trainer.train()
+                finally:
+                    trainer.close()
+        finally:
+            checkpointer.close()
 
 
 def make_mesh(config: ml_collections.ConfigDict):
@@ -127,6 +134,9 @@ class Trainer:
         if restored is not None:
             self.state = restored
         if jax.process_index() == 0:  # only once the config is accepted and its checkpoint restored
+            previous = None if self.start else set_aside_outputs(workdir)
+            if previous:
+                say(f"fresh start: the outputs already in {workdir} were moved to {previous}")
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         self.metrics_log = MetricsLog(workdir, resume_step=self.start)
         self.announce(mcfg, train_shards, val_shards)
@@ -257,7 +267,6 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
         self.metrics_log.close()
-        self.checkpointer.close()
 
 
 def export_only(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:

@@ -1,10 +1,13 @@
-"""An exclusive lock on a run folder, so two runs never interleave their checkpoints, metrics and export."""
+"""The run folder: an exclusive lock, so two runs never interleave their checkpoints, metrics and export, and
+an earlier run's outputs set aside (never overwritten) when a run starts afresh."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
+import time
 from pathlib import Path
 
 import jax
@@ -53,3 +56,24 @@ class WorkdirLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+OUTPUTS = ("config.json", "metrics.jsonl", "tb", "loss.png", "export")  # what a run writes besides checkpoints
+PREVIOUS = "previous"
+
+
+def set_aside_outputs(workdir: str | os.PathLike) -> Path | None:
+    """Moves the outputs already in `workdir` (an earlier run's, or files that were there before) to
+    `WORKDIR/previous/TIME/` before a fresh start writes its own; returns that folder, or None when there
+    was nothing to move."""
+    workdir = Path(workdir)
+    found = [workdir / name for name in OUTPUTS if (workdir / name).exists()]
+    if not found:
+        return None
+    target = workdir / PREVIOUS / time.strftime("%Y%m%d-%H%M%S")
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    target.mkdir(parents=True)
+    for path in found:
+        shutil.move(str(path), target / path.name)
+    return target

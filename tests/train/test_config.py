@@ -63,6 +63,8 @@ def test_all_problems_are_named_at_once():
     ({"model.attn": "softmax", "model.block_size": 64, "data.seq_len": 128}, "data.seq_len=128 exceeds "
                                                                              "model.block_size=64"),
     ({"model.attn": ("gla",)}, "model.attn lists 1 values but n_layer=2"),
+    ({"model.n_head": 3}, "layer 0 (gla): the key/value widths (32, 64) (model.n_embd=64 times"),
+    ({"model.attn": "softmax", "model.n_head": 5}, "layer 0 (softmax): the key/value widths (64,)"),
     ({"model.remat": "some"}, "model.remat: unknown 'some'"),
     ({"model.mlp_impl": "cuda"}, "model.mlp_impl: unknown 'cuda'"),
     ({"model.dtype": "float16"}, "model.dtype must be 'bfloat16' or 'float32'"),

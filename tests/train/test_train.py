@@ -93,7 +93,7 @@ def test_kill_and_resume_continues_the_same_loss_sequence(tmp_path, shards_dir, 
     assert losses(tmp_path) == losses(uninterrupted)  # bit for bit
 
 
-def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, shards_dir, uninterrupted):
+def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, shards_dir, uninterrupted, capsys):
     import shutil
 
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
@@ -102,6 +102,7 @@ def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, shards_di
             f.write_bytes(b"garbage")
     config = tiny_config(shards_dir)
     loop.run(config, tmp_path)
+    assert "resumed from step 6" in capsys.readouterr().out
     assert losses(tmp_path)[-2:] == losses(uninterrupted)[-2:]  # steps 7-8 retrained from step 6
     assert len(list((tmp_path / "checkpoints_unreadable").iterdir())) == 1
 
@@ -253,15 +254,17 @@ def test_rejected_config_keeps_config_json(tmp_path, shards_dir):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_export_only_falls_back_past_an_unreadable_checkpoint(tmp_path, shards_dir, uninterrupted, capsys):
+def test_export_only_falls_back_past_an_unreadable_checkpoint(tmp_path, shards_dir, uninterrupted, capsys, caplog):
     import shutil
 
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
-    for f in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 1000:  # the array data, not the metadata
-            f.write_bytes(f.read_bytes()[:100])
+    for f in (tmp_path / "checkpoints" / "8" / "state" / "ocdbt.process_0").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100_000:  # array files cut short
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     loop.export_only(tiny_config(shards_dir), tmp_path)
     assert "exported checkpoint 6" in capsys.readouterr().out
+    (report,) = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert report.startswith("checkpoint 8 in ") and "\n" not in report and len(report) < 600  # one line
     assert (tmp_path / "checkpoints" / "8").is_dir()  # reported and skipped, not moved
 
 
@@ -275,18 +278,6 @@ def test_export_only_names_what_differs(tmp_path, shards_dir, uninterrupted):
         loop.export_only(tiny_config(shards_dir, **{"model.n_embd": 32}), tmp_path)
     assert "strict" not in str(e.value)
     assert not (tmp_path / "export").exists()
-
-
-def test_run_says_what_it_does_and_where_everything_is(tmp_path, shards_dir, capsys):
-    loop.run(tiny_config(shards_dir, **{"train.steps": 2, "log.every": 1}), tmp_path)
-    out = capsys.readouterr().out
-    for expected in ("model: gla, 1 layers, width 64, ", " parameters", "train + ", "validation tokens",
-                     "devices: ", f"workdir: {tmp_path.resolve()}, fresh start", "done: step 2",
-                     f"checkpoints: {tmp_path.resolve() / 'checkpoints'} (steps 2)", "metrics.jsonl",
-                     f"python eval.py --model {tmp_path.resolve() / 'export'}"):
-        assert expected in out, (expected, out)
-    loop.run(tiny_config(shards_dir, **{"train.steps": 4, "log.every": 1}), tmp_path)
-    assert "resumed from step 2" in capsys.readouterr().out
 
 
 def test_shard_with_ids_beyond_the_vocabulary_stops_before_training(tmp_path, monkeypatch):
@@ -312,3 +303,26 @@ def test_settings_the_devices_cannot_meet_name_the_key(tmp_path, values, message
     with pytest.raises(ConfigError, match=message):
         loop.run(tiny_config(tmp_path / "shards", **values), tmp_path / "run")
     assert not (tmp_path / "shards").exists()  # before any data is prepared
+
+
+def test_fresh_start_sets_earlier_outputs_aside_and_says_where_everything_is(tmp_path, shards_dir, uninterrupted,
+                                                                            capsys):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    for f in (tmp_path / "checkpoints").rglob("*"):  # every checkpoint unreadable: training starts afresh
+        if f.is_file() and "state" in f.parts:
+            f.write_bytes(b"garbage")
+    loop.run(tiny_config(shards_dir, **{"train.steps": 2}), tmp_path)
+    out = capsys.readouterr().out
+    for expected in ("fresh start: the outputs already in", "model: gla, 1 layers, width 64, ", " parameters",
+                     " train + ", " validation tokens in 2 shards", "devices: 2 x cpu",
+                     f"workdir: {tmp_path.resolve()}, fresh start", "done: step 2, validation loss ",
+                     f"checkpoints: {tmp_path.resolve() / 'checkpoints'} (steps 2)", "metrics.jsonl",
+                     f"python eval.py --model {tmp_path.resolve() / 'export'}"):
+        assert expected in out, (expected, out)
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert snapshot(previous) == {k: v for k, v in snapshot(uninterrupted).items()
+                                  if k.split("/")[0] in ("config.json", "metrics.jsonl", "export", "tb")}
+    assert len(list((tmp_path / "checkpoints_unreadable").iterdir())) == 3
+    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())][-1] == 2
