@@ -36,6 +36,7 @@ def _vjp(impl, y, kernels, rest, grads, segment_ids):
     return outputs, vjp(grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,T,widths,rest", SHAPES)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -78,6 +79,7 @@ def test_lowers_for_cuda_at_gpt2_medium_shape(packed):
     assert "conv_forward" in text and "conv_join_backward" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiles", [short_conv.Tiles(rows=4, cols=32, steps=3, warps=4),
                                    short_conv.Tiles(rows=2, cols=16, steps=5, warps=4),
                                    short_conv.Tiles(rows=8, cols=64, steps=1, warps=4),
