@@ -32,6 +32,7 @@ def test_softmax_baseline_parameter_count():
     assert gpt2_medium_params(attn="softmax") == 354_650_112
 
 
+@pytest.mark.slow
 def test_per_layer_settings_build_mixed_stacks():
     cfg = tiny(n_layer=4, attn=("gated_deltanet", "gla") * 2, expand_k=(0.5, 0.625, 0.75, 1.0))
     model = GPT(cfg, rngs=nnx.Rngs(0))
@@ -51,7 +52,8 @@ def test_causal(attn):
     assert not np.allclose(a[:, 21:], b[:, 21:])
 
 
-@pytest.mark.parametrize("attn", ["gla", "deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("attn", ["gla", pytest.param("deltanet", marks=pytest.mark.slow),
+                                  pytest.param("gated_deltanet", marks=pytest.mark.slow)])
 def test_state_continuation_matches_full_sequence(attn):
     model = GPT(tiny(attn), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(2), (2, 37), 0, 50257)

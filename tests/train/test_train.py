@@ -136,6 +136,7 @@ def test_nonfinite_steps_are_skipped_then_stop_training(tmp_path, shards_dir, mo
     assert max(saved) >= 3  # the state at the stop is checkpointed (its parameters are the last good ones)
 
 
+@pytest.mark.slow
 def test_nonfinite_update_leaves_parameters_unchanged():
     config = tiny_config("unused")
     optimizer = make_optimizer(config.train)
