@@ -79,6 +79,8 @@ def test_bad_flags_stop_with_one_line_and_help_prints_the_flags(capsys):
         bench.main(["--op", "gla"])
     with pytest.raises(SystemExit, match="error: .*op"):
         bench.main(["--op", "softmax", "--shape", "1,64,1,32,32"])
+    with pytest.raises(SystemExit, match="expected 4 integers, ROWS,COLS,STEPS,WARPS"):
+        elementwise.main(["--batch", "1", "--seq", "64", "--conv_tiles", "8,32"])
     with pytest.raises(SystemExit) as exit:
         gelu.main(["--help"])
     assert exit.value.code == 0 and "--tokens" in capsys.readouterr().out
