@@ -111,6 +111,20 @@ def matmuls(*sums, interpret, one_by_one=False):
     return tuple(pl.run_state(run)(tuple(plgpu.ACC.init(x) for x in inits)))
 
 
+def named_refs(refs, names: str, **present: bool) -> tuple:
+    """A kernel's ``refs`` in the order of ``names`` (space-separated: operands, outputs, scratch). A name
+    given as ``name=False`` was not passed (an optional operand or output the call lacks) and reads None."""
+    names = names.split()
+    unknown = set(present) - set(names)
+    if unknown:
+        raise ValueError(f"named_refs: {sorted(unknown)} are not among {names}")
+    passed = [name for name in names if present.get(name, True)]
+    if len(passed) != len(refs):
+        raise ValueError(f"named_refs: {len(refs)} refs for the {len(passed)} names {passed}")
+    by_name = dict(zip(passed, refs))
+    return tuple(by_name.get(name) for name in names)
+
+
 def scoped_kernel(body, operands, out_type, scratch, *, grid, grid_names, name, interpret):
     """``plgpu.kernel`` over ``grid`` whose ``body(*operand_refs, *output_refs, *scratch_refs)`` runs
     with the SMEM ``scratch`` allocated (``None`` entries arrive as None)."""

@@ -32,6 +32,7 @@ def test_softmax_baseline_parameter_count():
     assert gpt2_medium_params(attn="softmax") == 354_650_112
 
 
+@pytest.mark.slow
 def test_per_layer_settings_build_mixed_stacks():
     cfg = tiny(n_layer=4, attn=("gated_deltanet", "gla") * 2, expand_k=(0.5, 0.625, 0.75, 1.0))
     model = GPT(cfg, rngs=nnx.Rngs(0))
@@ -51,7 +52,8 @@ def test_causal(attn):
     assert not np.allclose(a[:, 21:], b[:, 21:])
 
 
-@pytest.mark.parametrize("attn", ["gla", "deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("attn", ["gla", pytest.param("deltanet", marks=pytest.mark.slow),
+                                  pytest.param("gated_deltanet", marks=pytest.mark.slow)])
 def test_state_continuation_matches_full_sequence(attn):
     model = GPT(tiny(attn), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(2), (2, 37), 0, 50257)
@@ -73,6 +75,7 @@ def test_packed_documents_do_not_see_each_other(attn):
         np.testing.assert_allclose(packed[:, 13:], model(b), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_left_padding_with_segments_equals_unpadded():
     model = GPT(tiny("gla"), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(5), (1, 10), 0, 50257)
@@ -173,6 +176,7 @@ def test_fused_gelu_mlp_matches_xla():
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["gla", "gated_deltanet"])
 def test_elementwise_kernels_match_xla(attn):
     """The short convs' and gated norm's kernels (interpret mode) give XLA's loss and gradients, with
@@ -191,6 +195,7 @@ def test_elementwise_kernels_match_xla(attn):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
+@pytest.mark.slow
 def test_layer_norm_kernels_match_flax():
     """The LayerNorm kernels with the residual adds (interpret mode) give Flax's loss and gradients."""
     tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, 256)
@@ -230,6 +235,7 @@ def test_gla_layer_gives_the_kernels_gates_in_the_compute_dtype(monkeypatch):
     assert seen == dict(q=jnp.bfloat16, g=jnp.bfloat16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_and_activations"])
 def test_remat_policies_give_the_same_gradients(remat):
     tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 256)

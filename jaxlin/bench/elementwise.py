@@ -12,6 +12,7 @@ Defaults: GPT-2 Medium's GLA layer (q, k, v convolved; the forget gate's low-ran
 (``Tiles`` of ``kernels.short_conv``, ``kernels.gated_norm``, ``kernels.layer_norm``).
 """
 
+import dataclasses
 import functools
 import json
 
@@ -78,13 +79,22 @@ def _conv_rows(B, T, widths, rest, segment_ids, tilings):
                           moved)}
 
 
+def _parse_tiles(text, tiles_type):
+    """``tiles_type`` from ``"8,256,16,4"``: one integer per field, in order."""
+    fields = [f.name for f in dataclasses.fields(tiles_type)]
+    values = text.split(",")
+    if len(values) != len(fields) or not all(v.isdigit() for v in values):
+        raise SystemExit(f"error: tiling {text!r}: expected {len(fields)} integers, {','.join(fields).upper()}")
+    return tiles_type(*map(int, values))
+
+
 def _tiled_rows(name, tilings, tiles_type, forward, backward, forward_args, backward_args, moved):
     """Rows ``"{name} forward|backward (Pallas, {tiling})"``: the kernels called with each tiling (their
     ``tiles`` and ``interpret`` keywords)."""
     interpret = jax.default_backend() != "gpu"  # the kernels' code on CPU, for checking, not timing
     rows = {}
     for text in tilings:
-        tiles = tiles_type(*map(int, text.split(",")))
+        tiles = _parse_tiles(text, tiles_type)
         for direction, kernel, args in (("forward", forward, forward_args), ("backward", backward, backward_args)):
             fn = jax.jit(functools.partial(kernel, tiles=tiles, interpret=interpret))
             rows[f"{name} {direction} (Pallas, {text})"] = (fn, args, moved[direction])

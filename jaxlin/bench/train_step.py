@@ -1,6 +1,6 @@
 """Times the full train step of a config on one accelerator.
 
-    python -m jaxlin.bench.train_step --config configs/gpt2_medium_gla.py [--config.model.remat=dots] \
+    python -m jaxlin.bench.train_step --config configs/gpt2_medium_gla.py [--config.model.remat=dots]
         [--steps 20] [--sharded] [--nophases] [--json out.json] [--profile DIR]
 
 Random tokens at the config's micro-batch (one micro-batch per step, no accumulation). After compilation it

@@ -25,8 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
-from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk, load_tile, matmul,
-                      matmuls, same_document, scoped_kernel, smem_tile)
+from ..mosaic import (bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk, load_tile, matmul, matmuls,
+                      named_refs, same_document, scoped_kernel, smem_tile)
 from .mosaic_forward import (boundary_factors, chunk_iotas, mosaic_state_block_v, pair_decays, pair_mask,
                              pass_scratch, rows_vector, scaled_rows, store_state)
 
@@ -64,12 +64,10 @@ def output_path_grads(q, k, v_new, do, b, rel, hs, dhs, *, scale, interpret):
     dtype = jnp.bfloat16
 
     def body(*refs):
-        q_ref, k_ref, v_new_ref, do_ref, *refs = refs
-        b_ref = refs.pop(0) if has_gates else None
-        seg_ref = refs.pop(0) if has_seg else None
-        hs_ref, dhs_ref, dq_ref, dk_ref, *refs = refs
-        db_ref, d_to_end_ref = refs[:2] if has_gates else (None, None)
-        (q_s, k_s, v_new_s, do_s, b_s, seg_s, h_s, dh_s, dq_s, dk_s, bars) = refs[2 if has_gates else 0:]
+        (q_ref, k_ref, v_new_ref, do_ref, b_ref, seg_ref, hs_ref, dhs_ref, dq_ref, dk_ref, db_ref, d_to_end_ref,
+         q_s, k_s, v_new_s, do_s, b_s, seg_s, h_s, dh_s, dq_s, dk_s, bars) = named_refs(
+            refs, "q k v_new do b seg hs dhs dq dk db d_to_end q_s k_s v_new_s do_s b_s seg_s h_s dh_s dq_s dk_s "
+            "bars", b=has_gates, seg=has_seg, db=has_gates, d_to_end=has_gates)
         ci, hi = lax.axis_index("chunks"), lax.axis_index("heads")
         at = chunk_windows(lax.axis_index("batch"), hi)
         copies = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(v_new_ref), v_new_s),
@@ -142,12 +140,11 @@ def wy_path_grads(k, v, beta, b, rel, x, hs, dv_new, dk_output, *, interpret):
     dtype = jnp.bfloat16
 
     def body(*refs):
-        k_ref, v_ref, beta_ref, *refs = refs
-        b_ref = refs.pop(0) if has_gates else None
-        seg_ref = refs.pop(0) if has_seg else None
-        x_ref, hs_ref, dv_new_ref, dk_output_ref, dv_ref, dbeta_ref, dk_ref, *refs = refs
-        db_ref = refs.pop(0) if has_gates else None
-        (k_s, v_s, beta_s, b_s, seg_s, x_s, h_s, dv_new_s, dk_f32_s, keys_s, values_s, pairs_s, bars) = refs
+        (k_ref, v_ref, beta_ref, b_ref, seg_ref, x_ref, hs_ref, dv_new_ref, dk_output_ref, dv_ref, dbeta_ref,
+         dk_ref, db_ref, k_s, v_s, beta_s, b_s, seg_s, x_s, h_s, dv_new_s, dk_f32_s, keys_s, values_s, pairs_s,
+         bars) = named_refs(
+            refs, "k v beta b seg x hs dv_new dk_output dv dbeta dk db k_s v_s beta_s b_s seg_s x_s h_s dv_new_s "
+            "dk_f32_s keys_s values_s pairs_s bars", b=has_gates, seg=has_seg, db=has_gates)
         ci, hi = lax.axis_index("chunks"), lax.axis_index("heads")
         at = chunk_windows(lax.axis_index("batch"), hi)
         copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.token_rows(beta_ref), beta_s),
@@ -233,14 +230,12 @@ def state_grad_pass_mosaic(q, k, neg_w, do, b, rel, dht, *, scale, interpret):
     dtype = jnp.bfloat16
 
     def body(*refs):
-        q_ref, k_ref, neg_w_ref, do_ref, *refs = refs
-        b_ref = refs.pop(0) if has_gates else None
-        seg_ref = refs.pop(0) if has_seg else None
-        dht_ref, dhs_ref, dv_new_ref, dh0_ref, *scratch = refs
+        (q_ref, k_ref, neg_w_ref, do_ref, b_ref, seg_ref, dht_ref, dhs_ref, dv_new_ref, dh0_ref,
+         q_s, k_s, neg_w_s, do_s, b_s, seg_s, dstate_s, qg_s, dv_new_s, f32_s, bars) = named_refs(
+            refs, "q k neg_w do b seg dht dhs dv_new dh0 q_s k_s neg_w_s do_s b_s seg_s dstate_s qg_s dv_new_s "
+            "f32_s bars", b=has_gates, seg=has_seg)
         bi, hi, vi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("v_blocks")
         at = chunk_windows(bi, hi, pl.ds(vi * block_v, block_v))
-
-        (q_s, k_s, neg_w_s, do_s, b_s, seg_s, dstate_s, qg_s, dv_new_s, f32_s, bars) = scratch
         sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(neg_w_ref), neg_w_s),
                    (at.values(do_ref), do_s)]
         sources += [(at.token_rows(b_ref), b_s)] if has_gates else []

@@ -34,7 +34,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK
 from ..mosaic import (ROWS, WGMMA, as_cols, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_chunk,
-                      load_tile, matmul, matmuls, same_document, scoped_kernel, smem_tile)
+                      load_tile, matmul, matmuls, named_refs, same_document, scoped_kernel, smem_tile)
 
 HEAD_DIMS = (64, 128)  # K and V: wgmma tiles (M a multiple of 64) with 128-byte swizzled rows
 
@@ -125,14 +125,12 @@ def chunk_transform_mosaic(k, v, beta, b, rel, *, interpret):
     dtype = jnp.bfloat16
 
     def body(*refs):
-        k_ref, v_ref, beta_ref, *refs = refs
-        b_ref = refs.pop(0) if has_gates else None
-        seg_ref = refs.pop(0) if has_seg else None
-        neg_w_ref, u_ref, x_ref, *scratch = refs
+        (k_ref, v_ref, beta_ref, b_ref, seg_ref, neg_w_ref, u_ref, x_ref,
+         k_s, v_s, beta_s, b_s, seg_s, x_s, y_s, neg_w_s, u_s, bars) = named_refs(
+            refs, "k v beta b seg neg_w u x k_s v_s beta_s b_s seg_s x_s y_s neg_w_s u_s bars",
+            b=has_gates, seg=has_seg)
         ci, hi = lax.axis_index("chunks"), lax.axis_index("heads")
         at = chunk_windows(lax.axis_index("batch"), hi)
-
-        (k_s, v_s, beta_s, b_s, seg_s, x_s, y_s, neg_w_s, u_s, bars) = scratch
         copies = [(at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s), (at.token_rows(beta_ref), beta_s)]
         copies += [(at.token_rows(b_ref), b_s)] if has_gates else []
         copies += [(at.token_rows(seg_ref), seg_s)] if has_seg else []
@@ -225,15 +223,12 @@ def state_outputs_mosaic(q, k, neg_w, u, b, rel, h0, *, scale, interpret):
     dtype = jnp.bfloat16
 
     def body(*refs):
-        q_ref, k_ref, neg_w_ref, u_ref, *refs = refs
-        b_ref = refs.pop(0) if has_gates else None
-        seg_ref = refs.pop(0) if has_seg else None
-        h0_ref = refs.pop(0) if has_h0 else None
-        o_ref, hs_ref, v_new_ref, final_ref, *scratch = refs
+        (q_ref, k_ref, neg_w_ref, u_ref, b_ref, seg_ref, h0_ref, o_ref, hs_ref, v_new_ref, final_ref,
+         q_s, k_s, neg_w_s, u_s, b_s, seg_s, state_s, kd_s, v_new_s, o_s, f32_s, bars) = named_refs(
+            refs, "q k neg_w u b seg h0 o hs v_new final q_s k_s neg_w_s u_s b_s seg_s state_s kd_s v_new_s o_s "
+            "f32_s bars", b=has_gates, seg=has_seg, h0=has_h0)
         bi, hi, vi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("v_blocks")
         cols = pl.ds(vi * block_v, block_v)
-
-        (q_s, k_s, neg_w_s, u_s, b_s, seg_s, state_s, kd_s, v_new_s, o_s, f32_s, bars) = scratch
         at = chunk_windows(bi, hi, cols)
         sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(neg_w_ref), neg_w_s),
                    (at.values(u_ref), u_s)]

@@ -42,7 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK, MAX_WHOLE_CHUNK_DECAY
 from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, compiler_params,
-                      interpret_params, matmul, pick_row, same_document, smem_tile)
+                      interpret_params, matmul, named_refs, pick_row, same_document, smem_tile)
 
 SMEM_LIMIT = 220 * 1024  # of Hopper's 227 KiB per block, with room for barriers and alignment
 TWO_PER_SM = 110 * 1024  # two programs per SM fit below this (with the reduction scratch and barriers)
@@ -124,9 +124,9 @@ def gla_backward_mosaic(q, k, v, g, do, rel_seg, hs, dht, later, *, scale, inter
     has_seg = rel_seg is not None
 
     def body(*refs):
-        q_ref, k_ref, v_ref, g_ref, do_ref = refs[:5]
-        seg_ref = refs[5] if has_seg else None
-        hs_ref, dht_ref, later_ref, dq_ref, dk_ref, dv_ref, dg_ref, dh0_ref = refs[5 + has_seg:]
+        (q_ref, k_ref, v_ref, g_ref, do_ref, seg_ref, hs_ref, dht_ref, later_ref,
+         dq_ref, dk_ref, dv_ref, dg_ref, dh0_ref) = named_refs(
+            refs, "q k v g do seg hs dht later dq dk dv dg dh0", seg=has_seg)
         bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
 
         def load_initial(f32_s, later_s, bars):

@@ -26,7 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..common import CHUNK, MAX_WHOLE_CHUNK_DECAY
 from ..mosaic import (ROWS, WGMMA, bcast_cols, bcast_rows, chunk_pipeline, chunk_windows, load_tile, matmul,
-                      pick_row, same_document, scoped_kernel, smem_tile)
+                      named_refs, pick_row, same_document, scoped_kernel, smem_tile)
 
 def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
     """``(o [B,T,H,V], hs [B,H,NT,V,K] bf16, final [B,H,V,K] float32)``.
@@ -42,12 +42,10 @@ def gla_forward_mosaic(q, k, v, g, rel_seg, h0_t, *, scale, interpret):
     has_seg, has_h0 = rel_seg is not None, h0_t is not None
 
     def body(*refs):
-        refs = list(refs)
-        q_ref, k_ref, v_ref, g_ref = refs[:4]
-        seg_ref = refs[4] if has_seg else None
-        h0_ref = refs[4 + has_seg] if has_h0 else None
-        o_ref, hs_ref, final_ref = refs[4 + has_seg + has_h0:7 + has_seg + has_h0]
-        q_s, k_s, v_s, g_s, seg_s, kg_s, kd_s, state_s, o_s, f32_s, bars = refs[7 + has_seg + has_h0:]
+        (q_ref, k_ref, v_ref, g_ref, seg_ref, h0_ref, o_ref, hs_ref, final_ref,
+         q_s, k_s, v_s, g_s, seg_s, kg_s, kd_s, state_s, o_s, f32_s, bars) = named_refs(
+            refs, "q k v g seg h0 o hs final q_s k_s v_s g_s seg_s kg_s kd_s state_s o_s f32_s bars",
+            seg=has_seg, h0=has_h0)
         bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
         at = chunk_windows(bi, hi)
         sources = [(at.tokens(q_ref), q_s), (at.tokens(k_ref), k_s), (at.tokens(v_ref), v_s),

@@ -9,7 +9,8 @@ from jaxlin.bench import elementwise, gelu
 from jaxlin.bench import kernels as bench
 
 
-@pytest.mark.parametrize("op", ["gla", "delta_rule", "gated_delta_rule"])
+@pytest.mark.parametrize("op", ["gla", pytest.param("delta_rule", marks=pytest.mark.slow),
+                                pytest.param("gated_delta_rule", marks=pytest.mark.slow)])
 def test_bench_writes_a_row_per_impl(op, tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--op", op, "--shape", "1,64,1,32,32", "--impls", "reference,chunked", "--json", str(out)])
@@ -19,6 +20,7 @@ def test_bench_writes_a_row_per_impl(op, tmp_path, capsys):
     assert f"{op} B,T,H,K,V=1,64,1,32,32" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_gla_stages_time_each_kernel(capsys):
     bench.main(["--op", "gla", "--shape", "1,64,1,32,32", "--impls", "pallas", "--stages", "4x1"])
     out = capsys.readouterr().out
@@ -77,6 +79,8 @@ def test_bad_flags_stop_with_one_line_and_help_prints_the_flags(capsys):
         bench.main(["--op", "gla"])
     with pytest.raises(SystemExit, match="error: .*op"):
         bench.main(["--op", "softmax", "--shape", "1,64,1,32,32"])
+    with pytest.raises(SystemExit, match="expected 4 integers, ROWS,COLS,STEPS,WARPS"):
+        elementwise.main(["--batch", "1", "--seq", "64", "--conv_tiles", "8,32"])
     with pytest.raises(SystemExit) as exit:
         gelu.main(["--help"])
     assert exit.value.code == 0 and "--tokens" in capsys.readouterr().out

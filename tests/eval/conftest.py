@@ -2,8 +2,8 @@
 
 import pytest
 
-from eval_helpers import tiny_model
 from jaxlin.data.paths import resolve_data_dir
+from tests.eval.eval_helpers import tiny_model
 
 
 @pytest.fixture(scope="session")

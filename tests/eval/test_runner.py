@@ -11,12 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval_helpers import BLOCK, harness_rolling_windows, reference_log_probs, reference_loglikelihood, tiny_model
 from jaxlin import export
 from jaxlin.data.tokenizer import get_tokenizer
 from jaxlin.eval import tasks
 from jaxlin.eval.runner import run
 from jaxlin.model import count_params
+from tests.eval.eval_helpers import (BLOCK, harness_rolling_windows, reference_log_probs, reference_loglikelihood,
+                                     tiny_model)
+
+pytestmark = pytest.mark.slow  # every test reads one evaluation of every task (the fixture below)
 
 LIMIT = 2
 REPO = Path(__file__).resolve().parents[2]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 from jaxlin.eval.scoring import Scorer, bucket_lengths
+from tests.eval.eval_helpers import BLOCK, reference_log_probs, reference_loglikelihood, tiny_model
 
-from eval_helpers import BLOCK, reference_log_probs, reference_loglikelihood, tiny_model
 
 
 def random_tokens(rng, n):

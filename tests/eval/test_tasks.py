@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from eval_helpers import harness_rolling_windows
 from jaxlin.data.paths import MissingDataError
 from jaxlin.data.tokenizer import EOT_TOKEN, get_tokenizer
 from jaxlin.eval import tasks
 from jaxlin.eval.tasks import DataFormatError
+from tests.eval.eval_helpers import harness_rolling_windows
 
 
 def test_real_files_parse_with_the_expected_counts(data_dir):

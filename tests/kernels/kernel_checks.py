@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax._src.mesh import AbstractDevice
 
 ON_GPU = os.environ.get("KERNELS_ON_GPU") == "1"
@@ -47,3 +48,8 @@ def lower_triton_for_cuda(f, *args):
     h100 = AbstractDevice("NVIDIA H100 80GB HBM3", 132, "gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
         return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def fast_only_at(value, values):
+    """Parameters for ``pytest.mark.parametrize``: ``value`` in the fast tier, the rest marked slow."""
+    return [pytest.param(v, marks=() if v == value else pytest.mark.slow) for v in values]

@@ -18,7 +18,7 @@ from kernels.common import CHUNK
 from kernels.delta import delta_pallas, mosaic_supports, supports
 from kernels.delta.mosaic_backward import gate_grads
 from kernels.delta.forward import unit_lower_inverse
-from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, packed_segments, rel_error, value_and_grads
+from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, fast_only_at, packed_segments, rel_error, value_and_grads
 
 BATCH, HEADS = (2, 4) if ON_GPU else (1, 2)  # HEADS even: see _per_head
 # dg is a small difference of O(1) terms, so it amplifies the bf16 rounding of the forward's
@@ -72,15 +72,17 @@ def _check(T, gated=True, K=32, V=64, dtype=jnp.float32, gate_scale=0.1, beta_ra
     assert not bad, f"relative errors over tolerance: {bad} (all: {errors})"
 
 
-@pytest.mark.parametrize("T", (1, 63, 64, 65))
+@pytest.mark.parametrize("T", fast_only_at(65, (1, 63, 64, 65)))
 def test_lengths_gated_f32(T):
     _check(T)
 
 
+@pytest.mark.slow
 def test_delta_rule_f32():
     _check(LONG, gated=False, segments=SEGMENTS, seed=1)
 
 
+@pytest.mark.slow
 def test_packed_segments_gated_f32():
     _check(LONG, segments=SEGMENTS, seed=2)
 
@@ -90,33 +92,38 @@ def _per_head(first, second):
     return jnp.array([first, second] * (HEADS // 2))
 
 
+@pytest.mark.slow
 def test_beta_extremes_f32():
     _check(65, beta_range=(_per_head(0.0, 0.999), _per_head(1e-3, 1.0)), seed=3)
 
 
 # gates near 0, and about e^-20 per token (separate calls: one norm would hide the tiny dg of the latter)
+@pytest.mark.slow
 @pytest.mark.parametrize("gate_scale", [1e-4, 20.0])
 def test_gate_extremes_f32(gate_scale):
     _check(LONG, gate_scale=gate_scale, segments=(70,), seed=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,K", [("mosaic", 64), ("triton", 32)])
 def test_bf16_segments(backend, K):
     _check(LONG, K=K, dtype=jnp.bfloat16, segments=(17, 64), seed=5, backend=backend)
 
 
 # The Mosaic GPU kernels (bf16, K and V in {64, 128}), forward and backward.
-@pytest.mark.parametrize("T", (1, 63, 65))
+@pytest.mark.parametrize("T", fast_only_at(65, (1, 63, 65)))
 def test_mosaic_lengths_gated(T):
     _check(T, K=64, dtype=jnp.bfloat16, seed=9, backend="mosaic")
 
 
+@pytest.mark.slow
 def test_mosaic_delta_rule_wide_heads():
     # V = 128 splits the state pass in two V-blocks
     _check(LONG, gated=False, K=128, V=128, dtype=jnp.bfloat16, segments=SEGMENTS, seed=10,
            backend="mosaic")
 
 
+@pytest.mark.slow
 def test_mosaic_extremes():
     # gates about e^-20 per token (pair decays underflow to 0, never overflow), beta near 0 and near 1
     _check(LONG, K=64, dtype=jnp.bfloat16, gate_scale=20.0, segments=(70,), seed=11, backend="mosaic",
@@ -135,6 +142,7 @@ def test_mosaic_refuses_what_it_cannot_run():
         delta_pallas(x(64), x(64), x(64), gate, gate, **kwargs, backend="cuda")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("K,V", [(128, 32), (64, 128)])
 def test_head_dims_bf16(K, V):
     _check(64 if not ON_GPU else LONG, K=K, V=V, dtype=jnp.bfloat16, use_h0=False, seed=6)

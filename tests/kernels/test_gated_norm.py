@@ -26,6 +26,7 @@ def _vjp(impl, x, g, w, dout):
     return (out, *vjp(dout))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("gate_scale", [1.0, 40.0])  # 40: silu's derivative saturates
 def test_value_and_gradients_match_autodiff(dtype, gate_scale):

@@ -52,6 +52,7 @@ def test_backward_product_applies_gelu_derivative():
     assert rel_error(dh, ref) < 4e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiles", [gm.Tiles(epilogue=(64, 32), slots=1), gm.Tiles(n=64, k=32, stages=4)],
                          ids=["narrow-sub-tiles-one-slot", "narrow-tiles-deep-ring"])
 def test_other_tiles_give_the_same_products(tiles):
@@ -67,6 +68,7 @@ def test_other_tiles_give_the_same_products(tiles):
     assert rel_error(dh, (_f32(dy) @ _f32(w_proj).T) * gm.gelu_derivative(_f32(h))) < 4e-3
 
 
+@pytest.mark.slow
 def test_mlp_value_and_gradients_match_float32_autodiff():
     x, w_fc, w_proj, dy = _operands(2)
     mlp_ref = lambda x, w_fc, w_proj: jax.nn.gelu(x @ w_fc, approximate=True) @ w_proj

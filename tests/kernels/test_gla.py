@@ -12,7 +12,7 @@ import pytest
 from jaxlin.ops.dispatch import pallas_backend
 from jaxlin.ops.reference import gla_reference
 from kernels.gla import gla_pallas, mosaic_backward, mosaic_supports, supports
-from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, packed_segments, rel_error, value_and_grads
+from tests.kernels.kernel_checks import LONG, ON_GPU, TOL, fast_only_at, packed_segments, rel_error, value_and_grads
 
 BATCH, HEADS = (2, 4) if ON_GPU else (1, 1)
 LENGTHS = (1, 63, 64, 65, 1000, 4096) if ON_GPU else (1, 63, 64, 65)  # 130 below
@@ -58,39 +58,44 @@ def _check(T, K=32, V=64, dtype=jnp.float32, gate_scale=1.0, segments=None, use_
 
 
 # Gates of about -0.1 per token take the whole-chunk form, -1 the sub-chunk form (kernels.common).
-@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("T", fast_only_at(65, LENGTHS))
 def test_lengths_f32(T):
     _check(T, gate_scale=0.1)
 
 
+@pytest.mark.slow
 def test_packed_segments_f32():
     # resets mid-sub-chunk, on a chunk boundary, one token after it, and a one-token segment
     _check(LONG, segments=(5, 64, 65, 66, 100), seed=1)
     _check(LONG, gate_scale=0.1, segments=(5, 64, 65, 66, 100), seed=1)
 
 
+@pytest.mark.slow
 def test_gates_below_minus_20_f32():
     # the fastest channels decay by e^-30 per token: any unreferenced exponent overflows
     _check(LONG, gate_scale=30.0, segments=(70,), seed=2)
 
 
 # gates of up to -1 a token leave no chunk mild, so the Mosaic case needs smaller ones to reach its backward
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,gate_scale", [("mosaic", 0.1), ("triton", 1.0)])
 def test_bf16_segments(backend, gate_scale):
     _check(LONG, dtype=jnp.bfloat16, gate_scale=gate_scale, segments=(17, 64), seed=3, backend=backend)
 
 
 # The fused Mosaic GPU kernels (bf16 only).
-@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("T", fast_only_at(65, LENGTHS))
 def test_mosaic_lengths(T):
     _check(T, dtype=jnp.bfloat16, gate_scale=0.1, backend="mosaic")
 
 
+@pytest.mark.slow
 def test_mosaic_gates_below_minus_20():
     # strongly decaying chunks: the forward's key-by-key form and the Triton backward; a reset mid-chunk
     _check(LONG, dtype=jnp.bfloat16, gate_scale=30.0, segments=(70,), seed=2, backend="mosaic")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("K,V", [(32, 128), (64, 64)])  # (64, 64): the Triton backward
 def test_mosaic_head_dims_no_initial_state(K, V):
     _check(LONG if ON_GPU else 64, K=K, V=V, dtype=jnp.bfloat16, gate_scale=0.1, use_h0=False, seed=6,
@@ -118,6 +123,7 @@ def test_mosaic_refuses_what_it_cannot_run():
                    segment_ids=None, backend="cuda")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("K,V", [(128, 32), (64, 128)])
 def test_head_dims_bf16(K, V):
     _check(64 if not ON_GPU else LONG, K=K, V=V, dtype=jnp.bfloat16, gate_scale=0.1, use_h0=False,

@@ -25,6 +25,7 @@ def _inputs(dtype, offset=0.0):
     return (x + offset).astype(dtype), r, dsum, dout, ln
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("with_residual", [True, False])
 @pytest.mark.parametrize("offset", [0.0, 30.0])  # 30: a large mean, where the variance must be centred

@@ -31,6 +31,7 @@ def _inputs(B, T, H, K, V, packed):
 
 
 # (B, H): one program per head and V-block, or enough heads (128) that the state passes keep V whole
+@pytest.mark.slow
 @pytest.mark.parametrize("B,H", [(1, 1), (128, 1)])
 @pytest.mark.parametrize("K,V", [(64, 64), (64, 128), (128, 64), (128, 128)])
 @pytest.mark.parametrize("gated,packed", [(True, True), (False, False)])
@@ -51,6 +52,7 @@ def test_delta_kernels_lower(B, H, K, V, gated, packed):
         assert name in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,H", [(1, 1), (128, 1)])
 @pytest.mark.parametrize("K,V", [(32, 64), (32, 128), (64, 64), (64, 128)])
 @pytest.mark.parametrize("packed", [True, False])

@@ -36,6 +36,7 @@ def _vjp(impl, y, kernels, rest, grads, segment_ids):
     return outputs, vjp(grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,T,widths,rest", SHAPES)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -51,6 +52,7 @@ def test_joined_backward_matches_autodiff(B, T, widths, rest, packed, dtype):
         assert rel_error(got, want) < tol
 
 
+@pytest.mark.slow
 def test_extreme_inputs_stay_finite_and_exact():
     """Pre-activations of +-hundreds saturate SiLU's derivative (sigmoid at 0 or 1)."""
     y, kernels, grads = _inputs(1, 40, [16, 16, 32], [8], jnp.float32, seed=3, scale=300.0)
@@ -78,6 +80,7 @@ def test_lowers_for_cuda_at_gpt2_medium_shape(packed):
     assert "conv_forward" in text and "conv_join_backward" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiles", [short_conv.Tiles(rows=4, cols=32, steps=3, warps=4),
                                    short_conv.Tiles(rows=2, cols=16, steps=5, warps=4),
                                    short_conv.Tiles(rows=8, cols=64, steps=1, warps=4),

@@ -118,7 +118,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("op,T,K,V,opts,impl", CASES, ids=lambda x: str(x) if not isinstance(x, dict) else
+# T >= 100 in the slow tier: the fast one keeps a case of every op below and at one chunk.
+@pytest.mark.parametrize("op,T,K,V,opts,impl", [pytest.param(*c, marks=pytest.mark.slow if c[1] >= 100 else ())
+                                                 for c in CASES], ids=lambda x: str(x) if not isinstance(x, dict) else
                          "-".join(f"{k}={v}" for k, v in x.items()) or "default")
 def test_matches_reference_float32(op, T, K, V, opts, impl):
     case = make_case(op, T, K, V, **opts)
@@ -133,8 +135,8 @@ def test_matches_reference_float32(op, T, K, V, opts, impl):
 
 @pytest.mark.parametrize("op,opts", [
     ("gla", dict(gate="mixed")),
-    ("delta_rule", dict(l2=True, gate_dtype=jnp.bfloat16)),
-    ("gated_delta_rule", dict(gate="mixed", l2=True, gate_dtype=jnp.bfloat16)),
+    pytest.param("delta_rule", dict(l2=True, gate_dtype=jnp.bfloat16), marks=pytest.mark.slow),
+    pytest.param("gated_delta_rule", dict(gate="mixed", l2=True, gate_dtype=jnp.bfloat16), marks=pytest.mark.slow),
 ])
 def test_matches_reference_bfloat16(op, opts):
     case = make_case(op, 100, 32, 64, dtype=jnp.bfloat16, **opts)

@@ -11,6 +11,7 @@ from jaxlin import ops
 pytestmark = pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (tests/conftest.py emulates them)")
 
 
+@pytest.mark.slow
 def test_sharded_pallas_gla_matches_reference():
     B, T, H, K, V = 2, 20, 1, 32, 32
     keys = jax.random.split(jax.random.key(0), 5)

@@ -36,6 +36,7 @@ def one_device(tmp_path_factory, shards_dir):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, fsdp", [(2, 1), (1, 2)], ids=["data_parallel", "fsdp"])
 def test_two_devices_match_one(tmp_path, shards_dir, one_device, data, fsdp):
     loop.run(tiny_config(shards_dir, **STEPS, **mesh_config(data, fsdp, 2)), tmp_path)
@@ -71,6 +72,7 @@ def test_parameter_shardings_follow_the_rules():
     assert all(s.spec == P(*([None] * len(s.spec))) for s in jax.tree.leaves(dp.params))
 
 
+@pytest.mark.slow
 def test_save_on_two_devices_restore_on_one(tmp_path, shards_dir):
     two = tiny_config(shards_dir, **STEPS, **mesh_config(1, 2, 2))
     loop.run(two, tmp_path / "two")

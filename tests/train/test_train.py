@@ -57,6 +57,7 @@ def uninterrupted(tmp_path_factory, shards_dir):
     return workdir
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_checkpoints_and_export(uninterrupted):
     records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
@@ -77,6 +78,7 @@ def run_cli(workdir, shards_dir, *extra):
     )
 
 
+@pytest.mark.slow
 def test_kill_and_resume_continues_the_same_loss_sequence(tmp_path, shards_dir, uninterrupted):
     proc = run_cli(tmp_path, shards_dir)
     deadline = time.time() + 240
@@ -93,6 +95,7 @@ def test_kill_and_resume_continues_the_same_loss_sequence(tmp_path, shards_dir, 
     assert losses(tmp_path) == losses(uninterrupted)  # bit for bit
 
 
+@pytest.mark.slow
 def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, shards_dir, uninterrupted, capsys):
     import shutil
 
@@ -107,6 +110,7 @@ def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, shards_di
     assert len(list((tmp_path / "checkpoints_unreadable").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_state_stops_the_run_and_is_kept(tmp_path, shards_dir, uninterrupted):
     import shutil
 
@@ -119,6 +123,7 @@ def test_checkpoint_of_another_state_stops_the_run_and_is_kept(tmp_path, shards_
     assert not (tmp_path / "checkpoints_unreadable").exists()
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop_training(tmp_path, shards_dir, monkeypatch):
     real = loop.create_train_state
 
@@ -133,6 +138,7 @@ def test_nonfinite_steps_are_skipped_then_stop_training(tmp_path, shards_dir, mo
     assert max(saved) >= 3  # the state at the stop is checkpointed (its parameters are the last good ones)
 
 
+@pytest.mark.slow
 def test_nonfinite_update_leaves_parameters_unchanged():
     config = tiny_config("unused")
     optimizer = make_optimizer(config.train)
@@ -165,6 +171,7 @@ def test_bad_batch_settings_name_the_keys(tmp_path):
         loop.run(tiny_config("unused", **{"train.batch_size": 5}), tmp_path)
 
 
+@pytest.mark.slow
 def test_export_only_writes_the_newest_checkpoint(tmp_path, shards_dir, uninterrupted):
     import shutil
 
@@ -178,6 +185,7 @@ def test_export_only_writes_the_newest_checkpoint(tmp_path, shards_dir, uninterr
     np.testing.assert_array_equal(again(tokens), trained(tokens))
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_batch():
     """[2, B/2, T] (the scan path) and [1, B, T] (no loop) take the same optimizer step."""
     config = tiny_config("unused")

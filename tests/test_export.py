@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from eval_helpers import reference_log_probs, tiny_config, tiny_model
 from jaxlin import export
 from jaxlin.ops.conv import causal_conv
+from tests.eval.eval_helpers import reference_log_probs, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("attn", ["gla", "deltanet", "gated_deltanet", "softmax"])
