@@ -32,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxlin import ops  # noqa: E402
 from jaxlin.ops import attention  # noqa: E402
+from jaxlin.bench.common import median_ms  # noqa: E402
 from jaxlin.bench.kernels import _inputs, _time_fla  # noqa: E402
 
 IMPLS = ("gla", "fla", "softmax", "xla", "pallas")
@@ -45,7 +46,7 @@ def _timed(forward, args, do, budget_s):
         out, vjp = jax.vjp(forward, *args)
         return out, vjp(do)
     fwd, fwd_bwd = jax.jit(forward), jax.jit(forward_backward)
-    return _median_ms(fwd, *args, budget_s=budget_s), _median_ms(fwd_bwd, args, do, budget_s=budget_s)
+    return median_ms(fwd, *args, budget_s=budget_s), median_ms(fwd_bwd, args, do, budget_s=budget_s)
 
 
 def time_shape(impl: str, B: int, T: int, H: int, D: int, budget_s: float):
