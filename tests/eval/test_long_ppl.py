@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eval_helpers import BLOCK, tiny_model
 from jaxlin import export
 from jaxlin.eval import long_ppl
 from jaxlin.eval.plot_long_ppl import main as plot_main
 from jaxlin.eval.scoring import Scorer
+from tests.eval.eval_helpers import BLOCK, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOW = 96  # longer than the tiny model's block size, not a multiple of its chunks
