@@ -4,7 +4,10 @@ The default tasks are the linear-attention papers' zero-shot table; `--tasks lon
 position on long documents."""
 
 import argparse
+import os
+import sys
 
+from jaxlin.errors import UserError
 from jaxlin.eval.long_ppl import DEFAULT_WINDOW
 from jaxlin.eval.runner import DEFAULT_TASKS, run
 from jaxlin.eval.tasks import TASKS
@@ -29,6 +32,8 @@ def main(argv=None):
     parser.add_argument("--long_docs", help="long_ppl: a folder of .txt documents (default: DATA_DIR/long_books)")
     parser.add_argument("--plot", help="long_ppl: PNG of loss by position (default: beside --output)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of errors too "
+                        "(also JAXLIN_TRACEBACK=1)")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(TASKS))
@@ -44,9 +49,15 @@ def main(argv=None):
     long_options = [f"--{n}" for n in ("long_ppl_len", "long_docs", "plot") if getattr(args, n) is not None]
     if long_options and "long_ppl" not in tasks:
         parser.error(f"{', '.join(long_options)} only apply to long_ppl: add it to --tasks")
-    run(args.model, tasks, limit=args.limit, output=args.output, data_dir=args.data_dir,
-        batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, progress=not args.no_progress,
-        long_ppl_len=args.long_ppl_len or DEFAULT_WINDOW, long_docs=args.long_docs, plot=args.plot)
+    try:
+        run(args.model, tasks, limit=args.limit, output=args.output, data_dir=args.data_dir,
+            batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, progress=not args.no_progress,
+            long_ppl_len=args.long_ppl_len or DEFAULT_WINDOW, long_docs=args.long_docs, plot=args.plot)
+    except UserError as error:  # a bad export or missing data: one line, unless the traceback is asked for
+        if args.verbose or os.environ.get("JAXLIN_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

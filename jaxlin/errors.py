@@ -15,3 +15,11 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """A data file that cannot be used as it is, named by its path."""
+
+
+class ExportError(UserError, ValueError):
+    """An export directory whose files cannot be read or do not match each other."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user named, or one a folder they named must hold, is not there."""

@@ -21,6 +21,7 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from jaxlin.errors import ExportError, MissingFileError
 from jaxlin.layers.fp8 import Fp8Meta
 from jaxlin.model import GPT, ModelConfig
 
@@ -97,13 +98,16 @@ def load_config(export_dir: str | os.PathLike) -> ModelConfig:
     try:
         fields = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-export the model with jaxlin.export.save") from None
+        raise ExportError(f"{path} is not valid JSON ({e}); re-export the model with jaxlin.export.save") from None
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     if not isinstance(fields, dict) or set(fields) - known:
         unknown = sorted(set(fields) - known) if isinstance(fields, dict) else fields
-        raise ValueError(f"{path}: unknown ModelConfig fields {unknown}; it was written by another jaxlin "
-                         f"version or by hand (known fields: {sorted(known)})")
-    return ModelConfig(**fields)
+        raise ExportError(f"{path}: unknown ModelConfig fields {unknown}; it was written by another jaxlin "
+                          f"version or by hand (known fields: {sorted(known)})")
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{path}: {e}; re-export the model with jaxlin.export.save") from None
 
 
 def load(export_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GPT, ModelConfig]:
@@ -115,7 +119,7 @@ def load(export_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GP
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} cannot be read as safetensors ({e}); re-export the model") from None
+        raise ExportError(f"{path} cannot be read as safetensors ({e}); re-export the model") from None
 
     abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -136,13 +140,14 @@ def load(export_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GP
     if head is not None and wte is not None and not np.array_equal(head, wte):
         problems.append(f"{TIED_HEAD} differs from transformer.wte.weight, but the model ties them")
     if problems:
-        raise ValueError(f"{path} does not match {Path(export_dir) / CONFIG}:\n  " + "\n  ".join(problems)
-                         + "\nExport config.json and model.safetensors together with jaxlin.export.save.")
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ExportError(f"{path} does not match {Path(export_dir) / CONFIG}: {shown}. Export config.json and "
+                          "model.safetensors together with jaxlin.export.save")
     return nnx.merge(graphdef, nnx.from_flat_state(loaded)), config
 
 
 def _existing(path: Path) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: an export directory holds {CONFIG} and {WEIGHTS}, "
+        raise MissingFileError(f"{path} not found: an export directory holds {CONFIG} and {WEIGHTS}, "
                                 f"written by jaxlin.export.save(model, out_dir)")
     return path

@@ -125,3 +125,21 @@ def test_truncated_shard_is_one_line(tmp_path):
 def test_missing_config_file_is_one_line(tmp_path):
     one_line_error(train_py("--config", "configs/nope.py", "--workdir", str(tmp_path)),
                    r"config file 'configs/nope.py' does not exist")
+
+
+def eval_py(*args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "eval.py"), *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("damage", ["missing", "bad_json", "bad_weights"])
+def test_bad_export_is_one_line_and_verbose_shows_the_traceback(tmp_path, damage):
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    if damage != "missing":
+        (export_dir / "config.json").write_text("{not json" if damage == "bad_json" else "{}")
+        (export_dir / "model.safetensors").write_bytes(b"not safetensors")
+    pattern = {"missing": r"config.json not found: an export directory holds", "bad_json": r"is not valid JSON",
+               "bad_weights": r"cannot be read as safetensors"}[damage]
+    one_line_error(eval_py("--model", str(export_dir), "--tasks", "wikitext2"), pattern)
+    assert "Traceback" in eval_py("--model", str(export_dir), "--tasks", "wikitext2", "--verbose").stderr
