@@ -140,7 +140,7 @@ def load(export_dir: str | os.PathLike, *, dtype: str | None = None) -> tuple[GP
     if head is not None and wte is not None and not np.array_equal(head, wte):
         problems.append(f"{TIED_HEAD} differs from transformer.wte.weight, but the model ties them")
     if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ExportError(f"{path} does not match {Path(export_dir) / CONFIG}: {shown}. Export config.json and "
                           "model.safetensors together with jaxlin.export.save")
     return nnx.merge(graphdef, nnx.from_flat_state(loaded)), config
