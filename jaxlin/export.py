@@ -41,8 +41,9 @@ NAME_TABLE = (
     (r"h\.(\d+)\.mlp\.(c_fc|c_proj)\.kernel", r"transformer.h.\1.mlp.\2.weight", "linear"),
     (r"h\.(\d+)\.attn\.(c_attn|c_proj)\.kernel", r"transformer.h.\1.attn.\2.weight", "linear"),
     (r"h\.(\d+)\.attn\.([qkvgabo]_proj)\.kernel", _FLA + r"\2.weight", "linear"),
-    (r"h\.(\d+)\.attn\.gk_proj\.layers\.([01])\.kernel", _FLA + r"gk_proj.\2.weight", "linear"),
-    (r"h\.(\d+)\.attn\.gk_proj\.layers\.1\.bias", _FLA + "gk_proj.1.bias", "same"),
+    (r"h\.(\d+)\.attn\.gk_down\.kernel", _FLA + "gk_proj.0.weight", "linear"),
+    (r"h\.(\d+)\.attn\.gk_up\.kernel", _FLA + "gk_proj.1.weight", "linear"),
+    (r"h\.(\d+)\.attn\.gk_up\.bias", _FLA + "gk_proj.1.bias", "same"),
     (r"h\.(\d+)\.attn\.conv\.([qkv])\.kernel", _FLA + r"\2_conv1d.weight", "conv"),
     (r"h\.(\d+)\.attn\.g_norm\.weight", _FLA + "g_norm_swish_gate.weight", "same"),  # GLA's fused norm+gate
     (r"h\.(\d+)\.attn\.o_norm\.weight", _FLA + "o_norm.weight", "same"),

@@ -31,20 +31,19 @@ class GatedLinearAttention(nnx.Module):
         self.k_proj = linear(d_model, key_dim, dtype=dtype, rngs=rngs)
         self.v_proj = linear(d_model, value_dim, dtype=dtype, rngs=rngs)
         self.g_proj = linear(d_model, value_dim, dtype=dtype, rngs=rngs)
-        self.gk_proj = nnx.Sequential(
-            linear(d_model, gate_low_rank, dtype=dtype, rngs=rngs),
-            linear(gate_low_rank, key_dim, dtype=dtype, rngs=rngs, bias=True),
-        )
+        # The forget gate's low-rank pair (FLA's gk_proj.0 and gk_proj.1; the export maps the names).
+        self.gk_down = linear(d_model, gate_low_rank, dtype=dtype, rngs=rngs)
+        self.gk_up = linear(gate_low_rank, key_dim, dtype=dtype, rngs=rngs, bias=True)
         self.conv = QKVConv(key_dim, value_dim, conv_size, impl=elementwise_impl, rngs=rngs) if conv_size else None
         self.g_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps, impl=elementwise_impl)
         self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        (q, k, v), (gk,), conv_cache = project_qkv(self, x, self.gk_proj.layers[0], segment_ids=segment_ids,
+        (q, k, v), (gk,), conv_cache = project_qkv(self, x, self.gk_down, segment_ids=segment_ids,
                                                    state=state, return_state=return_state)
         g = self.g_proj(x)  # a product of its own: see project_qkv
-        up = self.gk_proj.layers[1]
+        up = self.gk_up
         # In the compute dtype, as FLA's layer under autocast gives its kernel: the kernels sum the gates in
         # float32, and the Mosaic GPU kernels read bf16 gates only. Stored for the backward (the kernels'
         # residual), not recomputed.
