@@ -46,22 +46,23 @@ def gla(local_op, q, k, v, g, *, scale, initial_state=None, output_final_state=F
         raise ValueError(f"sequence length {T} must be a multiple of the {n} devices of mesh axis '{AXIS}'")
     batch = batch_axes() or None
     tokens = P(batch, AXIS)
-    if segment_ids is None:
-        segment_ids = jnp.zeros((B, T), jnp.int32)
     # The initial state enters on the first slice: stacked with zeros for the others, it is an input of
     # that slice alone (so its gradient is that slice's).
     initial = None if initial_state is None else jnp.concatenate(
         [initial_state.astype(jnp.float32)[None], jnp.zeros((n - 1, B, H, K, V), jnp.float32)])
 
-    def per_slice(q, k, v, g, segment_ids, initial=None):
+    def per_slice(q, k, v, g, segment_ids=None, initial=None):
         i = jax.lax.axis_index(AXIS)
         o, local_state = local_op(q, k, v, g, segment_ids=segment_ids)
-        # Documents: a reset before the slice's first token where it starts another document than the
-        # previous slice's last token.
-        last_ids = jax.lax.all_gather(segment_ids[:, -1], AXIS)  # [n, B]
-        starts_new = (i > 0) & (segment_ids[:, 0] != last_ids[jnp.maximum(i - 1, 0)])
-        change = jnp.concatenate([starts_new[:, None], segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-        before_reset = jnp.cumsum(change, axis=1) == 0  # [B, T/n]: the entering state reaches t
+        if segment_ids is None:
+            before_reset = jnp.ones(q.shape[:2], bool)
+        else:
+            # Documents: a reset before the slice's first token where it starts another document than the
+            # previous slice's last token.
+            last_ids = jax.lax.all_gather(segment_ids[:, -1], AXIS)  # [n, B]
+            starts_new = (i > 0) & (segment_ids[:, 0] != last_ids[jnp.maximum(i - 1, 0)])
+            change = jnp.concatenate([starts_new[:, None], segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+            before_reset = jnp.cumsum(change, axis=1) == 0  # [B, T/n]: the entering state reaches t
         g32 = g.astype(jnp.float32)
         decay_in = jnp.exp(jnp.cumsum(g32, axis=1))  # [B, T/n, H, K]: slice start .. t
         through = before_reset[:, -1][:, None, None]
@@ -79,8 +80,8 @@ def gla(local_op, q, k, v, g, *, scale, initial_state=None, output_final_state=F
                                                precision=jax.lax.Precision.HIGHEST)
         return o.astype(v.dtype), entering[-1][None]
 
-    args = (q, k, v, g, segment_ids) + (() if initial is None else (initial,))
-    in_specs = (tokens,) * 5 + (() if initial is None else (P(AXIS, batch),))
+    args = (q, k, v, g, segment_ids, initial)
+    in_specs = (tokens,) * 5 + (P(AXIS, batch),)
     # check_vma=False: Pallas kernels' outputs carry no varying-axes annotation. Every slice computes the
     # final state; only the last slice's copy is returned (so its gradient enters once).
     o, final = jax.shard_map(per_slice, in_specs=in_specs, out_specs=(tokens, P(AXIS, batch)),
