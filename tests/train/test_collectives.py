@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -151,3 +152,24 @@ def test_data_parallel_and_fsdp_traffic(devices, sizes):
     token_bytes = 8 * 128 * 1024 * 4
     assert per_step(fsdp, "all-to-all") <= ACCUMULATION * token_bytes * 2 // devices * 1.01
     assert per_step(fsdp, "collective-permute") == 0
+
+
+@pytest.mark.slow
+def test_split_sequences_exchange_the_same_bytes_at_any_length():
+    """mesh.sequence=2: the train step's collectives (GLA states and decays, conv halos, the gradient's
+    reduction) are the same at 128 and 256 tokens."""
+    import jax
+
+    from tests.train.test_train import tiny_config
+
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py emulates them)")
+
+    def found(seq_len):
+        config = tiny_config("unused", **{"mesh.data": 1, "mesh.sequence": 2, "mesh.num_devices": 2,
+                                          "data.seq_len": seq_len, "model.block_size": seq_len})
+        return Counter((c.kind, c.bytes, c.count) for c in collectives.step_collectives(config))
+
+    short = found(128)
+    assert short == found(256)
+    assert not {kind for kind, _, _ in short} & {"all-to-all"}, short
