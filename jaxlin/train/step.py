@@ -68,23 +68,28 @@ def accumulate_grads(params, batch: dict, *, graphdef, loss_chunk: int, param_sp
 def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, loss_chunk: int):
     """One optimizer step over `batch` laid out as [accumulation, micro_batch, T] arrays.
 
-    Under a mesh with a `data` axis each data-parallel group accumulates its own gradient (`shard_map` over
-    `data`; the other axes stay with the partitioner) and the groups' gradients are averaged once per step:
-    left to the partitioner, the gradient was all-reduced after every micro-batch.
+    Under a mesh with `data` or `sequence` axes each data-parallel group, and each slice of the sequences,
+    accumulates its own gradient (`shard_map` over those axes; `fsdp` stays with the partitioner) and the
+    gradients are averaged once per step: left to the partitioner, the gradient was all-reduced after every
+    micro-batch.
     """
     mesh = jax.sharding.get_abstract_mesh()
     specs = None if mesh.empty else sharding.param_specs(state.params, mesh)
     accumulate = functools.partial(accumulate_grads, graphdef=graphdef, loss_chunk=loss_chunk, param_specs=specs)
-    if mesh.empty or mesh.shape.get("data", 1) == 1:
+    local = () if mesh.empty else tuple(a for a in ("data", "sequence") if mesh.shape.get(a, 1) > 1)
+    if not local:
         losses, grads = accumulate(state.params, batch)
     else:
         def per_group(params, batch):
             losses, grads = accumulate(params, batch)
-            return jax.lax.pmean(losses, "data"), jax.lax.pmean(grads, "data")
+            return jax.lax.pmean(losses, local), jax.lax.pmean(grads, local)
 
+        # Each micro-batch's [batch, T] is split: rows over `data`, each sequence's tokens over `sequence`
+        # (every device the same number of tokens, so the mean of the devices' means is the global mean).
+        rows, tokens = ("data" if "data" in local else None), ("sequence" if "sequence" in local else None)
         # check_vma=False: the gradient inside stays this group's (no implicit reduction per micro-batch).
-        losses, grads = jax.shard_map(per_group, in_specs=(P(), P(None, "data")), out_specs=(P(), P()),
-                                      axis_names={"data"}, check_vma=False)(state.params, batch)
+        losses, grads = jax.shard_map(per_group, in_specs=(P(), P(None, rows, tokens)), out_specs=(P(), P()),
+                                      axis_names=set(local), check_vma=False)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
