@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-
 from jax.sharding import PartitionSpec as P
 
 from jaxlin.model import GPT
@@ -40,8 +38,8 @@ def loss_fn(params, graphdef: nnx.GraphDef, batch: dict, loss_chunk: int):
 def accumulate_grads(params, batch: dict, *, graphdef, loss_chunk: int, param_specs=None):
     """(per-micro-batch losses, mean gradient) over `batch` [accumulation, micro_batch, T], on this device's rows.
 
-    `param_specs`: each gradient's layout (its parameter's); the per-micro-batch gradient is constrained to it,
-    so that under FSDP it is reduce-scattered into the sharded sum rather than all-reduced whole.
+    `param_specs`: each parameter's layout; the gradients and their running sum are constrained to it, so under
+    FSDP the sum is held sharded like the parameters.
     """
     grad_fn = jax.value_and_grad(loss_fn)
 

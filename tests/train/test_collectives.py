@@ -128,9 +128,13 @@ def test_parse_hlo_counts_loop_trips_and_tuple_bytes():
 @pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 4, 8])
 def test_data_parallel_and_fsdp_traffic(devices, sizes):
-    found = compile_layouts(devices, {"data_parallel": {"data": devices, "fsdp": 1},
-                                      "fsdp": {"data": 1, "fsdp": devices}})
+    layouts = {"data_parallel": {"data": devices, "fsdp": 1}, "fsdp": {"data": 1, "fsdp": devices}}
+    if devices == 4:  # split sequences with FSDP: nested manual axes XLA must accept
+        layouts["sequence_fsdp"] = {"data": 1, "fsdp": 2, "sequence": 2}
+    found = compile_layouts(devices, layouts)
     dp, fsdp = found["data_parallel"], found["fsdp"]
+    if devices == 4:
+        assert {"collective-permute", "all-gather", "all-reduce"} <= {c.kind for c in found["sequence_fsdp"]}
 
     # Data parallel: the gradient is all-reduced once per optimizer step, never inside the accumulation loop,
     # and nothing else moves but a few scalars (the loss and the gradient norm's pieces).
