@@ -53,7 +53,7 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
     check_inputs(q, k, v, g=g, g_rank=4, initial_state=initial_state, segment_ids=segment_ids,
                  impl=impl, validate=validate)
     kwargs = _kwargs(q, scale, initial_state, output_final_state, segment_ids)
-    if context_parallel.applies():  # sequences split over devices: each runs this op on its slice
+    if context_parallel.split():  # sequences split over devices: each runs this op on its slice
         def local(q, k, v, g, segment_ids):
             return _dispatch("gla", impl, (q, k, v, g), _kwargs(q, kwargs["scale"], None, True, segment_ids))
 

@@ -28,10 +28,26 @@ from .mesh_axes import batch_axes
 AXIS = "sequence"
 
 
-def applies() -> bool:
-    """Whether the current mesh splits sequences (a `sequence` axis of several devices, not manual yet)."""
+def split() -> bool:
+    """Whether the current mesh splits sequences: a `sequence` axis of several devices."""
     mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and AXIS in mesh.axis_names and AXIS not in mesh.manual_axes and mesh.shape[AXIS] > 1
+    return not mesh.empty and AXIS in mesh.axis_names and mesh.shape[AXIS] > 1
+
+
+def applies() -> bool:
+    """Whether sequences are split and the code here still sees whole ones (not inside `shard_map` over
+    `sequence`): a per-token computation must then open its own `shard_map` over the slices."""
+    return split() and AXIS not in jax.sharding.get_abstract_mesh().manual_axes
+
+
+def _per_device(fn, args, in_specs, out_specs):
+    """`fn` on each device's slices: through `shard_map` over `sequence` and the batch axes, or called as
+    it is where the code already runs per slice (inside `shard_map` over `sequence`)."""
+    if not applies():
+        return fn(*args)
+    batch = batch_axes()
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, axis_names={*batch, AXIS},
+                         check_vma=False)(*args)
 
 
 def gla(local_op, q, k, v, g, *, scale, initial_state=None, output_final_state=False, segment_ids=None):
@@ -42,26 +58,33 @@ def gla(local_op, q, k, v, g, *, scale, initial_state=None, output_final_state=F
     n = mesh.shape[AXIS]
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if T % n:
+    if applies() and T % n:
         raise ValueError(f"sequence length {T} must be a multiple of the {n} devices of mesh axis '{AXIS}'")
     batch = batch_axes() or None
     tokens = P(batch, AXIS)
-    if segment_ids is None:
-        segment_ids = jnp.zeros((B, T), jnp.int32)
     # The initial state enters on the first slice: stacked with zeros for the others, it is an input of
     # that slice alone (so its gradient is that slice's).
-    initial = None if initial_state is None else jnp.concatenate(
-        [initial_state.astype(jnp.float32)[None], jnp.zeros((n - 1, B, H, K, V), jnp.float32)])
+    if initial_state is None:
+        initial = None
+    elif applies():
+        initial = jnp.concatenate([initial_state.astype(jnp.float32)[None],
+                                   jnp.zeros((n - 1, B, H, K, V), jnp.float32)])
+    else:  # already this slice's: the state enters on the first
+        first = jax.lax.axis_index(AXIS) == 0
+        initial = jnp.where(first, initial_state.astype(jnp.float32), 0.0)[None]
 
-    def per_slice(q, k, v, g, segment_ids, initial=None):
+    def per_slice(q, k, v, g, segment_ids=None, initial=None):
         i = jax.lax.axis_index(AXIS)
         o, local_state = local_op(q, k, v, g, segment_ids=segment_ids)
-        # Documents: a reset before the slice's first token where it starts another document than the
-        # previous slice's last token.
-        last_ids = jax.lax.all_gather(segment_ids[:, -1], AXIS)  # [n, B]
-        starts_new = (i > 0) & (segment_ids[:, 0] != last_ids[jnp.maximum(i - 1, 0)])
-        change = jnp.concatenate([starts_new[:, None], segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-        before_reset = jnp.cumsum(change, axis=1) == 0  # [B, T/n]: the entering state reaches t
+        if segment_ids is None:
+            before_reset = jnp.ones(q.shape[:2], bool)
+        else:
+            # Documents: a reset before the slice's first token where it starts another document than the
+            # previous slice's last token.
+            last_ids = jax.lax.all_gather(segment_ids[:, -1], AXIS)  # [n, B]
+            starts_new = (i > 0) & (segment_ids[:, 0] != last_ids[jnp.maximum(i - 1, 0)])
+            change = jnp.concatenate([starts_new[:, None], segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+            before_reset = jnp.cumsum(change, axis=1) == 0  # [B, T/n]: the entering state reaches t
         g32 = g.astype(jnp.float32)
         decay_in = jnp.exp(jnp.cumsum(g32, axis=1))  # [B, T/n, H, K]: slice start .. t
         through = before_reset[:, -1][:, None, None]
@@ -79,12 +102,11 @@ def gla(local_op, q, k, v, g, *, scale, initial_state=None, output_final_state=F
                                                precision=jax.lax.Precision.HIGHEST)
         return o.astype(v.dtype), entering[-1][None]
 
-    args = (q, k, v, g, segment_ids) + (() if initial is None else (initial,))
-    in_specs = (tokens,) * 5 + (() if initial is None else (P(AXIS, batch),))
-    # check_vma=False: Pallas kernels' outputs carry no varying-axes annotation. Every slice computes the
-    # final state; only the last slice's copy is returned (so its gradient enters once).
-    o, final = jax.shard_map(per_slice, in_specs=in_specs, out_specs=(tokens, P(AXIS, batch)),
-                             axis_names={*(batch or ()), AXIS}, check_vma=False)(*args)
+    # check_vma=False (in _per_device): Pallas kernels' outputs carry no varying-axes annotation. Every
+    # slice computes the final state; only the last slice's copy is returned (so its gradient enters once);
+    # inside `shard_map` over `sequence` each device returns its own copy.
+    o, final = _per_device(per_slice, (q, k, v, g, segment_ids, initial), (tokens,) * 5 + (P(AXIS, batch),),
+                           (tokens, P(AXIS, batch)))
     return o, (final[-1] if output_final_state else None)
 
 
@@ -94,7 +116,7 @@ def causal_conv(conv, x, kernel, segment_ids, width: int):
     (zeros on the first slice): a halo sent one device on (`ppermute`), whatever the length."""
     n = jax.sharding.get_abstract_mesh().shape[AXIS]
     B, T, _ = x.shape
-    if T % n or T // n < width - 1:
+    if T // (n if applies() else 1) < width - 1 or (applies() and T % n):
         raise ValueError(f"sequence length {T} must be a multiple of the {n} devices of mesh axis '{AXIS}', "
                          f"with at least {width - 1} tokens each")
     batch = batch_axes() or None
@@ -108,5 +130,4 @@ def causal_conv(conv, x, kernel, segment_ids, width: int):
         past_ids = jax.lax.ppermute(segment_ids[:, segment_ids.shape[1] - (width - 1):], AXIS, forward)
         return conv(x, past, kernel, past_ids, segment_ids)
 
-    return jax.shard_map(per_slice, in_specs=(tokens, P(), tokens), out_specs=tokens,
-                         axis_names={*(batch or ()), AXIS}, check_vma=False)(x, kernel, segment_ids)
+    return _per_device(per_slice, (x, kernel, segment_ids), (tokens, P(), tokens), tokens)

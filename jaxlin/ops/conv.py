@@ -32,7 +32,7 @@ def causal_conv(x, kernel, *, segment_ids=None, cache=None, return_cache=False):
     """
     B, T, C = x.shape
     width = kernel.shape[0]
-    if cache is None and not return_cache and context_parallel.applies():
+    if cache is None and not return_cache and context_parallel.split():
         return context_parallel.causal_conv(_conv_after, x, kernel, segment_ids, width), None
     past = jnp.zeros((B, width - 1, C), x.dtype) if cache is None else cache.astype(x.dtype)
     keep = None if segment_ids is None else _keep_masks(segment_ids, width)

@@ -82,7 +82,7 @@ def pallas_backend(op: str, args) -> str:
 
 def linear_attention(op: str, impl: str, args: tuple, options: dict):
     """Runs ``op`` by ``impl`` (see the module's docstring): ``(o, final_state or None)``."""
-    if op != "gla" and context_parallel.applies():
+    if op != "gla" and context_parallel.split():
         raise NotImplementedError(f"{op}: sequences split over mesh axis '{context_parallel.AXIS}' are supported "
                                   f"for GLA layers only; set mesh.sequence=1")
     table = LINEAR_ATTENTION[op]

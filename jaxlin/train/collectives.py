@@ -21,7 +21,7 @@ import math
 import os
 import re
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
@@ -233,22 +233,24 @@ def format_table(rows: list[dict]) -> str:
 
 def _main(argv):
     del argv
+    import jax
     from absl import flags
 
     from jaxlin.train import scaling
+    from jaxlin.train.config import validate
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
+    validate(config)
     collectives = step_collectives(config)
     rows = summarize(collectives)
-    import jax
-
     print(f"{config.model.n_layer} layers, {jax.device_count()} devices, mesh {config.mesh.to_dict()}, "
           f"parameters {param_bytes(config) / 1e6:.1f} MB (float32)")
     print(format_table(rows))
     totals = {kind: bytes_per_step(collectives, kind) for kind in KINDS}
     print("per step: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in totals.items() if v))
-    result = {"mesh": config.mesh.to_dict(), "devices": jax.device_count(), "collectives": rows, "bytes_per_step": totals}
+    result = {"mesh": config.mesh.to_dict(), "devices": jax.device_count(), "collectives": rows,
+              "bytes_per_step": totals}
     if FLAGS.step_ms:
         t = config.train
         ways = config.mesh.get("num_devices", -1)

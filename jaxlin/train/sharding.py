@@ -15,7 +15,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "sequence")
+# `sequence` first: the outermost axis spans the slowest links (across hosts), and split sequences exchange
+# only small states while data and fsdp move gradients and parameters. (XLA also needs nested manual axes
+# in mesh order: the step's shard_map over sequence holds the loss's over fsdp.)
+MESH_AXES = ("sequence", "data", "fsdp")
 LOGICAL_RULES = {
     "batch": ("data", "fsdp"),  # activations: the batch is split over every device
     "embed": "fsdp",  # parameters: the model width is split over the fsdp axis
@@ -61,7 +64,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     if data * fsdp * sequence != n or data < 1 or fsdp < 1:
         raise ValueError(f"mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.fsdp} x mesh.sequence={sequence} "
                          f"must multiply to the {n} devices present")
-    return jax.make_mesh((data, fsdp, sequence), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    return jax.make_mesh((sequence, data, fsdp), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=devices)
 
 

@@ -40,10 +40,10 @@ def loss_fn(params, graphdef: nnx.GraphDef, batch: dict, loss_chunk: int):
 def accumulate_grads(params, batch: dict, *, graphdef, loss_chunk: int, param_specs=None):
     """(per-micro-batch losses, mean gradient) over `batch` [accumulation, micro_batch, T], on this device's rows.
 
-    `param_specs`: each gradient's layout (its parameter's); the per-micro-batch gradient is constrained to it,
-    so that under FSDP it is reduce-scattered into the sharded sum rather than all-reduced whole. The FP8
-    scaling state's gradients are its next values (jaxlin.layers.fp8): over micro-batches they combine by
-    maximum (each adds its own amax to the same history), and they are not averaged.
+    `param_specs`: each parameter's layout; the gradients and their running sum are constrained to it, so under
+    FSDP the sum is held sharded like the parameters. The FP8 scaling state's gradients are its next values
+    (jaxlin.layers.fp8): over micro-batches they combine by maximum (each adds its own amax to the same
+    history), and they are not averaged.
     """
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -73,25 +73,30 @@ def accumulate_grads(params, batch: dict, *, graphdef, loss_chunk: int, param_sp
 def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, loss_chunk: int):
     """One optimizer step over `batch` laid out as [accumulation, micro_batch, T] arrays.
 
-    Under a mesh with a `data` axis each data-parallel group accumulates its own gradient (`shard_map` over
-    `data`; the other axes stay with the partitioner) and the groups' gradients are averaged once per step:
-    left to the partitioner, the gradient was all-reduced after every micro-batch.
+    Under a mesh with `data` or `sequence` axes each data-parallel group, and each slice of the sequences,
+    accumulates its own gradient (`shard_map` over those axes; `fsdp` stays with the partitioner) and the
+    gradients are averaged once per step: left to the partitioner, the gradient was all-reduced after every
+    micro-batch.
     """
     mesh = jax.sharding.get_abstract_mesh()
     specs = None if mesh.empty else sharding.param_specs(state.params, mesh)
     accumulate = functools.partial(accumulate_grads, graphdef=graphdef, loss_chunk=loss_chunk, param_specs=specs)
-    if mesh.empty or mesh.shape.get("data", 1) == 1:
+    local = () if mesh.empty else tuple(a for a in ("data", "sequence") if mesh.shape.get(a, 1) > 1)
+    if not local:
         losses, grads = accumulate(state.params, batch)
     else:
         def per_group(params, batch):
             losses, grads = accumulate(params, batch)
             weights, meta = split_fp8_meta(grads)
-            return jax.lax.pmean(losses, "data"), nnx.merge_state(jax.lax.pmean(weights, "data"),
-                                                                   jax.lax.pmax(meta, "data"))
+            return jax.lax.pmean(losses, local), nnx.merge_state(jax.lax.pmean(weights, local),
+                                                                 jax.lax.pmax(meta, local))
 
+        # Each micro-batch's [batch, T] is split: rows over `data`, each sequence's tokens over `sequence`
+        # (every device the same number of tokens, so the mean of the devices' means is the global mean).
+        rows, tokens = ("data" if "data" in local else None), ("sequence" if "sequence" in local else None)
         # check_vma=False: the gradient inside stays this group's (no implicit reduction per micro-batch).
-        losses, grads = jax.shard_map(per_group, in_specs=(P(), P(None, "data")), out_specs=(P(), P()),
-                                      axis_names={"data"}, check_vma=False)(state.params, batch)
+        losses, grads = jax.shard_map(per_group, in_specs=(P(), P(None, rows, tokens)), out_specs=(P(), P()),
+                                      axis_names=set(local), check_vma=False)(state.params, batch)
     grads, new_meta = split_fp8_meta(grads)
     weights, meta = split_fp8_meta(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, weights)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -127,9 +128,13 @@ def test_parse_hlo_counts_loop_trips_and_tuple_bytes():
 @pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 4, 8])
 def test_data_parallel_and_fsdp_traffic(devices, sizes):
-    found = compile_layouts(devices, {"data_parallel": {"data": devices, "fsdp": 1},
-                                      "fsdp": {"data": 1, "fsdp": devices}})
+    layouts = {"data_parallel": {"data": devices, "fsdp": 1}, "fsdp": {"data": 1, "fsdp": devices}}
+    if devices == 4:  # split sequences with FSDP: nested manual axes XLA must accept
+        layouts["sequence_fsdp"] = {"data": 1, "fsdp": 2, "sequence": 2}
+    found = compile_layouts(devices, layouts)
     dp, fsdp = found["data_parallel"], found["fsdp"]
+    if devices == 4:
+        assert {"collective-permute", "all-gather", "all-reduce"} <= {c.kind for c in found["sequence_fsdp"]}
 
     # Data parallel: the gradient is all-reduced once per optimizer step, never inside the accumulation loop,
     # and nothing else moves but a few scalars (the loss and the gradient norm's pieces).
@@ -151,3 +156,24 @@ def test_data_parallel_and_fsdp_traffic(devices, sizes):
     token_bytes = 8 * 128 * 1024 * 4
     assert per_step(fsdp, "all-to-all") <= ACCUMULATION * token_bytes * 2 // devices * 1.01
     assert per_step(fsdp, "collective-permute") == 0
+
+
+@pytest.mark.slow
+def test_split_sequences_exchange_the_same_bytes_at_any_length():
+    """mesh.sequence=2: the train step's collectives (GLA states and decays, conv halos, the gradient's
+    reduction) are the same at 128 and 256 tokens."""
+    import jax
+
+    from tests.train.test_train import tiny_config
+
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py emulates them)")
+
+    def found(seq_len):
+        config = tiny_config("unused", **{"mesh.data": 1, "mesh.sequence": 2, "mesh.num_devices": 2,
+                                          "data.seq_len": seq_len, "model.block_size": seq_len})
+        return Counter((c.kind, c.bytes, c.count) for c in collectives.step_collectives(config))
+
+    short = found(128)
+    assert short == found(256)
+    assert not {kind for kind, _, _ in short} & {"all-to-all"}, short
