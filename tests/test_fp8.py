@@ -152,3 +152,22 @@ def test_export_writes_weights_only_and_loads_as_bf16(tmp_path):
     reference = GPT(tiny(), rngs=nnx.Rngs(0))
     tokens = jnp.arange(16, dtype=jnp.int32)[None]
     np.testing.assert_array_equal(loaded(tokens), reference(tokens))
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (tests/conftest.py emulates them)")
+def test_data_parallel_records_the_one_device_amax():
+    """Each data-parallel group differentiates its share of the global mean loss, so the output gradients,
+    and the amax recorded from them, are the one-device ones."""
+    from jaxlin.train import sharding
+
+    opt = optimizer()
+    graphdef, state = create_train_state(GPT(tiny(matmul_precision="fp8", dtype="float32"), rngs=nnx.Rngs(0)), opt)
+    batch = jax.tree.map(lambda x: x[None], batch_of((4, 32)))
+    one, _ = jitted_step(graphdef, opt)(state, batch)
+    mesh_config = default_config().mesh
+    mesh_config.update(data=2, fsdp=1, num_devices=2)
+    with jax.set_mesh(sharding.make_mesh(mesh_config)):
+        two, _ = jitted_step(graphdef, opt)(state, batch)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(split_fp8_meta(one.params)[1]),
+                                 nnx.to_flat_state(split_fp8_meta(two.params)[1])):
+        np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), rtol=1e-5, err_msg=str(path))

@@ -165,9 +165,13 @@ def _one_free_mesh_axis(c):
 
 def _sequence_split(c):
     sequence, attn = c.mesh.get("sequence", 1), c.model.attn
-    if sequence > 1 and (c.data.seq_len % sequence or ({attn} if isinstance(attn, str) else set(attn)) != {"gla"}):
+    if sequence <= 1:
+        return None
+    if c.data.seq_len % sequence or ({attn} if isinstance(attn, str) else set(attn)) != {"gla"}:
         return (f"mesh.sequence={sequence} needs data.seq_len (now {c.data.seq_len}) a multiple of it "
                 f"and every layer GLA (model.attn={c.model.attn!r})")
+    if c.model.get("pos_embedding"):  # each slice would read positions from 0: not implemented
+        return f"mesh.sequence={sequence} needs model.pos_embedding=False (slices carry no position offset)"
 
 
 def _model(c):

@@ -20,6 +20,7 @@ from jaxlin.data.pipeline import make_train_iterator, make_val_dataset
 from jaxlin.data.prepare import check_token_ids, prepare_corpus
 from jaxlin.data.shards import read_shard
 from jaxlin.errors import ConfigError, DataError, UserError
+from jaxlin.layers.fp8 import split_fp8_meta
 from jaxlin.model import GPT
 from jaxlin.train import flops, sharding
 from jaxlin.train.checkpoint import Checkpointer, NoCheckpointError
@@ -195,7 +196,7 @@ class Trainer:
     def announce(self, mcfg, train_shards, val_shards) -> None:
         """What this run is about to do, in a few lines."""
         t, d = self.config.train, self.config.data
-        params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
+        params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(split_fp8_meta(self.state.params)[0]))
         kinds = "+".join(dict.fromkeys(mcfg.per_layer("attn")))
         tokens = [sum(len(read_shard(p)) for p in shards) for shards in (train_shards, val_shards)]
         device = jax.devices()[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -37,18 +38,24 @@ def loss_fn(params, graphdef: nnx.GraphDef, batch: dict, loss_chunk: int):
     return chunked_cross_entropy(hidden, model.wte[...], batch["targets"], chunk=loss_chunk)
 
 
-def accumulate_grads(params, batch: dict, *, graphdef, loss_chunk: int, param_specs=None):
+def accumulate_grads(params, batch: dict, *, graphdef, loss_chunk: int, param_specs=None, loss_scale: float = 1.0):
     """(per-micro-batch losses, mean gradient) over `batch` [accumulation, micro_batch, T], on this device's rows.
 
     `param_specs`: each parameter's layout; the gradients and their running sum are constrained to it, so under
     FSDP the sum is held sharded like the parameters. The FP8 scaling state's gradients are its next values
     (jaxlin.layers.fp8): over micro-batches they combine by maximum (each adds its own amax to the same
-    history), and they are not averaged.
+    history), and they are not averaged. `loss_scale` multiplies the loss that is differentiated (not the
+    losses returned): 1 / the number of groups whose gradients are summed, so that each token's output
+    gradient, and the FP8 amax recorded from it, is the one-device value.
     """
-    grad_fn = jax.value_and_grad(loss_fn)
+    def scaled_loss(params, micro_batch):
+        loss = loss_fn(params, graphdef, micro_batch, loss_chunk)
+        return loss * loss_scale, loss
+
+    grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
 
     def grads_of(micro_batch):
-        loss, grads = grad_fn(params, graphdef, micro_batch, loss_chunk)
+        (_, loss), grads = grad_fn(params, micro_batch)
         return loss, grads if param_specs is None else jax.lax.with_sharding_constraint(grads, param_specs)
 
     accum = jax.tree.leaves(batch)[0].shape[0]
@@ -85,10 +92,12 @@ def train_step(state: TrainState, batch: dict, *, graphdef, optimizer, loss_chun
     if not local:
         losses, grads = accumulate(state.params, batch)
     else:
+        groups = math.prod(mesh.shape[a] for a in local)
+
         def per_group(params, batch):
-            losses, grads = accumulate(params, batch)
+            losses, grads = accumulate(params, batch, loss_scale=1 / groups)
             weights, meta = split_fp8_meta(grads)
-            return jax.lax.pmean(losses, local), nnx.merge_state(jax.lax.pmean(weights, local),
+            return jax.lax.pmean(losses, local), nnx.merge_state(jax.lax.psum(weights, local),
                                                                  jax.lax.pmax(meta, local))
 
         # Each micro-batch's [batch, T] is split: rows over `data`, each sequence's tokens over `sequence`

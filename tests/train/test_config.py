@@ -21,7 +21,7 @@ BAD_VALUES = {
     "train.max_nonfinite": 0,
     "log.every": 0, "log.eval_every": -1, "log.eval_batches": 0, "log.checkpoint_every": 0,
     "log.keep_checkpoints": 0,
-    "mesh.data": 0, "mesh.fsdp": -2, "mesh.num_devices": 0,
+    "mesh.data": 0, "mesh.fsdp": -2, "mesh.num_devices": 0, "mesh.sequence": 0,
 }
 
 
@@ -68,6 +68,9 @@ def test_all_problems_are_named_at_once():
     ({"model.remat": "some"}, "model.remat: unknown 'some'"),
     ({"model.mlp_impl": "cuda"}, "model.mlp_impl: unknown 'cuda'"),
     ({"model.dtype": "float16"}, "model.dtype must be 'bfloat16' or 'float32'"),
+    ({"mesh.sequence": 2, "data.seq_len": 63}, "mesh.sequence=2 needs data.seq_len (now 63) a multiple of it"),
+    ({"mesh.sequence": 2, "model.attn": "softmax"}, "mesh.sequence=2 needs data.seq_len"),
+    ({"mesh.sequence": 2, "model.pos_embedding": True}, "mesh.sequence=2 needs model.pos_embedding=False"),
 ])
 def test_combinations_are_refused(values, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
