@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On a GPU machine, in one call: compiled kernel tests, the kernel benchmarks and the train-step benchmark,
+# On a GPU machine, in one run: compiled kernel tests, the kernel benchmarks and the train-step benchmark,
 # each bounded in time so that one slow stage cannot eat the others; full logs and JSON go to
 # ${OUT:-gpu_logs}/. Wheels carried in .whl/ (grain, ml_collections, ...) are installed first; those in
 # .whl/reference/ (FLA and its dependencies) go to a folder of their own, on PYTHONPATH only for the `reference`
-# stage: transformers inside FLA breaks with the project's safetensors.
+# and `attention-layer` stages: transformers inside FLA breaks with the project's safetensors.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
 #   gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference,
 #   attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run
@@ -12,12 +12,20 @@
 # compiling), so give it a stage of its own where time is short. `delta-tests` runs the
 # delta rules' Mosaic and bf16 cases, `gelu-tests` the MLP's fused GELU products at GPT-2 Medium's shape,
 # `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels. `reference` times the PyTorch
-# reference's step (jaxlin.bench.reference); `reference train` puts it beside ours, same GPU, same call.
+# reference's step (jaxlin.bench.reference); `reference train` puts it beside ours, same GPU, same run.
 # `fp8` times the GPT-2 Medium GLA step at model.matmul_precision bf16 then fp8 on the same GPU (about 5 minutes); `fp8-run` trains
 # configs/small_gla.py for its 2,200 steps at bf16 then fp8 (about 3 minutes each on an H100: run it alone)
 # on the corpus in $JAXLIN_DATA_DIR and plots both curves into fp8_loss.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gelu-tests gla delta gelu train)
+known=" tests delta-tests gelu-tests elementwise-tests gla delta gelu elementwise train train-xla-norms train-xla-mlp "
+known+="train-delta train-all profile reference attention-tests train-softmax seq-sweep seq-sweep-recurrent "
+known+="attention-layer long-train fp8 fp8-run "
+for name in "${stages[@]}"; do  # every name checked before any stage runs
+  [[ "$known" == *" $name "* ]] || { echo "error: unknown stage '$name' (expected one of:$known)" >&2; exit 2; }
+done
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -47,8 +55,6 @@ stage() {  # name, seconds, command...: the log keeps everything, the terminal t
   if [ "$rc" -eq 124 ]; then echo "   $name: stopped after ${seconds}s"; fi
 }
 
-stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gelu-tests gla delta gelu train)
 shapes="--shape 32,1024,16,32,64 --shape 32,1024,16,64,64 --shape 8,4096,16,64,64"
 for name in "${stages[@]}"; do
   case $name in
@@ -111,7 +117,8 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
              PYTHONPATH=$PYTHONPATH:/tmp/reference_site stage attention-layer 420 python3 -m jaxlin.bench.attention_layer \
              --json "$out/attention_layer.json" ;;
     long-train) for config in small_gla_8k small_softmax_8k; do  # a short long-context run each; loss in metrics
-             stage "$config" 280 python3 train.py --config "configs/$config.py" --workdir "/tmp/runs/$config"
+             rm -rf "/tmp/runs/$config"
+             stage "$config" 260 python3 train.py --config "configs/$config.py" --workdir "/tmp/runs/$config"
              cp "/tmp/runs/$config/metrics.jsonl" "$out/$config.metrics.jsonl" 2>/dev/null
            done
            python3 -m jaxlin.train.metrics --out "$out/long_context_loss.png" \
@@ -127,17 +134,12 @@ print('fp8 / bf16: %.3fx tokens/s, peak memory %.1f -> %.1f GiB' % (r['fp8']['to
       r['bf16']['peak_memory_gib'], r['fp8']['peak_memory_gib']))" "$out" ;;
     fp8-run) for precision in bf16 fp8; do  # the learning comparison: both full runs, both curves
            rm -rf "/tmp/small_gla_$precision"
-           stage "small-gla-$precision" 280 python3 train.py --config configs/small_gla.py \
+           stage "small-gla-$precision" 260 python3 train.py --config configs/small_gla.py \
              --workdir "/tmp/small_gla_$precision" --config.model.matmul_precision=$precision
-           cp "/tmp/small_gla_$precision/metrics.jsonl" "$out/small_gla_${precision}_metrics.jsonl"
+           cp "/tmp/small_gla_$precision/metrics.jsonl" "$out/small_gla_${precision}_metrics.jsonl" 2>/dev/null
          done
-         python3 -m jaxlin.train.metrics --out "$out/fp8_loss.png" "bf16=$out/small_gla_bf16_metrics.jsonl" \
-           "fp8=$out/small_gla_fp8_metrics.jsonl"
-         python3 -c "import json, sys
-val = {p: [r['val_loss'] for r in map(json.loads, open(f'{sys.argv[1]}/small_gla_{p}_metrics.jsonl')) if 'val_loss' in r]
-       for p in ('bf16', 'fp8')}
-print('final val loss: bf16 %.4f, fp8 %.4f (%+.2f %%)' % (val['bf16'][-1], val['fp8'][-1],
-      100 * (val['fp8'][-1] / val['bf16'][-1] - 1)))" "$out" ;;
+         [ -f "$out/small_gla_bf16_metrics.jsonl" ] && [ -f "$out/small_gla_fp8_metrics.jsonl" ] || continue
+         python3 -m jaxlin.train.metrics --out "$out/fp8    100 * (val['fp8'][-1] / val['bf16'][-1] - 1)))" "$out" ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
             "gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference," \
             "attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8 or" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real-run pair (configs/small_gla.py, configs/small_softmax.py) on one GPU; run folders go to runs/,
-# results and the plot to ${OUT:-real_run_logs}/. Each command fits a 10-minute call:
+# results and the plot to ${OUT:-real_run_logs}/. each command takes under ten minutes on an H100:
 #   scripts/real_run_eval.sh train small_gla       # training, then the export (about 3 minutes on an H100)
 #   scripts/real_run_eval.sh train small_softmax   # (about 4 minutes)
 #   scripts/real_run_eval.sh eval small_gla        # the zero-shot table and long_ppl of the export (at most

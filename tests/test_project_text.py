@@ -19,6 +19,7 @@ PATTERNS = [
     (r"\btickets?\b", "a ticket"),
     (r"\blent\b|\blending\b", "which machines were lent"),
     (r"\bdevice[- ]calls?\b|\bgpu calls?\b", "remote-run limits"),
+    (r"\b\d+-minute calls?\b|\bsame (gpu|machine), same call\b", "remote-run limits"),
     (r"\bKINDS\.md\b|\bDESIGN\.md\b|\.\./shared/DESIGN|/work/", "a file outside the repository"),
     (r"\bhelpers? (session|branch)|\bworktrees?\b", "how the work was organised"),
 ]
@@ -55,7 +56,8 @@ def test_patterns_catch_process_talk_and_spare_the_allow_list():
     patterns = [re.compile(p, re.IGNORECASE) for p, _ in PATTERNS]
     hit = lambda s: any(p.search(re.compile("|".join(ALLOWED)).sub("", s)) for p in patterns)
     for text in ("the ninth session's rows", "issue 8's model", "#5's targets", "no H100 was lent",
-                 "a device call returns 8 files", "see ../shared/DESIGN.md", "KINDS.md says why", "the next GPU call"):
+                 "a device call returns 8 files", "see ../shared/DESIGN.md", "KINDS.md says why", "the next GPU call",
+                 "fits a 10-minute call", "same GPU, same call"):
         assert hit(text), text
     for text in ('@pytest.fixture(scope="session")', "x[#0]", "the first chunk", "GPU memory (#bytes)"):
         assert not hit(text), text
