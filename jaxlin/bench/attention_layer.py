@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxlin import ops  # noqa: E402
 from jaxlin.ops import attention  # noqa: E402
-from jaxlin.bench.common import median_ms  # noqa: E402
+from jaxlin.bench.common import median_ms, positive_ints  # noqa: E402
 from jaxlin.bench.kernels import _inputs, _time_fla  # noqa: E402
 
 IMPLS = ("gla", "fla", "softmax", "xla", "pallas")
@@ -116,16 +116,6 @@ def format_table(records, impls) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: {name} must be comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise SystemExit(f"error: {name} must be positive, got {text!r}")
-    return values
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="64,128", help="head dims D (GLA: K = V = D)")
@@ -140,7 +130,7 @@ def main(argv=None):
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         raise SystemExit(f"error: unknown --impls {unknown}; expected some of {IMPLS}")
-    dims, lengths = _ints(args.dims, "--dims"), _ints(args.lengths, "--lengths")
+    dims, lengths = positive_ints(args.dims, "--dims"), positive_ints(args.lengths, "--lengths")
     short = [T for T in lengths if args.tokens < T]
     if short:
         raise SystemExit(f"error: --tokens {args.tokens} is less than T = {short}: B = tokens // T would be 0")

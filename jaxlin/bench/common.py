@@ -66,3 +66,14 @@ def report(results: dict, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def positive_ints(text: str, name: str) -> list[int]:
+    """``"1024,2048"`` -> ``[1024, 2048]``; anything else stops the command with one line naming ``name``."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: {name} must be comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise SystemExit(f"error: {name} must be positive, got {text!r}")
+    return values

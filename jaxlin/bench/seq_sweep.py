@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from jaxlin.bench.common import positive_ints
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CONFIGS = "gla,softmax"
 DEFAULT_LENGTHS = "1024,2048,4096,8192,16384"
@@ -173,16 +175,6 @@ def sweep(names: list[str], lengths: list[int], tokens: int, steps: int, row_tim
     return record
 
 
-def parse_lengths(text: str) -> list[int]:
-    try:
-        lengths = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: --lengths must be comma-separated integers, got {text!r}") from None
-    if any(T < 1 for T in lengths):
-        raise SystemExit(f"error: --lengths must be positive, got {text!r}")
-    return lengths
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated config names or paths")
@@ -195,7 +187,7 @@ def main(argv=None):
     parser.add_argument("--row", help=argparse.SUPPRESS)  # the config file of one row, run in this process
     parser.add_argument("--micro_batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    lengths = parse_lengths(args.lengths)
+    lengths = positive_ints(args.lengths, "--lengths")
     if args.row:
         return run_row(pathlib.Path(args.row), lengths[0], args.micro_batch, args.steps, args.json)
     uneven = [T for T in lengths if args.tokens % T]

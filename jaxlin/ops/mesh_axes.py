@@ -3,10 +3,10 @@
 import jax
 
 
-def batch_axes(exclude: tuple = ("sequence",)) -> tuple:
-    """The current mesh's axes of more than one device that split the batch and are not manual yet (a
-    computation inside `shard_map` over some axes may still split its rows over the others)."""
+def batch_axes() -> tuple:
+    """The current mesh's axes of more than one device that split the batch (all but `sequence`) and are not
+    manual yet (a computation inside `shard_map` over some axes may still split its rows over the others)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-    return tuple(a for a in mesh.axis_names if a not in mesh.manual_axes and a not in exclude and mesh.shape[a] > 1)
+    return tuple(a for a in mesh.axis_names if a not in mesh.manual_axes and a != "sequence" and mesh.shape[a] > 1)

@@ -98,10 +98,7 @@ def param_specs(params, mesh):
 
 
 def param_shardings(params, mesh):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, logical_to_spec(logical_axes(path_string(path), x.ndim), x.shape, mesh)),
-        params,
-    )
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, mesh))
 
 
 def state_sharding(state, mesh):
