@@ -154,6 +154,7 @@ def test_export_writes_weights_only_and_loads_as_bf16(tmp_path):
     np.testing.assert_array_equal(loaded(tokens), reference(tokens))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (tests/conftest.py emulates them)")
 def test_data_parallel_records_the_one_device_amax():
     """Each data-parallel group differentiates its share of the global mean loss, so the output gradients,

@@ -9,6 +9,7 @@ from jaxlin.bench import elementwise, gelu
 from jaxlin.bench import kernels as bench
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ["gla", pytest.param("delta_rule", marks=pytest.mark.slow),
                                 pytest.param("gated_delta_rule", marks=pytest.mark.slow)])
 def test_bench_writes_a_row_per_impl(op, tmp_path, capsys):

@@ -128,6 +128,7 @@ def test_folders_without_documents_are_named(tmp_path):
                           window=WINDOW)
 
 
+@pytest.mark.slow
 def test_cli_prints_buckets_writes_json_and_plots(tmp_path, data_dir, capsys):
     export.save(tiny_model("gla"), tmp_path / "gla" / "export")
     export.save(tiny_model("softmax"), tmp_path / "softmax" / "export")

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from jaxlin.bench import decode
 
 
+@pytest.mark.slow
 def test_tiny_rows_report_every_column_and_the_json(tmp_path, capsys):
     out = tmp_path / "decode.json"
     rows = decode.main(["--tiny", "--models", "gla,softmax", "--batch", "2", "--context", "32", "--new_tokens", "2",

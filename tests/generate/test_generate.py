@@ -58,8 +58,13 @@ def _teacher_forced(graphdef, params, head, tokens, *, prompt_len, chunk):
     return jnp.concatenate([first[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("prompt_len,chunk", [(1, 16), (37, 16)])
+# The fast tier keeps GLA and the stack of every kind at the 37-token prompt; the rest run with the slow tests.
+FAST_PREFILL_CASES = {("gla", 37), ("hybrid", 37)}
+
+
+@pytest.mark.parametrize("name,prompt_len,chunk", [
+    pytest.param(name, prompt_len, 16, marks=() if (name, prompt_len) in FAST_PREFILL_CASES else pytest.mark.slow)
+    for prompt_len in (1, 37) for name in CONFIGS])
 def test_prefill_and_decode_match_the_full_forward(name, prompt_len, chunk):
     model = tiny_model(name)
     tokens = random_tokens(1, (2, 70))
@@ -80,7 +85,7 @@ def _greedy_by_full_forwards(model, prompt, n):
     return buffer[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", ["gla", "hybrid"])
+@pytest.mark.parametrize("name", ["gla", pytest.param("hybrid", marks=pytest.mark.slow)])
 def test_greedy_generation_is_argmax_of_repeated_full_forwards(name):
     model = tiny_model(name)
     prompt = random_tokens(2, (5,)).tolist()
@@ -89,8 +94,8 @@ def test_greedy_generation_is_argmax_of_repeated_full_forwards(name):
 
 
 @pytest.mark.parametrize("name", ["recurrent_and_softmax"])
-@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=1.0, top_k=20, top_p=0.9)],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [pytest.param(GREEDY, marks=pytest.mark.slow),
+                                      Sampling(temperature=1.0, top_k=20, top_p=0.9)], ids=["greedy", "sampled"])
 def test_a_batch_of_prompts_gives_each_prompt_its_solo_output(name, sampling):
     model = tiny_model(name)
     generator = Generator(model)

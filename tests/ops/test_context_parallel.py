@@ -83,6 +83,7 @@ def test_two_devices_match_the_single_device_op():
     compare(2)
 
 
+@pytest.mark.slow
 def test_four_devices_match_the_single_device_op():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "PYTHONPATH": str(REPO)}
@@ -92,6 +93,7 @@ def test_four_devices_match_the_single_device_op():
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (tests/conftest.py emulates them)")
+@pytest.mark.slow
 def test_devices_exchange_states_only():
     short, long = collective_bytes(2, 64), collective_bytes(2, 256)
     assert short == long, "collectives grow with the sequence length"

@@ -45,6 +45,7 @@ def test_two_devices_match_one(tmp_path, shards_dir, one_device, data, fsdp):
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_sequences_split_over_two_devices_match_one(tmp_path, shards_dir, one_device):
     """Context parallelism: each sequence's two halves on two devices (GLA exchanges states, convs a halo)."""
     loop.run(tiny_config(shards_dir, **STEPS, **mesh_config(1, 1, 2), **{"mesh.sequence": 2}), tmp_path)
