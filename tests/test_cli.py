@@ -132,7 +132,8 @@ def eval_py(*args, env=None):
                           env=env, timeout=300)
 
 
-@pytest.mark.parametrize("damage", ["missing", "bad_json", "bad_weights"])
+@pytest.mark.parametrize("damage", ["missing", pytest.param("bad_json", marks=pytest.mark.slow),
+                                    pytest.param("bad_weights", marks=pytest.mark.slow)])
 def test_bad_export_is_one_line_and_verbose_shows_the_traceback(tmp_path, damage):
     export_dir = tmp_path / "export"
     export_dir.mkdir()

@@ -131,6 +131,7 @@ def test_accumulated_micro_batches_record_the_whole_batch_amax():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_nonfinite_step_keeps_the_scaling_state():
     opt = optimizer()
     graphdef, state = create_train_state(GPT(tiny(matmul_precision="fp8"), rngs=nnx.Rngs(0)), opt)

@@ -61,7 +61,7 @@ def test_pipeline_packs_documents_at_long_context(tmp_path):
         assert (row == EOT_TOKEN).sum() >= 3  # several documents per window
 
 
-@pytest.mark.parametrize("attn", ["gla", "gated_deltanet"])
+@pytest.mark.parametrize("attn", ["gla", pytest.param("gated_deltanet", marks=pytest.mark.slow)])
 def test_reset_at_eot_isolates_documents_over_many_chunks(attn):
     """The same documents packed in two orders (one batch, one compile): with segment ids each document's
     hidden states are the same in both, so no state crosses a document start. At a length of many chunks,

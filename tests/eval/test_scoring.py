@@ -51,7 +51,7 @@ def choice_groups(rng, n_groups=12):
     return groups
 
 
-@pytest.mark.parametrize("attn", ["gla", "gated_deltanet"])
+@pytest.mark.parametrize("attn", ["gla", pytest.param("gated_deltanet", marks=pytest.mark.slow)])
 def test_state_reuse_gives_the_full_sequence_scores(attn):
     model = tiny_model(attn)
     groups = choice_groups(np.random.default_rng(2))

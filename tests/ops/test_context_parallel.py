@@ -79,6 +79,7 @@ def collective_bytes(n, slice_len):
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (tests/conftest.py emulates them)")
+@pytest.mark.slow
 def test_two_devices_match_the_single_device_op():
     compare(2)
 

@@ -208,6 +208,7 @@ def snapshot(folder):
             if p.is_file() and p.name != "run.lock"}
 
 
+@pytest.mark.slow  # end-to-end training (the uninterrupted run)
 def test_checkpoint_of_another_shape_stops_before_anything_is_written(tmp_path, shards_dir, uninterrupted):
     import shutil
 
@@ -262,6 +263,7 @@ def test_rejected_config_keeps_config_json(tmp_path, shards_dir):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow  # end-to-end training (the uninterrupted run)
 def test_export_only_falls_back_past_an_unreadable_checkpoint(tmp_path, shards_dir, uninterrupted, capsys, caplog):
     import shutil
 
@@ -276,6 +278,7 @@ def test_export_only_falls_back_past_an_unreadable_checkpoint(tmp_path, shards_d
     assert (tmp_path / "checkpoints" / "8").is_dir()  # reported and skipped, not moved
 
 
+@pytest.mark.slow  # end-to-end training (the uninterrupted run)
 def test_export_only_names_what_differs(tmp_path, shards_dir, uninterrupted):
     import shutil
 
@@ -313,6 +316,7 @@ def test_settings_the_devices_cannot_meet_name_the_key(tmp_path, values, message
     assert not (tmp_path / "shards").exists()  # before any data is prepared
 
 
+@pytest.mark.slow  # end-to-end training (the uninterrupted run)
 def test_fresh_start_sets_earlier_outputs_aside_and_says_where_everything_is(tmp_path, shards_dir, uninterrupted,
                                                                             capsys):
     import shutil
