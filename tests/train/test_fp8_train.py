@@ -10,6 +10,8 @@ import pytest
 from jaxlin.train import loop
 from tests.train.test_train import losses, run_cli, tiny_config
 
+COMPILES_AS_TRAIN_PY = True  # its runs are compared bit for bit with train.py's (tests/conftest.py)
+
 FP8 = {"model.matmul_precision": "fp8", "model.fp8_amax_history": 4}
 
 

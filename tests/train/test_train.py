@@ -21,6 +21,8 @@ from jaxlin.train.config import model_config
 from jaxlin.train.optimizer import make_optimizer
 from jaxlin.train.step import create_train_state, train_step
 
+COMPILES_AS_TRAIN_PY = True  # its runs are compared bit for bit with train.py's (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = {
     "model.n_layer": 1, "model.n_embd": 64, "model.n_head": 2, "model.block_size": 32,
