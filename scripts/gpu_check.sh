@@ -28,12 +28,7 @@ for name in "${stages[@]}"; do  # every name checked before any stage runs
 done
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "error: installing the carried wheels in .whl/ failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+source scripts/gpu_env.sh
 
 install_reference_wheels() {  # .whl/reference/ (FLA) into /tmp/reference_site, once
   [ -d /tmp/reference_site ] && return 0

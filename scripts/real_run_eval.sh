@@ -10,12 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-real_run_logs}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "error: installing the carried wheels in .whl/ failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+source scripts/gpu_env.sh
 
 step() {  # name, seconds, command...: the log keeps everything, the terminal the last lines
   local name=$1 seconds=$2
