@@ -14,8 +14,8 @@
 # `elementwise-tests` the short convs', gated norm's and LayerNorm's kernels. `reference` times the PyTorch
 # reference's step (jaxlin.bench.reference); `reference train` puts it beside ours, same GPU, same run.
 # `fp8` times the GPT-2 Medium GLA step at model.matmul_precision bf16 then fp8 on the same GPU (about 5 minutes); `fp8-run` trains
-# configs/small_gla.py for its 2,200 steps at bf16 then fp8 (about 3 minutes each on an H100: run it alone)
-# on the corpus in $JAXLIN_DATA_DIR and plots both curves into fp8_loss.png.
+# configs/small_gla.py for its 2,200 steps at bf16 and fp8 side by side on the one GPU (about 5 minutes on an
+# H100; the losses are the comparison, not the speed) on the corpus in $JAXLIN_DATA_DIR and plots both curves into fp8_loss.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
@@ -127,14 +127,25 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
 r = {p: json.load(open(f'{sys.argv[1]}/train_{p}.json')) for p in ('bf16', 'fp8')}
 print('fp8 / bf16: %.3fx tokens/s, peak memory %.1f -> %.1f GiB' % (r['fp8']['tokens_per_s'] / r['bf16']['tokens_per_s'],
       r['bf16']['peak_memory_gib'], r['fp8']['peak_memory_gib']))" "$out" ;;
-    fp8-run) for precision in bf16 fp8; do  # the learning comparison: both full runs, both curves
+    fp8-run) for precision in bf16 fp8; do  # the learning comparison: both full runs side by side, both curves
            rm -rf "/tmp/small_gla_$precision"
-           stage "small-gla-$precision" 260 python3 train.py --config configs/small_gla.py \
-             --workdir "/tmp/small_gla_$precision" --config.model.matmul_precision=$precision
+           XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 stage "small-gla-$precision" 420 python3 train.py \
+             --config configs/small_gla.py --workdir "/tmp/small_gla_$precision" \
+             --config.model.matmul_precision=$precision &
+         done
+         wait
+         for precision in bf16 fp8; do
            cp "/tmp/small_gla_$precision/metrics.jsonl" "$out/small_gla_${precision}_metrics.jsonl" 2>/dev/null
          done
          [ -f "$out/small_gla_bf16_metrics.jsonl" ] && [ -f "$out/small_gla_fp8_metrics.jsonl" ] || continue
-         python3 -m jaxlin.train.metrics --out "$out/fp8    100 * (val['fp8'][-1] / val['bf16'][-1] - 1)))" "$out" ;;
+         python3 -m jaxlin.train.metrics --out "$out/fp8_loss.png" "bf16=$out/small_gla_bf16_metrics.jsonl" \
+           "fp8=$out/small_gla_fp8_metrics.jsonl"
+         python3 -c "import json, sys
+rows = {p: list(map(json.loads, open(f'{sys.argv[1]}/small_gla_{p}_metrics.jsonl'))) for p in ('bf16', 'fp8')}
+val = {p: [r['val_loss'] for r in rows[p] if 'val_loss' in r] for p in rows}
+bad = {p: max((r.get('nonfinite_total', 0) for r in rows[p]), default=0) for p in rows}
+print('final val loss: bf16 %.4f, fp8 %.4f (%+.2f %%); non-finite steps: bf16 %d, fp8 %d' % (val['bf16'][-1],
+      val['fp8'][-1], 100 * (val['fp8'][-1] / val['bf16'][-1] - 1), bad['bf16'], bad['fp8']))" "$out" ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
             "gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference," \
             "attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8 or" \

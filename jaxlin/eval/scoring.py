@@ -70,13 +70,19 @@ def _prefill(graphdef, params, tokens, segment_ids):
     return model.logits(hidden[:, -1:])[:, 0], state
 
 
+@jax.jit
+def _pick_rows(state, last_logits, rows):
+    """The prefill's state and last logits for each continuation row. Apart from `_extend`, so that
+    the model compiles once per continuation shape, whatever the prefill's batch was."""
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), state), last_logits[rows]
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _extend(graphdef, params, state, last_logits, rows, tokens):
-    """Scores continuations `tokens` [R, L], row r continuing context `rows[r]` of the prefill."""
-    state = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), state)
+def _extend(graphdef, params, state, first_logits, tokens):
+    """Scores continuations `tokens` [R, L], row r continuing from row r of `state`."""
     logits = nnx.merge(graphdef, params)(tokens, state=state)
     # The context's last logits predict the first token; position t predicts token t + 1.
-    logits = jnp.concatenate([last_logits[rows][:, None], logits[:, :-1]], axis=1)
+    logits = jnp.concatenate([first_logits[:, None], logits[:, :-1]], axis=1)
     return _target_scores(logits, tokens)[0]
 
 
@@ -185,4 +191,5 @@ class Scorer:
                 continuations = np.full((n_rows, length), EOT_TOKEN, np.int32)
                 for k, (r, g, j) in enumerate(chunk):
                     rows[k], continuations[k, : len(groups[g][j][1])] = r, groups[g][j][1]
-                yield [(g, j) for _, g, j in chunk], self._extend(state, last_logits, rows, continuations)
+                picked_state, first_logits = _pick_rows(state, last_logits, rows)
+                yield [(g, j) for _, g, j in chunk], self._extend(picked_state, first_logits, continuations)
