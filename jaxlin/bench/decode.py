@@ -2,7 +2,7 @@
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
         [--context 1024,4096,16384,32768] [--new_tokens 32] [--bandwidth 3.35e12] [--time_budget 400]
-        [--naive_check 1024] [--json decode.json] [--tiny]
+        [--naive_check 1024] [--json decode.json] [--profile DIR] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
 jitted call each), then --new_tokens greedy tokens are decoded in one jitted while loop (after a warm-up
@@ -15,7 +15,8 @@ whose time per token is the prefill's time for the whole batch; rows up to --nai
 context (1024 by default) also time that forward itself (GPT.hidden, the head on the last position only,
 as nanoGPT's) and report how far its last logits lie from the prefill's. Rows whose state and activations
 would not fit the device, or that start after --time_budget seconds (shared out between the models), are
-skipped with a note. --tiny swaps in a 2-layer model for a smoke run on CPU.
+skipped with a note. --profile traces the first row's timed decode block of each model and prints where
+a decode step's device time goes, kernel by kernel. --tiny swaps in a 2-layer model for a smoke run on CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from jaxlin.generate.cache import forward, init_cache, logits  # noqa: E402
 from jaxlin.generate.loop import NO_TOKEN, Generator, decode_block  # noqa: E402
 from jaxlin.generate.sampling import GREEDY, row_keys  # noqa: E402
 from jaxlin.model import GPT, ModelConfig  # noqa: E402
+from jaxlin.train import profiling  # noqa: E402
 
 MODELS = ("gla", "gated_deltanet", "softmax")
 H100_SXM_BANDWIDTH = 3.35e12  # bytes/s
@@ -183,7 +185,8 @@ def compile_shapes(generator: Generator, shapes, args) -> dict:
         return dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
 
 
-def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args) -> dict:
+def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args,
+            profile_dir: str | None = None) -> dict:
     cfg = generator.config
     batch, context, chunk = row["batch"], row["context"], shape.chunk
     params, head = generator.params, generator.head
@@ -208,12 +211,16 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args)
     decode = functools.partial(compiled[shape, "decode"], params, head, row_keys(0, range(batch)))
     carry, _, _ = _ready(decode(carry, jnp.int32(WARMUP_STEPS)))
     begin = time.perf_counter()
-    carry, out, steps = _ready(decode(carry, jnp.int32(args.new_tokens)))
+    timed, out, steps = _ready(decode(carry, jnp.int32(args.new_tokens)))
     decode_s = time.perf_counter() - begin
     assert int(steps) == args.new_tokens and int(np.asarray(out).min()) >= 0
     ms = 1e3 * decode_s / args.new_tokens
-    return row | {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_fraction": row["bound_ms"] / ms,
-                  "speedup_vs_naive": row["naive_ms_per_token"] / ms}
+    row |= {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_fraction": row["bound_ms"] / ms,
+            "speedup_vs_naive": row["naive_ms_per_token"] / ms}
+    if profile_dir:  # the same block again (the cache went on to `timed`), under the profiler
+        trace = profiling.trace(lambda: decode(timed, jnp.int32(args.new_tokens)), log_dir=profile_dir)
+        row["profile"] = profiling.device_kernel_times(trace, steps=args.new_tokens)
+    return row
 
 
 def _naive_check(forward, tokens, prefill_logits) -> dict:
@@ -262,6 +269,8 @@ def main(argv=None):
     parser.add_argument("--naive_check", type=int, default=1024, metavar="TOKENS",
                         help="rows up to this context also time the full forward and compare its logits (0: none)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="trace the first timed row of each model here and print its kernels per decode step")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer float32 model (smoke test)")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -271,7 +280,7 @@ def main(argv=None):
     if not args.batch or not args.context or min(args.batch + args.context) < 1 or args.new_tokens < 1:
         parser.error("--batch, --context and --new_tokens need positive values")
 
-    rows, began = [], time.perf_counter()
+    rows, began, profiled = [], time.perf_counter(), set()
     for i, kind in enumerate(models):
         deadline = began + args.time_budget * (i + 1) / len(models)
         config = model_config(kind, max(args.context) + WARMUP_STEPS + args.new_tokens, args.tiny)
@@ -289,13 +298,19 @@ def main(argv=None):
                 row = row | {"note": "skipped: time budget"}
             elif shape is not None:
                 try:
-                    row = run_row(generator, row, shape, compiled, args)
+                    profile_dir = None
+                    if args.profile and kind not in profiled:
+                        profile_dir = str(Path(args.profile) / f"{kind}_b{row['batch']}_{row['context']}")
+                        profiled.add(kind)
+                    row = run_row(generator, row, shape, compiled, args, profile_dir)
                 except jax.errors.JaxRuntimeError as e:
                     if "RESOURCE_EXHAUSTED" not in str(e):
                         raise
                     row = row | {"note": "out of memory"}
             rows.append(row)
             print(format_table([row]).splitlines()[1], flush=True)
+            if "profile" in row:
+                print(profiling.format_table(row["profile"], top=30), flush=True)
             if "naive_measured_ms" in row:
                 print(f"  full forward: {row['naive_measured_ms']:.1f} ms; its last logits differ from the "
                       f"prefill's by {row['prefill_logits_difference']:.3g} of their std", flush=True)

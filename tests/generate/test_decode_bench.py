@@ -11,13 +11,16 @@ from jaxlin.bench import decode
 def test_tiny_rows_report_every_column_and_the_json(tmp_path, capsys):
     out = tmp_path / "decode.json"
     rows = decode.main(["--tiny", "--models", "gla,softmax", "--batch", "2", "--context", "32", "--new_tokens", "2",
-                        "--prefill_chunk", "16", "--naive_check", "32", "--json", str(out)])
+                        "--prefill_chunk", "16", "--naive_check", "32", "--json", str(out),
+                        "--profile", str(tmp_path / "profile")])
     assert [(r["model"], r["batch"], r["context"]) for r in rows] == [("gla", 2, 32), ("softmax", 2, 32)]
     for row in rows:
         assert "note" not in row
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and 0 < row["bound_fraction"] < 1
         assert row["state_mib"] > 0 and row["speedup_vs_naive"] > 0 and row["naive_measured_ms"] > 0
         assert row["prefill_logits_difference"] < 1e-4  # float32: the prefill is the full forward
+        assert {"kernels", "categories", "total_ms", "idle_ms"} <= set(row["profile"])  # CPU traces hold no kernels
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["gla_b2_32", "softmax_b2_32"]
     # The KV cache: keys and values of 2 layers, 2 rows, context + warm-up + timed steps (and a few counters).
     kv_bytes = 2 * 2 * 2 * (32 + decode.WARMUP_STEPS + 2) * 64 * 4
     assert 0 <= rows[1]["state_mib"] * 2**20 - kv_bytes < 64
