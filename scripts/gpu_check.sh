@@ -15,7 +15,9 @@
 # reference's step (jaxlin.bench.reference); `reference train` puts it beside ours, same GPU, same run.
 # `fp8` times the GPT-2 Medium GLA step at model.matmul_precision bf16 then fp8 on the same GPU (about 5 minutes); `fp8-run` trains
 # configs/small_gla.py for its 2,200 steps at bf16 and fp8 side by side on the one GPU (about 5 minutes on an
-# H100; the losses are the comparison, not the speed) on the corpus in $JAXLIN_DATA_DIR and plots both curves into fp8_loss.png.
+# H100; the losses are the comparison, not the speed) on the corpus in $JAXLIN_DATA_DIR and plots both curves into
+# fp8_loss.png; `long-train` runs configs/small_gla_8k.py and small_softmax_8k.py side by side likewise. Each of a
+# pair gets PAIR_MEM_FRACTION (default 0.45) of the GPU's memory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
@@ -50,6 +52,7 @@ stage() {  # name, seconds, command...: the log keeps everything, the terminal t
   if [ "$rc" -eq 124 ]; then echo "   $name: stopped after ${seconds}s"; fi
 }
 
+pair_fraction=${PAIR_MEM_FRACTION:-0.45}  # each of the two runs that share the GPU
 shapes="--shape 32,1024,16,32,64 --shape 32,1024,16,64,64 --shape 8,4096,16,64,64"
 for name in "${stages[@]}"; do
   case $name in
@@ -111,9 +114,13 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     attention-layer) install_reference_wheels  # FLA's chunk_gla beside ours, when carried
              PYTHONPATH=$PYTHONPATH:/tmp/reference_site stage attention-layer 420 python3 -m jaxlin.bench.attention_layer \
              --json "$out/attention_layer.json" ;;
-    long-train) for config in small_gla_8k small_softmax_8k; do  # a short long-context run each; loss in metrics
+    long-train) for config in small_gla_8k small_softmax_8k; do  # short long-context runs side by side; loss in metrics
              rm -rf "/tmp/runs/$config"
-             stage "$config" 260 python3 train.py --config "configs/$config.py" --workdir "/tmp/runs/$config"
+             XLA_PYTHON_CLIENT_MEM_FRACTION=$pair_fraction stage "$config" 420 python3 train.py \
+               --config "configs/$config.py" --workdir "/tmp/runs/$config" &
+           done
+           wait
+           for config in small_gla_8k small_softmax_8k; do
              cp "/tmp/runs/$config/metrics.jsonl" "$out/$config.metrics.jsonl" 2>/dev/null
            done
            python3 -m jaxlin.train.metrics --out "$out/long_context_loss.png" \
@@ -129,7 +136,7 @@ print('fp8 / bf16: %.3fx tokens/s, peak memory %.1f -> %.1f GiB' % (r['fp8']['to
       r['bf16']['peak_memory_gib'], r['fp8']['peak_memory_gib']))" "$out" ;;
     fp8-run) for precision in bf16 fp8; do  # the learning comparison: both full runs side by side, both curves
            rm -rf "/tmp/small_gla_$precision"
-           XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 stage "small-gla-$precision" 420 python3 train.py \
+           XLA_PYTHON_CLIENT_MEM_FRACTION=$pair_fraction stage "small-gla-$precision" 420 python3 train.py \
              --config configs/small_gla.py --workdir "/tmp/small_gla_$precision" \
              --config.model.matmul_precision=$precision &
          done
