@@ -17,7 +17,7 @@ from tqdm import tqdm
 from jaxlin import export
 from jaxlin.data.paths import resolve_data_dir, user_cache_dir
 from jaxlin.data.pipeline import make_train_iterator, make_val_dataset
-from jaxlin.data.prepare import check_token_ids, prepare_corpus
+from jaxlin.data.prepare import check_token_ids, prepare_corpus, resolve_sources, split_ready_shards
 from jaxlin.data.shards import read_shard
 from jaxlin.errors import ConfigError, DataError, UserError
 from jaxlin.layers.fp8 import split_fp8_meta
@@ -35,11 +35,16 @@ class NonFiniteLossError(UserError, RuntimeError):
     """Training stopped on a run of non-finite steps; the message says where the last good state is."""
 
 
+NO_VALIDATION = "the data has no validation split: set data.val_fraction > 0 or add *_val_*.bin shards"
+
+
 def prepare_data(config: ml_collections.ConfigDict):
     """(train shards, val shards), tokenised once into a cache keyed by the sources, checked against the
     model's vocabulary."""
     d = config.data
     data_dir = resolve_data_dir(d.data_dir or None)
+    if d.val_fraction == 0 and not split_ready_shards(resolve_sources(d.sources, data_dir)[1])[1]:
+        raise DataError(NO_VALIDATION)  # before tokenising: nothing would be held out
     key = hashlib.sha1(json.dumps([sorted(d.sources), d.val_fraction, str(data_dir)]).encode()).hexdigest()[:12]
     out_dir = Path(d.shards_dir) if d.shards_dir else user_cache_dir().parent / "shards" / key
     prepare = functools.partial(prepare_corpus, d.sources, out_dir, data_dir, d.val_fraction, encoding=d.encoding)
@@ -117,7 +122,7 @@ class Trainer:
             raise ConfigError(str(error)) from None
         train_shards, val_shards = prepare_data(config)
         if not val_shards:
-            raise DataError("the data has no validation split: set data.val_fraction > 0 or add *_val_*.bin shards")
+            raise DataError(NO_VALIDATION)
         per_process = t.batch_size // jax.process_count()
         self.train_iter = make_train_iterator(train_shards, d.seq_len, per_process, seed=d.seed,
                                               segment_ids=d.reset_state_at_eot)

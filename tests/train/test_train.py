@@ -306,6 +306,14 @@ def test_shard_with_ids_beyond_the_vocabulary_stops_before_training(tmp_path, mo
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_no_validation_split_stops_before_tokenising(tmp_path, monkeypatch):
+    from jaxlin.errors import DataError
+
+    monkeypatch.setattr(loop, "prepare_corpus", lambda *a, **k: pytest.fail("tokenised the sources"))
+    with pytest.raises(DataError, match="no validation split: set data.val_fraction > 0"):
+        loop.run(tiny_config(tmp_path / "shards", **{"data.val_fraction": 0.0}), tmp_path / "run")
+
+
 @pytest.mark.parametrize("values, message", [
     ({"mesh.num_devices": 5}, "mesh.num_devices=5: 2 devices are present"),
     ({"train.micro_batch_size": 1, "train.batch_size": 4}, "train.micro_batch_size=1 must be a multiple of the 2"),
