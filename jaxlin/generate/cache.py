@@ -45,12 +45,14 @@ def init_cache(model: GPT, start, size: int) -> dict:
 def forward(model: GPT, tokens, cache: dict, segment_ids=None):
     """Final-LayerNorm hidden states of `tokens` [B, T] continuing `cache`, and the new cache.
 
-    Positions (for a position embedding) count from each row's first token; padding takes position 0."""
+    Positions (for a position embedding) count from each row's first token; padding takes position 0, and
+    positions past the embedding take its last (only the discarded tail of a decode block gets there)."""
     length, start = cache["length"], cache["start"]
     x = jnp.take(model.wte[...], tokens, axis=0)
     if model.wpe is not None:
-        positions = jnp.maximum(length + jnp.arange(tokens.shape[1])[None] - start[:, None], 0)
-        x = x + jnp.take(model.wpe[...], positions, axis=0)
+        positions = length + jnp.arange(tokens.shape[1])[None] - start[:, None]
+        wpe = model.wpe[...]
+        x = x + jnp.take(wpe, jnp.clip(positions, 0, wpe.shape[0] - 1), axis=0)
     x = x.astype(model.config.compute_dtype)
     layers = []
     for block, state in zip(model.h, cache["layers"]):

@@ -152,6 +152,17 @@ def test_bad_requests_fail_before_any_work():
         softmax.generate([[VOCAB]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         softmax.generate([[1]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        softmax.generate([[1]], max_new_tokens=2, block=0)
+
+
+def test_a_last_block_past_the_position_embedding_changes_nothing():
+    """100 + 28 tokens fill block_size=128; blocks of 5 run 2 steps past it, whose tokens are discarded."""
+    softmax = Generator(tiny_model("softmax"))
+    prompt = random_tokens(5, (100,)).tolist()
+    whole = softmax.generate([prompt], max_new_tokens=28, stop_tokens=())[0]
+    assert softmax.generate([prompt], max_new_tokens=28, stop_tokens=(), block=5)[0] == whole
+    assert len(whole) == 28
 
 
 def test_recurrent_models_generate_past_their_training_context():
