@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import fcntl
 import glob
 import hashlib
 import json
@@ -153,11 +154,18 @@ def _build_cached(texts, out_dir, data_dir, val_fraction, text_field, separator,
         "settings": settings,
     }
     manifest_path = out_dir / MANIFEST
-    cached = _load_manifest(manifest_path)
-    if cached is not None and cached.get("inputs") == inputs and _shards_intact(out_dir, cached):
-        log.info("reusing %s (%d train + %d val tokens)", out_dir, cached["train_tokens"], cached["val_tokens"])
-    else:
-        cached = _build(texts, out_dir, data_dir, inputs, num_threads)
+    # Runs started together on one corpus share this folder: one tokenises while the others wait, then reuse
+    # it. The lock lives in the user cache, so the folder holds only what the manifest lists.
+    folder_key = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()
+    lock_path = user_cache_dir().parent / "locks" / f"{folder_key}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = _load_manifest(manifest_path)
+        if cached is not None and cached.get("inputs") == inputs and _shards_intact(out_dir, cached):
+            log.info("reusing %s (%d train + %d val tokens)", out_dir, cached["train_tokens"], cached["val_tokens"])
+        else:
+            cached = _build(texts, out_dir, data_dir, inputs, num_threads)
     return [out_dir / n for n in cached["train"]], [out_dir / n for n in cached["val"]]
 
 

@@ -1,6 +1,8 @@
+import concurrent.futures
 import csv
 import gzip
 import json
+import time
 import zipfile
 
 import numpy as np
@@ -78,6 +80,24 @@ def test_second_run_reuses_shards_and_changes_rebuild(data_dir, sources, tmp_pat
     (out / train[0].name).write_bytes(b"garbage")  # damaged shard
     prepare.prepare_corpus([str(source)], out, data_dir, val_fraction=0.2)
     assert calls == [1, 1, 1]
+
+
+def test_builds_started_together_tokenise_once(data_dir, sources, tmp_path, monkeypatch):
+    folder, _, _ = sources
+    source = tmp_path / "doc.txt"
+    source.write_text((folder / "shakespeare.txt").read_text()[:20_000])
+    builds, original = [], prepare._build
+
+    def slow_build(*args):
+        builds.append(1)
+        time.sleep(0.5)  # the other caller arrives while this one builds
+        return original(*args)
+
+    monkeypatch.setattr(prepare, "_build", slow_build)
+    build = lambda: prepare.prepare_corpus([str(source)], tmp_path / "out", data_dir, val_fraction=0.05)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = [f.result() for f in [pool.submit(build) for _ in range(2)]]
+    assert builds == [1] and results[0] == results[1] and results[0][1]
 
 
 def test_shard_size_splits_the_stream(data_dir, sources, tmp_path):
