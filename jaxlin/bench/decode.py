@@ -16,8 +16,8 @@ whose time per token is the prefill's time for the whole batch; rows up to --nai
 context (1024 by default) also time that forward itself (GPT.hidden, the head on the last position only,
 as nanoGPT's) and report how far its last logits lie from the prefill's. Rows whose state and activations
 would not fit the device, or that start after --time_budget seconds (shared out between the models), are
-skipped with a note. --profile traces the first row's timed decode block of each model and prints where
-a decode step's device time goes, kernel by kernel. --tiny swaps in a 2-layer model for a smoke run on CPU.
+skipped with a note. --profile runs one more decode block after the timed one of each model's first row,
+under the profiler, and prints where a decode step's device time goes, kernel by kernel. --tiny swaps in a 2-layer model for a smoke run on CPU.
 """
 
 from __future__ import annotations
@@ -104,6 +104,11 @@ def step_bytes(generator: Generator, cache_shapes, context: int, capacity: int) 
     return total
 
 
+def blocks_run(args) -> int:
+    """Decode blocks a row runs after its prefill: a warm-up, the timed one, and with --profile one more."""
+    return 3 if args.profile else 2
+
+
 def prefill_chunk(kind: str, batch: int, capacity: int, chunk: int, n_head: int) -> int:
     """Tokens per row per prefill call: --prefill_chunk, less for softmax where a chunk's float32 attention
     scores [batch, heads, chunk, capacity] would pass 4 GiB."""
@@ -137,7 +142,7 @@ def plan_row(generator: Generator, kind: str, batch: int, context: int, args) ->
     """The row's fixed columns, and its Shape; None (and a note) when it is skipped."""
     cfg = generator.config
     row = {"model": kind, "batch": batch, "context": context}
-    capacity = context + 2 * args.new_tokens if kind == "softmax" else 0  # the warm-up block, the timed one
+    capacity = context + blocks_run(args) * args.new_tokens if kind == "softmax" else 0
     cache_shapes = _cache_shapes(generator, batch, capacity)
     chunk = prefill_chunk(kind, batch, capacity, min(args.prefill_chunk, context), cfg.n_head)
     row["state_mib"] = nbytes(cache_shapes) / 2**20
@@ -217,7 +222,7 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args,
     ms = 1e3 * decode_s / args.new_tokens
     row |= {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_fraction": row["bound_ms"] / ms,
             "speedup_vs_naive": row["naive_ms_per_token"] / ms}
-    if profile_dir:  # the same block again (the cache went on to `timed`), under the profiler
+    if profile_dir:  # one more block, continuing from `timed`, under the profiler
         trace = profiling.trace(lambda: decode(timed, jnp.int32(args.new_tokens)), log_dir=profile_dir)
         row["profile"] = profiling.device_kernel_times(trace, steps=args.new_tokens)
     return row
@@ -270,7 +275,7 @@ def main(argv=None):
                         help="rows up to this context also time the full forward and compare its logits (0: none)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
-                        help="trace the first timed row of each model here and print its kernels per decode step")
+                        help="trace one more decode block of each model's first row here; print its kernels per step")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer float32 model (smoke test)")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -283,7 +288,7 @@ def main(argv=None):
     rows, began, profiled = [], time.perf_counter(), set()
     for i, kind in enumerate(models):
         deadline = began + args.time_budget * (i + 1) / len(models)
-        config = model_config(kind, max(args.context) + 2 * args.new_tokens, args.tiny)
+        config = model_config(kind, max(args.context) + blocks_run(args) * args.new_tokens, args.tiny)
         generator = Generator(GPT(config, rngs=nnx.Rngs(0)))
         print(f"{kind}: {weight_bytes(generator) / 1e9:.3f} GB of weights read per decode step, "
               f"{1e3 * weight_bytes(generator) / args.bandwidth:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s",
@@ -301,8 +306,9 @@ def main(argv=None):
                     profile_dir = None
                     if args.profile and kind not in profiled:
                         profile_dir = str(Path(args.profile) / f"{kind}_b{row['batch']}_{row['context']}")
-                        profiled.add(kind)
                     row = run_row(generator, row, shape, compiled, args, profile_dir)
+                    if "profile" in row:
+                        profiled.add(kind)
                 except jax.errors.JaxRuntimeError as e:
                     if "RESOURCE_EXHAUSTED" not in str(e):
                         raise

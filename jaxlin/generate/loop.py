@@ -39,7 +39,8 @@ def decode_block(graphdef, params, head, keys, carry, limit, *, sampling, vocab_
     """`steps` decode steps. `carry`: the cache, the logits of each row's next token, `done` [B] and
     `count` (tokens generated so far, the sampling step). Returns the new carry and the tokens [B, steps]:
     NO_TOKEN once a row is done and from step `limit` on. The steps from `limit` on still run (the loop
-    has a fixed length), so a carry that went past `limit` is not one to continue from."""
+    has a fixed length) on whatever they find, a KV cache's last slot and the last position included: a
+    carry that went past `limit` is not one to continue from."""
     model = nnx.merge(graphdef, params)
     stops = jnp.asarray(stop_tokens, jnp.int32)
 
@@ -123,7 +124,7 @@ class Generator:
             tokens[r, start[r]:] = row
         logits, cache = _prefill(self.graphdef, self.params, self.head, jnp.asarray(tokens), jnp.asarray(start),
                                  chunk=chunk, padded=bool(start.any()),
-                                 cache_size=length + _round_up(max_new_tokens, block) if self.has_kv_cache else 0)
+                                 cache_size=length + max_new_tokens if self.has_kv_cache else 0)
         carry = {"cache": cache, "logits": logits, "done": jnp.zeros(len(rows), bool),
                  "count": jnp.zeros((), jnp.int32)}
         stop_tokens = tuple(sorted({int(t) for t in stop_tokens if 0 <= t < self.config.vocab_size}))
@@ -151,10 +152,6 @@ class Generator:
                 on_tokens(new)
             carry["done"] = jnp.asarray(finished)
         return outputs
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:

@@ -1,10 +1,11 @@
 """The batched scorer against the plain per-request reference, and state reuse against full sequences."""
 
+import jax
 import numpy as np
 import pytest
+from jaxlin.eval import scoring
 from jaxlin.eval.scoring import Scorer, bucket_lengths
 from tests.eval.eval_helpers import BLOCK, reference_log_probs, reference_loglikelihood, tiny_model
-
 
 
 def random_tokens(rng, n):
@@ -64,6 +65,22 @@ def test_state_reuse_gives_the_full_sequence_scores(attn):
     if attn == "gla":
         reference = [reference_loglikelihood(model, c, x)[0] for group in groups for c, x in group]
         np.testing.assert_allclose(np.concatenate(reused), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_continuations_compile_once_per_shape_whatever_the_context_batch(gla, monkeypatch):
+    traced, original = [], scoring._extend.__wrapped__
+
+    def extend(graphdef, params, state, first_logits, tokens):
+        traced.append(tokens.shape)
+        return original(graphdef, params, state, first_logits, tokens)
+
+    monkeypatch.setattr(scoring, "_extend", jax.jit(extend, static_argnums=0))
+    rng = np.random.default_rng(4)
+    # Contexts in two length buckets (prefill batches of 4 x 64 and 8 x 32), continuations in one.
+    contexts = [random_tokens(rng, n) for n in (40, 40, 5, 5, 5)]
+    groups = [[(context, random_tokens(rng, 3)) for _ in range(2)] for context in contexts]
+    Scorer(gla, batch_size=4, progress=False).choice_loglikelihoods(groups)
+    assert traced == [(8, 32)]
 
 
 def test_choices_that_do_not_fit_or_differ_in_context_use_full_sequences(gla):

@@ -21,8 +21,9 @@ def test_tiny_rows_report_every_column_and_the_json(tmp_path, capsys):
         assert row["prefill_logits_difference"] < 1e-4  # float32: the prefill is the full forward
         assert {"kernels", "categories", "total_ms", "idle_ms"} <= set(row["profile"])  # CPU traces hold no kernels
     assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["gla_b2_32", "softmax_b2_32"]
-    # The KV cache: keys and values of 2 layers, 2 rows, context + warm-up and timed blocks (and a few counters).
-    kv_bytes = 2 * 2 * 2 * (32 + 2 + 2) * 64 * 4
+    # The KV cache: keys and values of 2 layers, 2 rows, context + warm-up, timed and profiled blocks (and a
+    # few counters).
+    kv_bytes = 2 * 2 * 2 * (32 + 3 * 2) * 64 * 4
     assert 0 <= rows[1]["state_mib"] * 2**20 - kv_bytes < 64
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
     table = capsys.readouterr().out

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxlin.generate import GREEDY, Generator, Sampling, decode_step, generate, init_cache, prefill
+from jaxlin.generate.cache import forward
 from jaxlin.generate.loop import prompt_length_bucket
 from jaxlin.generate.sampling import row_keys, sample
 from jaxlin.model import GPT, ModelConfig
@@ -125,6 +126,26 @@ def test_blocks_stop_tokens_and_stop_callbacks():
     assert stopped[0] == whole[:6]
 
 
+def test_rows_stop_in_different_blocks_and_generation_ends_with_the_last():
+    generator = Generator(tiny_model("gla"))
+    prompts = [random_tokens(7, (4,)).tolist(), random_tokens(8, (6,)).tolist()]
+    whole = generator.generate(prompts, max_new_tokens=20, stop_tokens=())
+    blocks = []
+    stopped = generator.generate(prompts, max_new_tokens=20, stop_tokens=(), block=2, on_tokens=blocks.append,
+                                 stop=lambda row, tokens: len(tokens) >= (2 if row == 0 else 5))
+    assert stopped == [whole[0][:2], whole[1][:6]]
+    assert len(blocks) == 3 and blocks[1][0] == blocks[2][0] == []  # row 0 done after the first block
+
+
+def test_sampled_tokens_do_not_depend_on_the_blocks():
+    generator = Generator(tiny_model("gla"))
+    prompt = random_tokens(9, (5,)).tolist()
+    options = dict(max_new_tokens=40, sampling=Sampling(temperature=1.0), seed=3, stop_tokens=())
+    default = generator.generate([prompt], **options)  # blocks of DEFAULT_BLOCK = 32, then 8 of a second one
+    assert generator.generate([prompt], block=40, **options) == default
+    assert generator.generate([prompt], block=7, **options) == default
+
+
 def test_sampling_rules():
     logits = jax.random.normal(jax.random.key(0), (4, 128)) * 3
     keys = row_keys(0, range(4))
@@ -156,13 +177,21 @@ def test_bad_requests_fail_before_any_work():
         softmax.generate([[1]], max_new_tokens=2, block=0)
 
 
-def test_a_last_block_past_the_position_embedding_changes_nothing():
-    """100 + 28 tokens fill block_size=128; blocks of 5 run 2 steps past it, whose tokens are discarded."""
+def test_a_last_block_past_the_cache_and_the_positions_changes_nothing():
+    """100 + 28 tokens fill block_size=128 and the KV cache; blocks of 5 run 2 steps past both."""
     softmax = Generator(tiny_model("softmax"))
     prompt = random_tokens(5, (100,)).tolist()
     whole = softmax.generate([prompt], max_new_tokens=28, stop_tokens=())[0]
     assert softmax.generate([prompt], max_new_tokens=28, stop_tokens=(), block=5)[0] == whole
     assert len(whole) == 28
+
+
+def test_positions_past_the_embedding_stay_finite():
+    """The steps a last block runs past block_size read real positions (an unclipped take gives NaN)."""
+    model = tiny_model("softmax")
+    cache = init_cache(model, jnp.zeros(1, jnp.int32), 132) | {"length": jnp.int32(126)}
+    h, _ = forward(model, jnp.asarray([[1, 2, 3, 4]]), cache)  # positions 126..129 of 128
+    assert bool(jnp.all(jnp.isfinite(h)))
 
 
 def test_recurrent_models_generate_past_their_training_context():
