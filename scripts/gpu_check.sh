@@ -125,7 +125,7 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
            done
            python3 -m jaxlin.train.metrics --out "$out/long_context_loss.png" \
              GLA=/tmp/runs/small_gla_8k/metrics.jsonl softmax=/tmp/runs/small_softmax_8k/metrics.jsonl ;;
-    fp8) for precision in bf16 fp8; do  # side by side on one GPU
+    fp8) for precision in bf16 fp8; do  # one after the other on the same GPU
            stage "train-$precision" 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
              --config configs/gpt2_medium_gla.py --config.model.matmul_precision=$precision \
              --json "$out/train_$precision.json"
@@ -151,6 +151,8 @@ print('fp8 / bf16: %.3fx tokens/s, peak memory %.1f -> %.1f GiB' % (r['fp8']['to
 rows = {p: list(map(json.loads, open(f'{sys.argv[1]}/small_gla_{p}_metrics.jsonl'))) for p in ('bf16', 'fp8')}
 val = {p: [r['val_loss'] for r in rows[p] if 'val_loss' in r] for p in rows}
 bad = {p: max((r.get('nonfinite_total', 0) for r in rows[p]), default=0) for p in rows}
+if not all(val.values()):
+    sys.exit('a run stopped before its first validation: see its log')
 print('final val loss: bf16 %.4f, fp8 %.4f (%+.2f %%); non-finite steps: bf16 %d, fp8 %d' % (val['bf16'][-1],
       val['fp8'][-1], 100 * (val['fp8'][-1] / val['bf16'][-1] - 1), bad['bf16'], bad['fp8']))" "$out" ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \

@@ -2,7 +2,7 @@
 # ml_collections, ...) into /tmp/site once, and puts it and the repository on PYTHONPATH. Scripts started
 # side by side share the install: the first holds a lock while it installs, the others wait and reuse it.
 if compgen -G ".whl/*.whl" >/dev/null; then
-  wheels=$(cd .whl && ls *.whl | sha1sum | cut -c1-12)
+  wheels=$(sha1sum .whl/*.whl | sha1sum | cut -c1-12)
   (
     flock 9
     [ -f "/tmp/site/.installed-$wheels" ] && exit 0
