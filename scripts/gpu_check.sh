@@ -6,7 +6,8 @@
 # and `attention-layer` stages: transformers inside FLA breaks with the project's safetensors.
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
 #   gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference,
-#   attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run
+#   attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run,
+#   fp8-profile, decode
 #   (default: tests, delta-tests, gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so give it a stage of its own where time is short. `delta-tests` runs the
@@ -17,14 +18,16 @@
 # configs/small_gla.py for its 2,200 steps at bf16 and fp8 side by side on the one GPU (about 5 minutes on an
 # H100; the losses are the comparison, not the speed) on the corpus in $JAXLIN_DATA_DIR and plots both curves into
 # fp8_loss.png; `long-train` runs configs/small_gla_8k.py and small_softmax_8k.py side by side likewise. Each of a
-# pair gets PAIR_MEM_FRACTION (default 0.45) of the GPU's memory.
+# pair gets PAIR_MEM_FRACTION (default 0.45) of the GPU's memory. `fp8-profile` prints where the fp8 step's
+# time goes, kernel by kernel (`profile` does the same at bf16); `decode` runs the decode benchmark's grid
+# with each model's first row profiled (about 7 minutes on an H100).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gelu-tests gla delta gelu train)
 known=" tests delta-tests gelu-tests elementwise-tests gla delta gelu elementwise train train-xla-norms train-xla-mlp "
 known+="train-delta train-all profile reference attention-tests train-softmax seq-sweep seq-sweep-recurrent "
-known+="attention-layer long-train fp8 fp8-run "
+known+="attention-layer long-train fp8 fp8-run fp8-profile decode "
 for name in "${stages[@]}"; do  # every name checked before any stage runs
   [[ "$known" == *" $name "* ]] || { echo "error: unknown stage '$name' (expected one of:$known)" >&2; exit 2; }
 done
@@ -95,6 +98,11 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     profile) stage profile 240 python3 -m jaxlin.bench.train_step --steps 10 --nophases --config configs/gpt2_medium_gla.py \
                --profile /tmp/gla_profile --json "$out/profile.json"
              gzip -c /tmp/gla_profile/train_step.hlo.txt >"$out/profile_hlo.txt.gz" ;;  # fusions -> source lines
+    fp8-profile) stage fp8-profile 240 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
+               --config configs/gpt2_medium_gla.py --config.model.matmul_precision=fp8 \
+               --profile /tmp/fp8_profile --json "$out/fp8_profile.json" ;;  # where the fp8 step's time goes
+    decode) stage decode 450 python3 -m jaxlin.bench.decode --time_budget 400 --profile /tmp/decode_profile \
+               --json "$out/decode.json" ;;  # the whole grid; each model's first row profiled
     reference)
       install_reference_wheels || continue
       PYTHONPATH=/tmp/reference_site:$PWD stage reference 240 python3 -m jaxlin.bench.reference --steps 10 \
@@ -157,7 +165,7 @@ print('final val loss: bf16 %.4f, fp8 %.4f (%+.2f %%); non-finite steps: bf16 %d
       val['fp8'][-1], 100 * (val['fp8'][-1] / val['bf16'][-1] - 1), bad['bf16'], bad['fp8']))" "$out" ;;
     *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
             "gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference," \
-            "attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8 or" \
-            "fp8-run)" >&2; exit 2 ;;
+            "attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8," \
+            "fp8-run, fp8-profile or decode)" >&2; exit 2 ;;
   esac
 done
