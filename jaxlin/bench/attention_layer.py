@@ -54,6 +54,8 @@ def time_shape(impl: str, B: int, T: int, H: int, D: int, budget_s: float):
     if impl in ("gla", "fla"):
         args, do = _inputs("gla", (B, T, H, D, D), jnp.bfloat16)
         if impl == "fla":
+            print(f"D={D} T={T} B={B} fla: autotuning its Triton kernels for this shape (minutes the first time)",
+                  flush=True)
             timed = _time_fla("gla", args, do)
             return None if timed is None else (*timed, "fla chunk_gla")
         gla_impl = "pallas" if jax.default_backend() == "gpu" else "auto"  # no silent fallback on GPU

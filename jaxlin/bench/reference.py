@@ -103,9 +103,12 @@ def bench(steps: int, micro_batch: int, seq_len: int, n_layer: int, n_embd: int,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(2):  # warm-up: autotuning, compilation
+    # Warm-up: FLA's Triton kernels autotune on their first call (minutes on a fresh machine), then compile.
+    for i in range(2):
+        begin = time.perf_counter()
         step()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        print(f"warm-up step {i + 1}: {time.perf_counter() - begin:.1f} s", flush=True)
     start = time.perf_counter()
     for _ in range(steps):  # queued back to back, as jaxlin.bench.train_step chains its steps
         step()
