@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlin.plotting import labelled_files
+
 
 def plot_long_ppl(runs: dict[str, dict], out: str | Path) -> None:
     """`runs`: label -> long_ppl results. Draws each model's loss curve over positions (a model with
@@ -55,10 +57,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
     runs = {}
-    for item in args.runs:
-        label, sep, path = item.partition("=")
-        if not sep or not Path(path).is_file():
-            parser.error(f"{item!r}: expected LABEL=PATH to an existing eval.py results JSON")
+    for label, path in labelled_files(parser, args.runs, "eval.py results JSON").items():
         try:
             runs[label] = read_long_ppl(path)
         except (ValueError, json.JSONDecodeError) as error:

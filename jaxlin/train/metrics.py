@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 from tensorboardX import SummaryWriter
 
+from jaxlin.plotting import labelled_files
+
 
 class MetricsLog:
     """One JSON object per logged step in `workdir/metrics.jsonl`, mirrored to TensorBoard (`workdir/tb`).
@@ -89,12 +91,7 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", metavar="LABEL=METRICS_JSONL")
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
-    runs = {}
-    for item in args.runs:
-        label, sep, path = item.partition("=")
-        if not sep or not Path(path).is_file():
-            parser.error(f"{item!r}: expected LABEL=PATH to an existing metrics.jsonl")
-        runs[label] = MetricsLog.read(Path(path))
+    runs = {label: MetricsLog.read(path) for label, path in labelled_files(parser, args.runs, "metrics.jsonl").items()}
     plot_runs(runs, Path(args.out))
 
 
