@@ -56,6 +56,13 @@ stage() {  # name, seconds, command...: the log keeps everything, the terminal t
 }
 
 pair_fraction=${PAIR_MEM_FRACTION:-0.45}  # each of the two runs that share the GPU
+train_beside() {  # name, train.py arguments...: in the background, one of two runs sharing the GPU; workdir
+  local name=$1   # /tmp/runs/NAME (started afresh), metrics copied to $out/NAME.metrics.jsonl once it ends
+  shift
+  rm -rf "/tmp/runs/$name"
+  (XLA_PYTHON_CLIENT_MEM_FRACTION=$pair_fraction stage "$name" 420 python3 train.py --workdir "/tmp/runs/$name" "$@"
+   cp "/tmp/runs/$name/metrics.jsonl" "$out/$name.metrics.jsonl" 2>/dev/null) &
+}
 shapes="--shape 32,1024,16,32,64 --shape 32,1024,16,64,64 --shape 8,4096,16,64,64"
 for name in "${stages[@]}"; do
   case $name in
@@ -122,17 +129,12 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     attention-layer) install_reference_wheels  # FLA's chunk_gla beside ours, when carried
              PYTHONPATH=$PYTHONPATH:/tmp/reference_site stage attention-layer 420 python3 -m jaxlin.bench.attention_layer \
              --json "$out/attention_layer.json" ;;
-    long-train) for config in small_gla_8k small_softmax_8k; do  # short long-context runs side by side; loss in metrics
-             rm -rf "/tmp/runs/$config"
-             XLA_PYTHON_CLIENT_MEM_FRACTION=$pair_fraction stage "$config" 420 python3 train.py \
-               --config "configs/$config.py" --workdir "/tmp/runs/$config" &
+    long-train) for config in small_gla_8k small_softmax_8k; do  # short long-context runs side by side
+             train_beside "$config" --config "configs/$config.py"
            done
            wait
-           for config in small_gla_8k small_softmax_8k; do
-             cp "/tmp/runs/$config/metrics.jsonl" "$out/$config.metrics.jsonl" 2>/dev/null
-           done
            python3 -m jaxlin.train.metrics --out "$out/long_context_loss.png" \
-             GLA=/tmp/runs/small_gla_8k/metrics.jsonl softmax=/tmp/runs/small_softmax_8k/metrics.jsonl ;;
+             GLA="$out/small_gla_8k.metrics.jsonl" softmax="$out/small_softmax_8k.metrics.jsonl" ;;
     fp8) for precision in bf16 fp8; do  # one after the other on the same GPU
            stage "train-$precision" 180 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
              --config configs/gpt2_medium_gla.py --config.model.matmul_precision=$precision \
@@ -143,20 +145,14 @@ r = {p: json.load(open(f'{sys.argv[1]}/train_{p}.json')) for p in ('bf16', 'fp8'
 print('fp8 / bf16: %.3fx tokens/s, peak memory %.1f -> %.1f GiB' % (r['fp8']['tokens_per_s'] / r['bf16']['tokens_per_s'],
       r['bf16']['peak_memory_gib'], r['fp8']['peak_memory_gib']))" "$out" ;;
     fp8-run) for precision in bf16 fp8; do  # the learning comparison: both full runs side by side, both curves
-           rm -rf "/tmp/small_gla_$precision"
-           XLA_PYTHON_CLIENT_MEM_FRACTION=$pair_fraction stage "small-gla-$precision" 420 python3 train.py \
-             --config configs/small_gla.py --workdir "/tmp/small_gla_$precision" \
-             --config.model.matmul_precision=$precision &
+           train_beside "small_gla_$precision" --config configs/small_gla.py --config.model.matmul_precision=$precision
          done
          wait
-         for precision in bf16 fp8; do
-           cp "/tmp/small_gla_$precision/metrics.jsonl" "$out/small_gla_${precision}_metrics.jsonl" 2>/dev/null
-         done
-         [ -f "$out/small_gla_bf16_metrics.jsonl" ] && [ -f "$out/small_gla_fp8_metrics.jsonl" ] || continue
-         python3 -m jaxlin.train.metrics --out "$out/fp8_loss.png" "bf16=$out/small_gla_bf16_metrics.jsonl" \
-           "fp8=$out/small_gla_fp8_metrics.jsonl"
+         [ -f "$out/small_gla_bf16.metrics.jsonl" ] && [ -f "$out/small_gla_fp8.metrics.jsonl" ] || continue
+         python3 -m jaxlin.train.metrics --out "$out/fp8_loss.png" "bf16=$out/small_gla_bf16.metrics.jsonl" \
+           "fp8=$out/small_gla_fp8.metrics.jsonl"
          python3 -c "import json, sys
-rows = {p: list(map(json.loads, open(f'{sys.argv[1]}/small_gla_{p}_metrics.jsonl'))) for p in ('bf16', 'fp8')}
+rows = {p: list(map(json.loads, open(f'{sys.argv[1]}/small_gla_{p}.metrics.jsonl'))) for p in ('bf16', 'fp8')}
 val = {p: [r['val_loss'] for r in rows[p] if 'val_loss' in r] for p in rows}
 bad = {p: max((r.get('nonfinite_total', 0) for r in rows[p]), default=0) for p in rows}
 if not all(val.values()):
