@@ -14,5 +14,7 @@ def labelled_files(parser: argparse.ArgumentParser, items: list[str], what: str)
         label, sep, path = item.partition("=")
         if not sep or not Path(path).is_file():
             parser.error(f"{item!r}: expected LABEL=PATH to an existing {what}")
+        if label in files:
+            parser.error(f"label {label!r} is given twice: give each curve a label of its own")
         files[label] = Path(path)
     return files

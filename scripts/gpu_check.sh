@@ -159,9 +159,5 @@ if not all(val.values()):
     sys.exit('a run stopped before its first validation: see its log')
 print('final val loss: bf16 %.4f, fp8 %.4f (%+.2f %%); non-finite steps: bf16 %d, fp8 %d' % (val['bf16'][-1],
       val['fp8'][-1], 100 * (val['fp8'][-1] / val['bf16'][-1] - 1), bad['bf16'], bad['fp8']))" "$out" ;;
-    *) echo "error: unknown stage '$name' (expected tests, delta-tests, gelu-tests, elementwise-tests, gla, delta," \
-            "gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference," \
-            "attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8," \
-            "fp8-run, fp8-profile or decode)" >&2; exit 2 ;;
   esac
 done

@@ -167,40 +167,39 @@ def _cache_shapes(generator: Generator, batch: int, capacity: int):
     return jax.eval_shape(functools.partial(_init, generator.graphdef, size=capacity), generator.params, start)
 
 
-def compile_shapes(generator: Generator, shapes, args, pool: concurrent.futures.Executor) -> dict:
-    """{(shape, name): future compiled function} for "prefill", "decode" (and "full"), `shapes` in the
-    order their rows run: traced one after the other, compiled in `pool`'s threads (XLA releases the GIL),
-    so compiling a grid takes a fraction of its serial time and a row runs as soon as its own functions
-    are ready rather than after the whole grid's."""
+def compile_shapes(generator: Generator, shapes, args) -> dict:
+    """{(shape, name): compiled function} for "prefill", "decode" (and "full"): traced one after the
+    other, compiled in parallel threads (XLA releases the GIL), which divides the compile time of a grid."""
     cfg, graphdef, params, head = generator.config, generator.graphdef, generator.params, generator.head
     sds = jax.ShapeDtypeStruct
-    futures = {}
-    for shape in shapes:
+    lowered = {}
+    for shape in sorted(shapes):
         B = shape.batch
         cache = _cache_shapes(generator, B, shape.capacity)
-        lowered = {"prefill": _prefill_chunk.lower(graphdef, params, head, sds((B, shape.chunk), jnp.int32), cache)}
+        lowered[shape, "prefill"] = _prefill_chunk.lower(graphdef, params, head, sds((B, shape.chunk), jnp.int32),
+                                                         cache)
         carry = {"cache": cache, "logits": sds((B, cfg.padded_vocab_size), jnp.float32), "done": sds((B,), bool),
                  "count": sds((), jnp.int32)}
-        lowered["decode"] = decode_block.lower(
+        lowered[shape, "decode"] = decode_block.lower(
             graphdef, params, head, jax.eval_shape(lambda: row_keys(0, range(B))), carry, sds((), jnp.int32),
             sampling=GREEDY, vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
         if shape.full_forward:
-            lowered["full"] = _full_forward.lower(graphdef, params, head, sds((B, shape.full_forward), jnp.int32))
-        futures |= {(shape, name): pool.submit(low.compile) for name, low in lowered.items()}
-    return futures
+            lowered[shape, "full"] = _full_forward.lower(graphdef, params, head,
+                                                         sds((B, shape.full_forward), jnp.int32))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
 
 
-def run_row(generator: Generator, row: dict, shape: Shape, compiling: dict, args,
+def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args,
             profile_dir: str | None = None) -> dict:
     cfg = generator.config
-    compiled = {name: future.result() for (of, name), future in compiling.items() if of == shape}
     batch, context, chunk = row["batch"], row["context"], shape.chunk
     params, head = generator.params, generator.head
     tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
     # Prompts without padding: the empty cache (start 0, length 0) is all zeros.
     empty = functools.partial(jax.tree.map, lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(generator, batch,
                                                                                                   shape.capacity))
-    prefill = compiled["prefill"]
+    prefill = compiled[shape, "prefill"]
     _ready(prefill(params, head, tokens[:, :chunk], empty()))  # warm-up
     cache = _ready(empty())
     begin = time.perf_counter()
@@ -211,10 +210,10 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiling: dict, args
     row = row | {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
                  "naive_ms_per_token": 1e3 * prefill_s}
     if shape.full_forward:
-        row |= _naive_check(functools.partial(compiled["full"], params, head), tokens, last)
+        row |= _naive_check(functools.partial(compiled[shape, "full"], params, head), tokens, last)
 
     carry = {"cache": cache, "logits": last, "done": jnp.zeros(batch, bool), "count": jnp.zeros((), jnp.int32)}
-    decode = functools.partial(compiled["decode"], params, head, row_keys(0, range(batch)))
+    decode = functools.partial(compiled[shape, "decode"], params, head, row_keys(0, range(batch)))
     carry, _ = _ready(decode(carry, jnp.int32(args.new_tokens)))  # warm-up
     begin = time.perf_counter()
     timed, out = _ready(decode(carry, jnp.int32(args.new_tokens)))
@@ -295,12 +294,10 @@ def main(argv=None):
               f"{1e3 * weight_bytes(generator) / args.bandwidth:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s",
               flush=True)
         plans = [plan_row(generator, kind, batch, context, args) for batch in args.batch for context in args.context]
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
-        compiling = {}
-        if time.perf_counter() < deadline:
-            compiling = compile_shapes(generator, dict.fromkeys(shape for _, shape in plans if shape is not None),
-                                       args, pool)
-            print(f"{kind}: compiling {len(compiling)} functions; each row runs once its own are ready", flush=True)
+        compile_start, compiled = time.perf_counter(), {}
+        if compile_start < deadline:
+            compiled = compile_shapes(generator, {shape for _, shape in plans if shape is not None}, args)
+            print(f"{kind}: compiled in {time.perf_counter() - compile_start:.0f} s", flush=True)
         for row, shape in plans:
             if shape is not None and time.perf_counter() > deadline:
                 row = row | {"note": "skipped: time budget"}
@@ -309,7 +306,7 @@ def main(argv=None):
                     profile_dir = None
                     if args.profile and kind not in profiled:
                         profile_dir = str(Path(args.profile) / f"{kind}_b{row['batch']}_{row['context']}")
-                    row = run_row(generator, row, shape, compiling, args, profile_dir)
+                    row = run_row(generator, row, shape, compiled, args, profile_dir)
                     if "profile" in row:
                         profiled.add(kind)
                 except jax.errors.JaxRuntimeError as e:
@@ -323,8 +320,7 @@ def main(argv=None):
             if "naive_measured_ms" in row:
                 print(f"  full forward: {row['naive_measured_ms']:.1f} ms; its last logits differ from the "
                       f"prefill's by {row['prefill_logits_difference']:.3g} of their std", flush=True)
-        pool.shutdown(wait=False, cancel_futures=True)  # the functions of rows skipped for time
-        del generator, compiling
+        del generator, compiled
         _cache_shapes.cache_clear()
     print()
     print(format_table(rows))

@@ -60,7 +60,7 @@ def main(argv=None):
     for label, path in labelled_files(parser, args.runs, "eval.py results JSON").items():
         try:
             runs[label] = read_long_ppl(path)
-        except (ValueError, json.JSONDecodeError) as error:
+        except ValueError as error:  # json.JSONDecodeError is one
             parser.error(str(error))
     plot_long_ppl(runs, args.out)
 

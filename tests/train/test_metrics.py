@@ -21,3 +21,11 @@ def test_compare_runs_writes_a_png(tmp_path):
 def test_compare_runs_rejects_missing_files(tmp_path):
     with pytest.raises(SystemExit):
         metrics.main([f"gla={tmp_path / 'missing.jsonl'}", "--out", str(tmp_path / "x.png")])
+
+
+def test_compare_runs_rejects_a_label_given_twice(tmp_path, capsys):
+    a, b = write_run(tmp_path / "a.jsonl", 7.5), write_run(tmp_path / "b.jsonl", 7.9)
+    with pytest.raises(SystemExit):
+        metrics.main([f"gla={a}", f"gla={b}", "--out", str(tmp_path / "x.png")])
+    assert "given twice" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
