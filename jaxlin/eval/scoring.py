@@ -115,16 +115,19 @@ class Scorer:
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit="seq", disable=not self.progress, leave=False)
 
-    def loglikelihood(self, requests: list[Pair], desc: str = "scoring") -> list[tuple[float, bool]]:
-        """(sum of log P(continuation | context), whether every continuation token is the argmax)."""
-        rows = []
+    def _check(self, requests: list[Pair]):
+        """Raises ValueError for a request that cannot be scored, before any work."""
         for context, continuation in requests:
             if not context:
                 raise ValueError("empty context: give at least one token (the harness gives EOT)")
             if not 1 <= len(continuation) <= self.max_len:
                 raise ValueError(f"continuation of {len(continuation)} tokens: it must have 1 to "
                                  f"max_len={self.max_len} tokens")
-            rows.append((list(context) + list(continuation))[-(self.max_len + 1) :])
+
+    def loglikelihood(self, requests: list[Pair], desc: str = "scoring") -> list[tuple[float, bool]]:
+        """(sum of log P(continuation | context), whether every continuation token is the argmax)."""
+        self._check(requests)
+        rows = [(list(context) + list(continuation))[-(self.max_len + 1) :] for context, continuation in requests]
         results = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # similar lengths share a batch
         with self._bar(len(rows), desc) as bar:
@@ -149,6 +152,7 @@ class Scorer:
         A group whose pairs share their context, on a recurrent model, runs the context once and
         continues every choice from its state; the rest score each pair as a full sequence.
         """
+        self._check([pair for pairs in groups for pair in pairs])
         results = [[0.0] * len(pairs) for pairs in groups]
         shared, separate = [], []
         for g, pairs in enumerate(groups):

@@ -103,3 +103,17 @@ def test_softmax_model_scores_full_sequences_within_its_positions():
 def test_recurrent_model_with_positions_does_not_reuse_state():
     model = tiny_model("gla", pos_embedding=True)
     assert not Scorer(model, progress=False).reuses_state
+
+
+@pytest.mark.parametrize("bad, message", [((([], [5]),), "empty context"), ((([5], []),), "continuation of 0")])
+def test_requests_that_cannot_be_scored_fail_before_any_work(gla, monkeypatch, bad, message):
+    def no_work(*args):
+        raise AssertionError("a model function ran")
+
+    for name in ("_full_scores", "_prefill", "_extend"):
+        monkeypatch.setattr(scoring, name, no_work)
+    scorer = Scorer(gla, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match=message):
+        scorer.loglikelihood([([1, 2], [3])] + list(bad))
+    with pytest.raises(ValueError, match=message):  # the shared-context path too
+        scorer.choice_loglikelihoods([[([1, 2], [3]), ([1, 2], [4])], list(bad) * 2])
