@@ -1,6 +1,8 @@
 """A CPU smoke run of the decode benchmark at tiny shapes."""
 
 import json
+import time
+import types
 
 import pytest
 
@@ -33,3 +35,20 @@ def test_tiny_rows_report_every_column_and_the_json(tmp_path, capsys):
 def test_rows_past_the_time_budget_are_skipped_with_a_note():
     rows = decode.main(["--tiny", "--models", "gla", "--batch", "1", "--context", "16", "--time_budget", "0"])
     assert [(r["model"], r["batch"], r["context"], r["note"]) for r in rows] == [("gla", 1, 16, "skipped: time budget")]
+
+
+def test_a_model_whose_compile_ends_past_the_budget_still_runs_its_first_row(monkeypatch):
+    compile_shapes, skipped = decode.compile_shapes, [0.0]
+    # The clock jumps past the budget while the model compiles.
+    monkeypatch.setattr(decode, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0]))
+
+    def slow_compile(*args):
+        compiled = compile_shapes(*args)
+        skipped[0] = 1000.0
+        return compiled
+
+    monkeypatch.setattr(decode, "compile_shapes", slow_compile)
+    rows = decode.main(["--tiny", "--models", "gla", "--batch", "1", "--context", "16,32", "--new_tokens", "2",
+                        "--prefill_chunk", "16", "--naive_check", "0", "--time_budget", "100"])
+    assert "note" not in rows[0] and rows[0]["decode_tok_s"] > 0
+    assert rows[1]["note"] == "skipped: time budget"
