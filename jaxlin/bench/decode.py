@@ -16,8 +16,9 @@ whose time per token is the prefill's time for the whole batch; rows up to --nai
 context (1024 by default) also time that forward itself (GPT.hidden, the head on the last position only,
 as nanoGPT's) and report how far its last logits lie from the prefill's. Rows whose state and activations
 would not fit the device, or that start after --time_budget seconds (shared out between the models; a
-model's first row runs once compiled, however late), are skipped with a note. --profile runs one more decode block after the timed one of each model's first row,
-under the profiler, and prints where a decode step's device time goes, kernel by kernel. --tiny swaps in a 2-layer model for a smoke run on CPU.
+model's first row runs once compiled, however late), are skipped with a note. --profile runs one more decode
+block after the timed one of each model's first row, under the profiler, and prints where a decode step's
+device time goes, kernel by kernel. --tiny swaps in a 2-layer model for a smoke run on CPU.
 """
 
 from __future__ import annotations
