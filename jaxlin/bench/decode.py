@@ -286,7 +286,7 @@ def main(argv=None):
     if not args.batch or not args.context or min(args.batch + args.context) < 1 or args.new_tokens < 1:
         parser.error("--batch, --context and --new_tokens need positive values")
 
-    rows, began, profiled = [], time.perf_counter(), set()
+    rows, began = [], time.perf_counter()
     for i, kind in enumerate(models):
         deadline = began + args.time_budget * (i + 1) / len(models)
         config = model_config(kind, max(args.context) + blocks_run(args) * args.new_tokens, args.tiny)
@@ -299,19 +299,17 @@ def main(argv=None):
         if compile_start < deadline:
             compiled = compile_shapes(generator, {shape for _, shape in plans if shape is not None}, args)
             print(f"{kind}: compiled in {time.perf_counter() - compile_start:.0f} s", flush=True)
+        ran = False  # whether a row of this model has been timed: its first is profiled, and runs however late
         for row, shape in plans:
-            # A model's first row runs once its functions are compiled, late or not: the compile is paid.
-            ran = any("decode_ms_per_step" in r for r in rows if r["model"] == kind)
             if shape is not None and (not compiled or (time.perf_counter() > deadline and ran)):
                 row = row | {"note": "skipped: time budget"}
             elif shape is not None:
                 try:
                     profile_dir = None
-                    if args.profile and kind not in profiled:
+                    if args.profile and not ran:
                         profile_dir = str(Path(args.profile) / f"{kind}_b{row['batch']}_{row['context']}")
                     row = run_row(generator, row, shape, compiled, args, profile_dir)
-                    if "profile" in row:
-                        profiled.add(kind)
+                    ran = True
                 except jax.errors.JaxRuntimeError as e:
                     if "RESOURCE_EXHAUSTED" not in str(e):
                         raise
