@@ -1,13 +1,14 @@
 """Decode benchmark: GPT-2 Medium (random weights) generating from a fixed-size state or a KV cache.
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
-        [--context 1024,4096,16384,32768] [--new_tokens 32] [--bandwidth 3.35e12] [--time_budget 400]
-        [--naive_check 1024] [--json decode.json] [--profile DIR] [--tiny]
+        [--context 1024,4096,16384,32768] [--new_tokens 32] [--repeats 3] [--bandwidth 3.35e12]
+        [--time_budget 400] [--naive_check 1024] [--decode_only] [--json decode.json] [--profile DIR] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
-jitted call each), then --new_tokens greedy tokens are decoded in one jitted block of that many steps
-(after a warm-up block of the same). Reported: prefill tokens/s; decode ms per step and tokens/s (batch x
-steps / time); the memory of the per-layer state (recurrent state + short-conv inputs, or the KV cache);
+jitted call each), then greedy tokens are decoded in jitted blocks of --new_tokens steps: a warm-up block,
+then --repeats timed ones (the median counts), as `Generator` decodes (a recurrent model's lone row beside a
+stopped copy). Reported: prefill tokens/s; decode ms per step and tokens/s (batch x steps / time); the
+memory of the per-layer state (recurrent state + short-conv inputs, or the KV cache);
 the physical bound of a decode
 step, the bytes it must move at --bandwidth (every weight once in the compute dtype, the recurrent state
 read and written, or the KV cache up to the context read) and the measured step's share of it; and the
@@ -17,8 +18,11 @@ context (1024 by default) also time that forward itself (GPT.hidden, the head on
 as nanoGPT's) and report how far its last logits lie from the prefill's. Rows whose state and activations
 would not fit the device, or that start after --time_budget seconds (shared out between the models; a
 model's first row runs once compiled, however late), are skipped with a note. --profile runs one more decode
-block after the timed one of each model's first row, under the profiler, and prints where a decode step's
-device time goes, kernel by kernel. --tiny swaps in a 2-layer model for a smoke run on CPU.
+block after the timed ones of each model's first row, under the profiler, and prints where a decode step's
+device time goes, kernel by kernel. --decode_only times decoding alone, from an empty state of the context's
+length (a step's work does not depend on the state's values), without the prefill and its compile: minutes
+for GPT-2 Medium's Pallas kernels on an H100, against seconds for the decode step. --tiny swaps in a 2-layer
+model for a smoke run on CPU.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxlin.generate.cache import forward, init_cache, logits  # noqa: E402
-from jaxlin.generate.loop import NO_TOKEN, Generator, decode_block  # noqa: E402
+from jaxlin.generate.loop import NO_TOKEN, Generator, decode_block, pad_rows  # noqa: E402
 from jaxlin.generate.sampling import GREEDY, row_keys  # noqa: E402
 from jaxlin.model import GPT, ModelConfig  # noqa: E402
 from jaxlin.train import profiling  # noqa: E402
@@ -106,8 +110,8 @@ def step_bytes(generator: Generator, cache_shapes, context: int, capacity: int) 
 
 
 def blocks_run(args) -> int:
-    """Decode blocks a row runs after its prefill: a warm-up, the timed one, and with --profile one more."""
-    return 3 if args.profile else 2
+    """Decode blocks a row runs after its prefill: a warm-up, the timed ones, and with --profile one more."""
+    return 1 + args.repeats + bool(args.profile)
 
 
 def prefill_chunk(kind: str, batch: int, capacity: int, chunk: int, n_head: int) -> int:
@@ -159,7 +163,8 @@ def plan_row(generator: Generator, kind: str, batch: int, context: int, args) ->
     if context % chunk:
         return row | {"note": f"skipped: context is not a multiple of the prefill chunk {chunk}"}, None
     bound_ms = 1e3 * step_bytes(generator, cache_shapes, context, max(capacity, 1)) / args.bandwidth
-    return row | {"bound_ms": bound_ms}, Shape(batch, capacity, chunk, context if context <= args.naive_check else 0)
+    full_forward = context if context <= args.naive_check and not args.decode_only else 0
+    return row | {"bound_ms": bound_ms}, Shape(batch, capacity, chunk, full_forward)
 
 
 @functools.lru_cache(maxsize=64)
@@ -175,14 +180,15 @@ def compile_shapes(generator: Generator, shapes, args) -> dict:
     sds = jax.ShapeDtypeStruct
     lowered = {}
     for shape in sorted(shapes):
-        B = shape.batch
-        cache = _cache_shapes(generator, B, shape.capacity)
-        lowered[shape, "prefill"] = _prefill_chunk.lower(graphdef, params, head, sds((B, shape.chunk), jnp.int32),
-                                                         cache)
-        carry = {"cache": cache, "logits": sds((B, cfg.padded_vocab_size), jnp.float32), "done": sds((B,), bool),
+        B, rows = shape.batch, generator.decode_rows(shape.batch)
+        if not args.decode_only:
+            lowered[shape, "prefill"] = _prefill_chunk.lower(graphdef, params, head, sds((B, shape.chunk), jnp.int32),
+                                                             _cache_shapes(generator, B, shape.capacity))
+        carry = {"cache": _cache_shapes(generator, rows, shape.capacity),
+                 "logits": sds((rows, cfg.padded_vocab_size), jnp.float32), "done": sds((rows,), bool),
                  "count": sds((), jnp.int32)}
         lowered[shape, "decode"] = decode_block.lower(
-            graphdef, params, head, jax.eval_shape(lambda: row_keys(0, range(B))), carry, sds((), jnp.int32),
+            graphdef, params, head, jax.eval_shape(lambda: row_keys(0, range(rows))), carry, sds((), jnp.int32),
             sampling=GREEDY, vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
         if shape.full_forward:
             lowered[shape, "full"] = _full_forward.lower(graphdef, params, head,
@@ -200,31 +206,39 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args,
     # Prompts without padding: the empty cache (start 0, length 0) is all zeros.
     empty = functools.partial(jax.tree.map, lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(generator, batch,
                                                                                                   shape.capacity))
-    prefill = compiled[shape, "prefill"]
-    _ready(prefill(params, head, tokens[:, :chunk], empty()))  # warm-up
-    cache = _ready(empty())
-    begin = time.perf_counter()
-    for offset in range(0, context, chunk):
-        last, cache = prefill(params, head, tokens[:, offset:offset + chunk], cache)
-    _ready(last)
-    prefill_s = time.perf_counter() - begin
-    row = row | {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
-                 "naive_ms_per_token": 1e3 * prefill_s}
+    cache, last = _ready(empty()), jnp.zeros((batch, cfg.padded_vocab_size), jnp.float32)
+    if args.decode_only:
+        cache["length"] = jnp.int32(context)
+    else:
+        prefill = compiled[shape, "prefill"]
+        _ready(prefill(params, head, tokens[:, :chunk], empty()))  # warm-up
+        begin = time.perf_counter()
+        for offset in range(0, context, chunk):
+            last, cache = prefill(params, head, tokens[:, offset:offset + chunk], cache)
+        _ready(last)
+        prefill_s = time.perf_counter() - begin
+        row = row | {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
+                     "naive_ms_per_token": 1e3 * prefill_s}
     if shape.full_forward:
         row |= _naive_check(functools.partial(compiled[shape, "full"], params, head), tokens, last)
 
-    carry = {"cache": cache, "logits": last, "done": jnp.zeros(batch, bool), "count": jnp.zeros((), jnp.int32)}
-    decode = functools.partial(compiled[shape, "decode"], params, head, row_keys(0, range(batch)))
+    rows = generator.decode_rows(batch)
+    carry = {"cache": pad_rows(cache, rows), "logits": pad_rows(last, rows), "done": jnp.arange(rows) >= batch,
+             "count": jnp.zeros((), jnp.int32)}
+    decode = functools.partial(compiled[shape, "decode"], params, head, row_keys(0, range(rows)))
     carry, _ = _ready(decode(carry, jnp.int32(args.new_tokens)))  # warm-up
-    begin = time.perf_counter()
-    timed, out = _ready(decode(carry, jnp.int32(args.new_tokens)))
-    decode_s = time.perf_counter() - begin
-    assert int(np.asarray(out).min()) >= 0
-    ms = 1e3 * decode_s / args.new_tokens
-    row |= {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_fraction": row["bound_ms"] / ms,
-            "speedup_vs_naive": row["naive_ms_per_token"] / ms}
-    if profile_dir:  # one more block, continuing from `timed`, under the profiler
-        trace = profiling.trace(lambda: decode(timed, jnp.int32(args.new_tokens)), log_dir=profile_dir)
+    times = []
+    for _ in range(args.repeats):
+        begin = time.perf_counter()
+        carry, out = _ready(decode(carry, jnp.int32(args.new_tokens)))
+        times.append(time.perf_counter() - begin)
+        assert int(np.asarray(out[:batch]).min()) >= 0
+    ms = 1e3 * float(np.median(times)) / args.new_tokens
+    row |= {"decode_ms_per_step": ms, "decode_tok_s": batch * 1e3 / ms, "bound_fraction": row["bound_ms"] / ms}
+    if "naive_ms_per_token" in row:
+        row["speedup_vs_naive"] = row["naive_ms_per_token"] / ms
+    if profile_dir:  # one more block, continuing from the timed ones, under the profiler
+        trace = profiling.trace(lambda: decode(carry, jnp.int32(args.new_tokens)), log_dir=profile_dir)
         row["profile"] = profiling.device_kernel_times(trace, steps=args.new_tokens)
     return row
 
@@ -266,7 +280,8 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: %(default)s")
     parser.add_argument("--batch", type=_ints, default=[1, 8, 64])
     parser.add_argument("--context", type=_ints, default=[1024, 4096, 16384, 32768], help="prompt tokens per row")
-    parser.add_argument("--new_tokens", type=int, default=32, help="timed decode steps")
+    parser.add_argument("--new_tokens", type=int, default=32, help="decode steps per block")
+    parser.add_argument("--repeats", type=int, default=3, help="timed decode blocks (their median counts)")
     parser.add_argument("--prefill_chunk", type=int, default=1024, help="prompt tokens per row per prefill call")
     parser.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
                         help="device memory bandwidth in bytes/s for the bound (default: H100 SXM)")
@@ -274,6 +289,8 @@ def main(argv=None):
                         help="seconds; rows that would start later are skipped (shared out between the models)")
     parser.add_argument("--naive_check", type=int, default=1024, metavar="TOKENS",
                         help="rows up to this context also time the full forward and compare its logits (0: none)")
+    parser.add_argument("--decode_only", action="store_true",
+                        help="time decoding alone, from an empty state of the context's length (no prefill)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace one more decode block of each model's first row here; print its kernels per step")
@@ -283,8 +300,8 @@ def main(argv=None):
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {','.join(MODELS)}")
-    if not args.batch or not args.context or min(args.batch + args.context) < 1 or args.new_tokens < 1:
-        parser.error("--batch, --context and --new_tokens need positive values")
+    if not args.batch or not args.context or min(args.batch + args.context + [args.new_tokens, args.repeats]) < 1:
+        parser.error("--batch, --context, --new_tokens and --repeats need positive values")
 
     rows, began = [], time.perf_counter()
     for i, kind in enumerate(models):

@@ -25,6 +25,10 @@ from jaxlin.model import GPT
 NO_TOKEN = -1  # in a block's output: the row had already stopped, or the step is past the last one asked for
 DEFAULT_BLOCK = 32  # decode steps per jitted block: a generation ends at most this many steps after its rows stop
 MIN_PROMPT_BUCKET = 16  # prompts are left-padded to a power of two from here (few shapes to compile)
+# A recurrent model decodes at least this many rows: a lone prompt beside a stopped copy of itself. At one
+# row XLA runs the layers' products as reductions, slower than the GEMMs of two rows (GPT-2 Medium GLA on
+# an H100: 1.600 ms a step at one row, 1.445 at two; docs/generation.md).
+MIN_DECODE_ROWS = 2
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "padded", "cache_size"))
@@ -55,6 +59,16 @@ def decode_block(graphdef, params, head, keys, carry, limit, *, sampling, vocab_
     return carry, tokens.T
 
 
+def pad_rows(tree, rows: int):
+    """`tree` (a cache, logits, keys: arrays whose first axis is the row) with copies of its first row
+    appended up to `rows` rows; scalars (the cache's length) as they are."""
+    def pad(x):
+        if x.ndim == 0 or x.shape[0] >= rows:
+            return x
+        return jnp.concatenate([x, jnp.repeat(x[:1], rows - x.shape[0], axis=0)])
+    return jax.tree.map(pad, tree)
+
+
 def prompt_length_bucket(n: int, chunk: int) -> int:
     """The padded prompt length: a power of two from MIN_PROMPT_BUCKET up to `chunk`, then multiples of it."""
     if n > chunk:
@@ -71,6 +85,11 @@ class Generator:
         self.graphdef, self.params = nnx.split(model)
         self.head = model.wte[...].astype(self.config.compute_dtype)
         self.has_kv_cache = "softmax" in self.config.per_layer("attn")
+
+    def decode_rows(self, rows: int) -> int:
+        """Rows a decode step runs for `rows` asked: MIN_DECODE_ROWS at least for a recurrent model (a KV
+        cache would be read once more for the copy)."""
+        return rows if self.has_kv_cache else max(rows, MIN_DECODE_ROWS)
 
     def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
         """Raises ValueError naming the problem with these prompts, before any work."""
@@ -125,16 +144,19 @@ class Generator:
         logits, cache = _prefill(self.graphdef, self.params, self.head, jnp.asarray(tokens), jnp.asarray(start),
                                  chunk=chunk, padded=bool(start.any()),
                                  cache_size=length + max_new_tokens if self.has_kv_cache else 0)
-        carry = {"cache": cache, "logits": logits, "done": jnp.zeros(len(rows), bool),
-                 "count": jnp.zeros((), jnp.int32)}
+        asked, decoded = len(rows), self.decode_rows(len(rows))
+        # Rows past `asked` copy the first and are done from the start: their tokens are never kept.
+        carry = {"cache": pad_rows(cache, decoded), "logits": pad_rows(logits, decoded),
+                 "done": jnp.arange(decoded) >= asked, "count": jnp.zeros((), jnp.int32)}
+        keys = pad_rows(keys, decoded)
         stop_tokens = tuple(sorted({int(t) for t in stop_tokens if 0 <= t < self.config.vocab_size}))
-        outputs, finished, produced = [[] for _ in rows], [False] * len(rows), 0
+        outputs, finished, produced = [[] for _ in rows], [False] * asked + [True] * (decoded - asked), 0
         while produced < max_new_tokens and not all(finished):
             n = min(block, max_new_tokens - produced)
             carry, out = decode_block(self.graphdef, self.params, self.head, keys, carry, jnp.int32(n),
                                       sampling=sampling, vocab_size=self.config.vocab_size, steps=block,
                                       stop_tokens=stop_tokens or (NO_TOKEN,))
-            out = np.asarray(out[:, :n])
+            out = np.asarray(out[:asked, :n])
             produced += n
             new = [[] for _ in rows]
             for r, row_out in enumerate(out):

@@ -23,9 +23,9 @@ def test_tiny_rows_report_every_column_and_the_json(tmp_path, capsys):
         assert row["prefill_logits_difference"] < 1e-4  # float32: the prefill is the full forward
         assert {"kernels", "categories", "total_ms", "idle_ms"} <= set(row["profile"])  # CPU traces hold no kernels
     assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["gla_b2_32", "softmax_b2_32"]
-    # The KV cache: keys and values of 2 layers, 2 rows, context + warm-up, timed and profiled blocks (and a
-    # few counters).
-    kv_bytes = 2 * 2 * 2 * (32 + 3 * 2) * 64 * 4
+    # The KV cache: keys and values of 2 layers, 2 rows, context + warm-up, three timed and one profiled
+    # block (and a few counters).
+    kv_bytes = 2 * 2 * 2 * (32 + 5 * 2) * 64 * 4
     assert 0 <= rows[1]["state_mib"] * 2**20 - kv_bytes < 64
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
     table = capsys.readouterr().out
@@ -52,3 +52,11 @@ def test_a_model_whose_compile_ends_past_the_budget_still_runs_its_first_row(mon
                         "--prefill_chunk", "16", "--naive_check", "0", "--time_budget", "100"])
     assert "note" not in rows[0] and rows[0]["decode_tok_s"] > 0
     assert rows[1]["note"] == "skipped: time budget"
+
+
+def test_decode_only_rows_time_decoding_from_an_empty_state_of_the_context():
+    rows = decode.main(["--tiny", "--models", "gla,softmax", "--batch", "1", "--context", "16", "--new_tokens", "2",
+                        "--repeats", "2", "--decode_only"])
+    for row in rows:
+        assert "note" not in row and row["decode_tok_s"] > 0 and 0 < row["bound_fraction"] < 1
+        assert not {"prefill_tok_s", "naive_ms_per_token", "speedup_vs_naive", "naive_measured_ms"} & set(row)

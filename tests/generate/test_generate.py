@@ -126,6 +126,16 @@ def test_blocks_stop_tokens_and_stop_callbacks():
     assert stopped[0] == whole[:6]
 
 
+def test_a_lone_prompt_of_a_recurrent_model_decodes_beside_a_stopped_copy():
+    gla, softmax = Generator(tiny_model("gla")), Generator(tiny_model("softmax"))
+    assert (gla.decode_rows(1), gla.decode_rows(3), softmax.decode_rows(1)) == (2, 3, 1)
+    prompt = random_tokens(10, (5,)).tolist()
+    blocks = []
+    alone = gla.generate([prompt], max_new_tokens=6, stop_tokens=(), block=3, on_tokens=blocks.append)
+    assert [len(block) for block in blocks] == [1, 1]  # the copy's tokens are never reported
+    assert alone == [gla.generate([prompt, prompt], max_new_tokens=6, stop_tokens=())[0]]
+
+
 def test_rows_stop_in_different_blocks_and_generation_ends_with_the_last():
     generator = Generator(tiny_model("gla"))
     prompts = [random_tokens(7, (4,)).tolist(), random_tokens(8, (6,)).tolist()]
