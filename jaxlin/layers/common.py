@@ -86,32 +86,48 @@ class QKVConv(nnx.Module):
         return tuple(outputs), tuple(inputs[len(kernels):]), new_cache if return_cache else {}
 
 
-def fused_linear(x, *layers: nnx.Linear):
-    """Several bias-free projections of one input as one matrix product, their outputs joined along the
-    last axis: one kernel, and one product for the input's gradient, instead of one per projection. In FP8
-    when the first projection is (jaxlin.layers.fp8), with one scale for the joined kernel."""
-    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1).astype(layers[0].dtype)
-    return fp8.matmul(x.astype(layers[0].dtype), kernel, layers[0])
+class JoinedKernel(nnx.Param):
+    """The kernels of a layer's `joined_projections`, joined along the outputs once: decoding stores them so
+    (jaxlin.generate.cache.for_decoding), where joining them in every step cost a copy of them per token."""
 
 
-def project_qkv(layer: nnx.Module, x, *extra: nnx.Linear | None, segment_ids, state: dict, return_state: bool):
-    """q, k, v of a linear-attention layer (its q/k/v projections, then the optional short convs)
-    split into heads, the outputs of the `extra` bias-free projections of x (computed in the same
-    matrix product; None for a None entry), and the convs' new cache.
+def joined_projections(layer: nnx.Module) -> list[nnx.Linear]:
+    """The projections computed in one matrix product: q, k, v, then the layer's `JOINED_EXTRAS` it has."""
+    names = ("q_proj", "k_proj", "v_proj", *layer.JOINED_EXTRAS)
+    return [p for p in (getattr(layer, name) for name in names) if p is not None]
 
-    The layers keep their output gate's projection (as wide as v) out of `extra`: as columns of the
-    joined product it had to be copied out (forward, and again when the backward recomputes it) and its
-    gradient copied into the joined gradient, passes that cost more than a product of its own."""
-    qkv_layers = (layer.q_proj, layer.k_proj, layer.v_proj)
-    present = [p for p in extra if p is not None]
-    y = fused_linear(x, *qkv_layers, *present)
+
+def joined_product(layer: nnx.Module, x):
+    """`x` times the `joined_projections`' kernels joined along the outputs (the layer's `JoinedKernel` when
+    it has one): one kernel, and one product for the input's gradient, instead of one per projection. In FP8
+    when q_proj is (jaxlin.layers.fp8), with one scale for the joined kernel."""
+    projections = joined_projections(layer)
+    joined = getattr(layer, "joined_kernel", None)
+    if joined is None:
+        kernel = jnp.concatenate([p.kernel[...] for p in projections], axis=1).astype(projections[0].dtype)
+    else:
+        kernel = joined[...]
+    return fp8.matmul(x.astype(projections[0].dtype), kernel, projections[0])
+
+
+def project_qkv(layer: nnx.Module, x, *, segment_ids, state: dict, return_state: bool):
+    """q, k, v of a linear-attention layer (its q/k/v projections, then the optional short convs) split
+    into heads, the outputs of its `JOINED_EXTRAS` (bias-free projections of x computed in the same matrix
+    product; None for one the layer lacks), and the convs' new cache.
+
+    The layers keep their output gate's projection (as wide as v) out of the joined product: as columns of
+    it, it had to be copied out (forward, and again when the backward recomputes it) and its gradient copied
+    into the joined gradient, passes that cost more than a product of its own."""
+    y = joined_product(layer, x)
+    q_proj, k_proj, v_proj, *present = joined_projections(layer)
     rest_widths = [p.out_features for p in present]
     conv_cache = {}
     if layer.conv is not None:
         (q, k, v), present_out, conv_cache = layer.conv(y, rest_widths, segment_ids=segment_ids,
                                                         cache=state.get("conv"), return_cache=return_state)
     else:
-        q, k, v, *present_out = conv.split_channels(y, [p.out_features for p in qkv_layers] + rest_widths)
+        q, k, v, *present_out = conv.split_channels(y, [p.out_features for p in (q_proj, k_proj, v_proj)]
+                                                    + rest_widths)
     outputs = iter(present_out)
-    extra_out = [None if p is None else next(outputs) for p in extra]
+    extra_out = [None if getattr(layer, name) is None else next(outputs) for name in layer.JOINED_EXTRAS]
     return tuple(split_heads(t, layer.n_head) for t in (q, k, v)), extra_out, conv_cache

@@ -17,6 +17,7 @@ class DeltaNet(nnx.Module):
     L2-normalised q/k (inside the op), per-head RMSNorm, optional swish output gate."""
 
     gated = False
+    JOINED_EXTRAS = ("b_proj", "a_proj")  # computed in one product with q, k and v (project_qkv); a_proj: gated only
 
     def __init__(self, d_model: int, n_head: int, *, expand_k: float = 1.0, expand_v: float = 1.0,
                  conv_size: int = 4, use_gate: bool = False, norm_eps: float = 1e-5, out_std: float,
@@ -47,8 +48,8 @@ class DeltaNet(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        (q, k, v), (b, a), conv_cache = project_qkv(self, x, self.b_proj, self.a_proj, segment_ids=segment_ids,
-                                                    state=state, return_state=return_state)
+        (q, k, v), (b, a), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
+                                                    return_state=return_state)
         gate = None if self.g_proj is None else self.g_proj(x)  # a product of its own: see project_qkv
         beta = jax.nn.sigmoid(b.astype(jnp.float32))
         common = dict(initial_state=state.get("recurrent"), output_final_state=return_state,

@@ -16,7 +16,7 @@ from flax.linen import fp8_ops
 
 MATMUL_PRECISIONS = ("bf16", "fp8")
 # The nnx.Linear attributes of the attention layers and the MLP that run in FP8: q/k/v (and the small gate
-# projections that share their joined product, see jaxlin.layers.common.fused_linear), the output gate,
+# projections that share their joined product, see jaxlin.layers.common.joined_product), the output gate,
 # the output projection, the MLP's two products. The gates' own products, the embedding/head, the norms and
 # the recurrence stay in the compute dtype.
 FP8_PROJECTIONS = ("q_proj", "g_proj", "o_proj", "c_attn", "c_proj", "c_fc")

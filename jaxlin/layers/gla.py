@@ -15,6 +15,8 @@ class GatedLinearAttention(nnx.Module):
     """q/k/v/g projections, low-rank forget gate logsigmoid(W2 W1 x + b) / 16, optional short conv
     with SiLU on q/k/v, the GLA recurrence, per-head RMSNorm gated by swish(g), output projection."""
 
+    JOINED_EXTRAS = ("gk_down",)  # computed in one product with q, k and v (project_qkv)
+
     def __init__(self, d_model: int, n_head: int, *, expand_k: float = 0.5, expand_v: float = 1.0,
                  conv_size: int = 4, gate_low_rank: int = 16, gate_logit_normalizer: float = 16.0,
                  norm_eps: float = 1e-5, out_std: float, impl: str = "auto", elementwise_impl: str = "auto",
@@ -40,8 +42,8 @@ class GatedLinearAttention(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        (q, k, v), (gk,), conv_cache = project_qkv(self, x, self.gk_down, segment_ids=segment_ids,
-                                                   state=state, return_state=return_state)
+        (q, k, v), (gk,), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
+                                                   return_state=return_state)
         g = self.g_proj(x)  # a product of its own: see project_qkv
         up = self.gk_up
         # In the compute dtype, as FLA's layer under autocast gives its kernel: the kernels sum the gates in

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxlin.generate import GREEDY, Generator, Sampling, decode_step, generate, init_cache, prefill
-from jaxlin.generate.cache import forward
+from jaxlin.generate.cache import for_decoding, forward
 from jaxlin.generate.loop import prompt_length_bucket
 from jaxlin.generate.sampling import row_keys, sample
 from jaxlin.model import GPT, ModelConfig
@@ -124,6 +124,18 @@ def test_blocks_stop_tokens_and_stop_callbacks():
     stopped = generator.generate([prompt], max_new_tokens=9, stop_tokens=(), block=3,
                                  stop=lambda row, tokens: len(tokens) >= 4)
     assert stopped[0] == whole[:6]
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet"])
+def test_decoding_stores_each_layers_joined_kernel_once(name):
+    model = tiny_model(name)
+    decoding = for_decoding(model)
+    attn, original = decoding.h[0].attn, model.h[0].attn
+    joined = [original.q_proj, original.k_proj, original.v_proj, original.b_proj if name != "gla" else original.gk_down]
+    joined += [original.a_proj] if name == "gated_deltanet" else []
+    expected = jnp.concatenate([p.kernel[...] for p in joined], axis=1)
+    np.testing.assert_array_equal(attn.joined_kernel[...], expected.astype(attn.joined_kernel[...].dtype))
+    assert not hasattr(attn.q_proj, "kernel") and not hasattr(attn.k_proj, "kernel")  # read once a step, stored once
 
 
 def test_a_lone_prompt_of_a_recurrent_model_decodes_beside_a_stopped_copy():
