@@ -7,7 +7,7 @@
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
 #   gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference,
 #   attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run,
-#   fp8-profile, decode, decode-rows
+#   fp8-profile, decode, decode-prefill
 #   (default: tests, delta-tests, gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so give it a stage of its own where time is short. `delta-tests` runs the
@@ -20,15 +20,16 @@
 # fp8_loss.png; `long-train` runs configs/small_gla_8k.py and small_softmax_8k.py side by side likewise. Each of a
 # pair gets PAIR_MEM_FRACTION (default 0.45) of the GPU's memory. `fp8-profile` prints where the fp8 step's
 # time goes, kernel by kernel (`profile` does the same at bf16); `decode` runs the decode benchmark's grid
-# with each model's first row profiled (about 7 minutes on an H100); `decode-rows` times a GLA decode step of
-# two rows (profiled) against one, at context 1k: whether a lone prompt should decode beside a stopped copy.
+# from empty states (no prefill), each model's first row profiled (about 1.5 minutes on an H100);
+# `decode-prefill` adds the prefill and the naive full-forward columns at batch 1, context 1k (the prefill's
+# Pallas kernels compile for some 5 minutes a model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gelu-tests gla delta gelu train)
 known=" tests delta-tests gelu-tests elementwise-tests gla delta gelu elementwise train train-xla-norms train-xla-mlp "
 known+="train-delta train-all profile reference attention-tests train-softmax seq-sweep seq-sweep-recurrent "
-known+="attention-layer long-train fp8 fp8-run fp8-profile decode decode-rows "
+known+="attention-layer long-train fp8 fp8-run fp8-profile decode decode-prefill "
 for name in "${stages[@]}"; do  # every name checked before any stage runs
   [[ "$known" == *" $name "* ]] || { echo "error: unknown stage '$name' (expected one of:$known)" >&2; exit 2; }
 done
@@ -109,10 +110,10 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     fp8-profile) stage fp8-profile 240 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
                --config configs/gpt2_medium_gla.py --config.model.matmul_precision=fp8 \
                --profile /tmp/fp8_profile --json "$out/fp8_profile.json" ;;  # where the fp8 step's time goes
-    decode) stage decode 450 python3 -m jaxlin.bench.decode --time_budget 400 --profile /tmp/decode_profile \
-               --json "$out/decode.json" ;;  # the whole grid; each model's first row profiled
-    decode-rows) stage decode-rows 300 python3 -m jaxlin.bench.decode --models gla --batch 2,1 --context 1024 \
-               --naive_check 0 --profile /tmp/decode_rows_profile --json "$out/decode_rows.json" ;;  # two rows, profiled, against one
+    decode) stage decode 240 python3 -m jaxlin.bench.decode --decode_only --time_budget 180 \
+               --profile /tmp/decode_profile --json "$out/decode.json" ;;  # the whole grid; each model's first row profiled
+    decode-prefill) stage decode-prefill 1200 python3 -m jaxlin.bench.decode --batch 1 --context 1024 \
+               --time_budget 1100 --json "$out/decode_prefill.json" ;;
     reference)
       install_reference_wheels || continue
       PYTHONPATH=/tmp/reference_site:$PWD stage reference 240 python3 -m jaxlin.bench.reference --steps 10 \
