@@ -202,7 +202,6 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args,
     cfg = generator.config
     batch, context, chunk = row["batch"], row["context"], shape.chunk
     params, head = generator.params, generator.head
-    tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
     # Prompts without padding: the empty cache (start 0, length 0) is all zeros.
     empty = functools.partial(jax.tree.map, lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(generator, batch,
                                                                                                   shape.capacity))
@@ -210,6 +209,7 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args,
     if args.decode_only:
         cache["length"] = jnp.int32(context)
     else:
+        tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
         prefill = compiled[shape, "prefill"]
         _ready(prefill(params, head, tokens[:, :chunk], empty()))  # warm-up
         begin = time.perf_counter()
@@ -219,8 +219,8 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args,
         prefill_s = time.perf_counter() - begin
         row = row | {"prefill_s": prefill_s, "prefill_tok_s": batch * context / prefill_s,
                      "naive_ms_per_token": 1e3 * prefill_s}
-    if shape.full_forward:
-        row |= _naive_check(functools.partial(compiled[shape, "full"], params, head), tokens, last)
+        if shape.full_forward:
+            row |= _naive_check(functools.partial(compiled[shape, "full"], params, head), tokens, last)
 
     rows = generator.decode_rows(batch)
     carry = {"cache": pad_rows(cache, rows), "logits": pad_rows(last, rows), "done": jnp.arange(rows) >= batch,
