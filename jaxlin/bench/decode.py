@@ -19,8 +19,8 @@ as nanoGPT's) and report how far its last logits lie from the prefill's. Rows wh
 would not fit the device, or that start after --time_budget seconds (shared out between the models; a
 model's first row runs once compiled, however late), are skipped with a note. --profile runs one more decode
 block after the timed ones of each model's first row, under the profiler, and prints where a decode step's
-device time goes, kernel by kernel. --decode_only times decoding alone, from an empty state of the context's
-length (a step's work does not depend on the state's values), without the prefill and its compile: minutes
+device time goes, kernel by kernel. --decode_only times decoding alone, from an empty state whose length is the
+context (a step's work does not depend on the state's values), without the prefill and its compile: minutes
 for GPT-2 Medium's Pallas kernels on an H100, against seconds for the decode step. --tiny swaps in a 2-layer
 model for a smoke run on CPU.
 """
@@ -110,7 +110,7 @@ def step_bytes(generator: Generator, cache_shapes, context: int, capacity: int) 
 
 
 def blocks_run(args) -> int:
-    """Decode blocks a row runs after its prefill: a warm-up, the timed ones, and with --profile one more."""
+    """Decode blocks a row runs: a warm-up, the timed ones, and with --profile one more."""
     return 1 + args.repeats + bool(args.profile)
 
 
@@ -133,6 +133,14 @@ def _ready(x):
     return jax.block_until_ready(x)
 
 
+def as_written(cache: dict, length: int) -> dict:
+    """`cache` with its first `length` slots counted as written, the model's count and every KV cache's (their
+    values stay as they are): the state a decode step continues from after a prompt of that length."""
+    def count(path, x):
+        return jnp.full_like(x, length) if path[-1] == jax.tree_util.DictKey("length") else x
+    return jax.tree_util.tree_map_with_path(count, cache)
+
+
 @dataclasses.dataclass(frozen=True, order=True)
 class Shape:
     """What the compiled functions of a row depend on (a recurrent model's do not depend on the context)."""
@@ -153,14 +161,14 @@ def plan_row(generator: Generator, kind: str, batch: int, context: int, args) ->
     row["state_mib"] = nbytes(cache_shapes) / 2**20
     # Activations of a prefill call: ~12 d_model-wide values per token in the compute dtype, and for
     # softmax the float32 scores and their probabilities.
-    transient = batch * chunk * cfg.n_embd * 12 * cfg.compute_dtype.itemsize
-    if kind == "softmax":
+    transient = 0 if args.decode_only else batch * chunk * cfg.n_embd * 12 * cfg.compute_dtype.itemsize
+    if kind == "softmax" and not args.decode_only:
         transient += batch * cfg.n_head * chunk * capacity * 6
     limit = device_memory()
     needed = 3 * nbytes(generator.params) + nbytes(cache_shapes) + transient
     if limit is not None and needed > 0.9 * limit:
         return row | {"note": f"skipped: needs ~{needed / 2**30:.0f} GiB of {limit / 2**30:.0f}"}, None
-    if context % chunk:
+    if context % chunk and not args.decode_only:
         return row | {"note": f"skipped: context is not a multiple of the prefill chunk {chunk}"}, None
     bound_ms = 1e3 * step_bytes(generator, cache_shapes, context, max(capacity, 1)) / args.bandwidth
     full_forward = context if context <= args.naive_check and not args.decode_only else 0
@@ -205,13 +213,14 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args,
     # Prompts without padding: the empty cache (start 0, length 0) is all zeros.
     empty = functools.partial(jax.tree.map, lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(generator, batch,
                                                                                                   shape.capacity))
-    cache, last = _ready(empty()), jnp.zeros((batch, cfg.padded_vocab_size), jnp.float32)
     if args.decode_only:
-        cache["length"] = jnp.int32(context)
+        cache = as_written(empty(), context)
+        last = jnp.zeros((batch, cfg.padded_vocab_size), jnp.float32)
     else:
         tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size, jnp.int32)
         prefill = compiled[shape, "prefill"]
         _ready(prefill(params, head, tokens[:, :chunk], empty()))  # warm-up
+        cache = _ready(empty())
         begin = time.perf_counter()
         for offset in range(0, context, chunk):
             last, cache = prefill(params, head, tokens[:, offset:offset + chunk], cache)

@@ -25,9 +25,10 @@ from jaxlin.model import GPT
 NO_TOKEN = -1  # in a block's output: the row had already stopped, or the step is past the last one asked for
 DEFAULT_BLOCK = 32  # decode steps per jitted block: a generation ends at most this many steps after its rows stop
 MIN_PROMPT_BUCKET = 16  # prompts are left-padded to a power of two from here (few shapes to compile)
-# A recurrent model decodes at least this many rows: a lone prompt beside a stopped copy of itself. At one
-# row XLA runs the layers' products as reductions, slower than the GEMMs of two rows (GPT-2 Medium GLA on
-# an H100: 1.600 ms a step at one row, 1.445 at two; docs/generation.md).
+# On a GPU a recurrent model decodes at least this many rows: a lone prompt beside a stopped copy of itself.
+# At one row XLA's GPU compiler runs the layers' products as reductions, slower than the GEMMs of two rows
+# (GPT-2 Medium GLA on an H100: 1.610 ms a step at one row, 1.451 at two; docs/generation.md). Elsewhere
+# the copy would only double the work.
 MIN_DECODE_ROWS = 2
 
 
@@ -85,11 +86,12 @@ class Generator:
         self.graphdef, self.params = nnx.split(model)
         self.head = model.wte[...].astype(self.config.compute_dtype)
         self.has_kv_cache = "softmax" in self.config.per_layer("attn")
+        self.min_decode_rows = MIN_DECODE_ROWS if jax.default_backend() == "gpu" else 1
 
     def decode_rows(self, rows: int) -> int:
-        """Rows a decode step runs for `rows` asked: MIN_DECODE_ROWS at least for a recurrent model (a KV
+        """Rows a decode step runs for `rows` asked: `min_decode_rows` at least for a recurrent model (a KV
         cache would be read once more for the copy)."""
-        return rows if self.has_kv_cache else max(rows, MIN_DECODE_ROWS)
+        return rows if self.has_kv_cache else max(rows, self.min_decode_rows)
 
     def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
         """Raises ValueError naming the problem with these prompts, before any work."""

@@ -4,9 +4,14 @@ import json
 import time
 import types
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlin.bench import decode
+from jaxlin.generate import init_cache
+from jaxlin.model import GPT
 
 
 @pytest.mark.slow
@@ -54,9 +59,16 @@ def test_a_model_whose_compile_ends_past_the_budget_still_runs_its_first_row(mon
     assert rows[1]["note"] == "skipped: time budget"
 
 
+def test_a_decode_only_state_counts_the_context_as_written_in_every_kv_cache():
+    model = GPT(decode.model_config("softmax", 64, tiny=True), rngs=nnx.Rngs(0))
+    cache = decode.as_written(init_cache(model, jnp.zeros((1,), jnp.int32), 48), 40)
+    assert int(cache["length"]) == 40 and [int(layer["length"]) for layer in cache["layers"]] == [40, 40]
+    assert not any(np.asarray(layer["k"]).any() for layer in cache["layers"])
+
+
 def test_decode_only_rows_time_decoding_from_an_empty_state_of_the_context():
-    rows = decode.main(["--tiny", "--models", "gla,softmax", "--batch", "1", "--context", "16", "--new_tokens", "2",
-                        "--repeats", "2", "--decode_only"])
+    rows = decode.main(["--tiny", "--models", "gla,softmax", "--batch", "1", "--context", "24", "--new_tokens", "2",
+                        "--repeats", "2", "--prefill_chunk", "16", "--decode_only"])  # no prefill: any context
     for row in rows:
         assert "note" not in row and row["decode_tok_s"] > 0 and 0 < row["bound_fraction"] < 1
         assert not {"prefill_tok_s", "naive_ms_per_token", "speedup_vs_naive", "naive_measured_ms"} & set(row)

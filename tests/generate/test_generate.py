@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxlin.generate import GREEDY, Generator, Sampling, decode_step, generate, init_cache, prefill
 from jaxlin.generate.cache import for_decoding, forward
-from jaxlin.generate.loop import prompt_length_bucket
+from jaxlin.generate.loop import MIN_DECODE_ROWS, prompt_length_bucket
 from jaxlin.generate.sampling import row_keys, sample
 from jaxlin.model import GPT, ModelConfig
 
@@ -138,8 +138,19 @@ def test_decoding_stores_each_layers_joined_kernel_once(name):
     assert not hasattr(attn.q_proj, "kernel") and not hasattr(attn.k_proj, "kernel")  # read once a step, stored once
 
 
+def test_an_fp8_model_computes_from_its_stored_joined_kernel_as_from_its_projections():
+    model = tiny_model("gated_deltanet", matmul_precision="fp8")
+    cast_only = nnx.clone(model)
+    for _, module in nnx.iter_graph(cast_only):
+        if isinstance(module, nnx.Linear):
+            module.kernel.set_value(module.kernel.get_value().astype(module.dtype))
+    tokens = jnp.asarray(random_tokens(2, (2, 9)))
+    np.testing.assert_array_equal(np.asarray(for_decoding(model)(tokens)), np.asarray(cast_only(tokens)))
+
+
 def test_a_lone_prompt_of_a_recurrent_model_decodes_beside_a_stopped_copy():
     gla, softmax = Generator(tiny_model("gla")), Generator(tiny_model("softmax"))
+    gla.min_decode_rows = softmax.min_decode_rows = MIN_DECODE_ROWS  # as on a GPU
     assert (gla.decode_rows(1), gla.decode_rows(3), softmax.decode_rows(1)) == (2, 3, 1)
     prompt = random_tokens(10, (5,)).tolist()
     blocks = []
