@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxlin.generate.cache import forward, init_cache, logits  # noqa: E402
-from jaxlin.generate.loop import NO_TOKEN, Generator, decode_block, pad_rows  # noqa: E402
+from jaxlin.generate.loop import NO_TOKEN, Generator, decode_block, start_decoding  # noqa: E402
 from jaxlin.generate.sampling import GREEDY, row_keys  # noqa: E402
 from jaxlin.model import GPT, ModelConfig  # noqa: E402
 from jaxlin.train import profiling  # noqa: E402
@@ -232,8 +232,7 @@ def run_row(generator: Generator, row: dict, shape: Shape, compiled: dict, args,
             row |= _naive_check(functools.partial(compiled[shape, "full"], params, head), tokens, last)
 
     rows = generator.decode_rows(batch)
-    carry = {"cache": pad_rows(cache, rows), "logits": pad_rows(last, rows), "done": jnp.arange(rows) >= batch,
-             "count": jnp.zeros((), jnp.int32)}
+    carry = start_decoding(cache, last, rows)
     decode = functools.partial(compiled[shape, "decode"], params, head, row_keys(0, range(rows)))
     carry, _ = _ready(decode(carry, jnp.int32(args.new_tokens)))  # warm-up
     times = []

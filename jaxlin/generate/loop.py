@@ -70,6 +70,13 @@ def pad_rows(tree, rows: int):
     return jax.tree.map(pad, tree)
 
 
+def start_decoding(cache: dict, logits, rows: int) -> dict:
+    """The first carry of `decode_block` for the prefilled `cache` and its rows' next-token `logits`, padded
+    to `rows` rows: those past the prefilled ones copy the first and are done from the start."""
+    return {"cache": pad_rows(cache, rows), "logits": pad_rows(logits, rows),
+            "done": jnp.arange(rows) >= logits.shape[0], "count": jnp.zeros((), jnp.int32)}
+
+
 def prompt_length_bucket(n: int, chunk: int) -> int:
     """The padded prompt length: a power of two from MIN_PROMPT_BUCKET up to `chunk`, then multiples of it."""
     if n > chunk:
@@ -147,10 +154,7 @@ class Generator:
                                  chunk=chunk, padded=bool(start.any()),
                                  cache_size=length + max_new_tokens if self.has_kv_cache else 0)
         asked, decoded = len(rows), self.decode_rows(len(rows))
-        # Rows past `asked` copy the first and are done from the start: their tokens are never kept.
-        carry = {"cache": pad_rows(cache, decoded), "logits": pad_rows(logits, decoded),
-                 "done": jnp.arange(decoded) >= asked, "count": jnp.zeros((), jnp.int32)}
-        keys = pad_rows(keys, decoded)
+        carry, keys = start_decoding(cache, logits, decoded), pad_rows(keys, decoded)  # copies' tokens never kept
         stop_tokens = tuple(sorted({int(t) for t in stop_tokens if 0 <= t < self.config.vocab_size}))
         outputs, finished, produced = [[] for _ in rows], [False] * asked + [True] * (decoded - asked), 0
         while produced < max_new_tokens and not all(finished):
