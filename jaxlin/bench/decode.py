@@ -1,8 +1,9 @@
 """Decode benchmark: GPT-2 Medium (random weights) generating from a fixed-size state or a KV cache.
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
-        [--context 1024,4096,16384,32768] [--new_tokens 32] [--repeats 3] [--bandwidth 3.35e12]
-        [--time_budget 400] [--naive_check 1024] [--decode_only] [--json decode.json] [--profile DIR] [--tiny]
+        [--context 1024,4096,16384,32768] [--new_tokens 32] [--repeats 3] [--bandwidth B]
+        [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl auto] [--json decode.json]
+        [--profile DIR] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
 jitted call each), then greedy tokens are decoded in jitted blocks of --new_tokens steps: a warm-up block,
@@ -51,7 +52,8 @@ from jaxlin.model import GPT, ModelConfig  # noqa: E402
 from jaxlin.train import profiling  # noqa: E402
 
 MODELS = ("gla", "gated_deltanet", "softmax")
-H100_SXM_BANDWIDTH = 3.35e12  # bytes/s
+# Memory bandwidth (bytes/s) by device kind, for the bound; others default to an H100 SXM's.
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 # GPT-2 Medium and its attention settings in the reference configs (configs/gpt2_medium_*.py).
 GPT2_MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024, dtype="bfloat16")
 TINY = dict(n_layer=2, n_head=2, n_embd=64, dtype="float32")
@@ -62,10 +64,15 @@ ATTENTION = {
 }
 
 
-def model_config(kind: str, max_positions: int, tiny: bool) -> ModelConfig:
-    """The softmax model's block size is raised to the longest context (its position embedding)."""
+def device_bandwidth(device_kind: str) -> float:
+    return next((b for name, b in BANDWIDTH.items() if name in device_kind), BANDWIDTH["H100"])
+
+
+def model_config(kind: str, max_positions: int, tiny: bool, impl: str = "auto") -> ModelConfig:
+    """The softmax model's block size is raised to the longest context (its position embedding); ``impl``: the
+    recurrent layers' (``ModelConfig.impl``)."""
     return ModelConfig(**(TINY if tiny else GPT2_MEDIUM), **ATTENTION[kind],
-                       block_size=max(1024, max_positions))
+                       block_size=max(1024, max_positions), impl=impl)
 
 
 def _init(graphdef, params, start, *, size):
@@ -291,14 +298,18 @@ def main(argv=None):
     parser.add_argument("--new_tokens", type=int, default=32, help="decode steps per block")
     parser.add_argument("--repeats", type=int, default=3, help="timed decode blocks (their median counts)")
     parser.add_argument("--prefill_chunk", type=int, default=1024, help="prompt tokens per row per prefill call")
-    parser.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
-                        help="device memory bandwidth in bytes/s for the bound (default: H100 SXM)")
+    parser.add_argument("--bandwidth", type=float,
+                        help="device memory bandwidth in bytes/s for the bound (default: an H100 SXM's 3.35e12, "
+                             "an H200's 4.8e12 on one)")
     parser.add_argument("--time_budget", type=float, default=400.0,
                         help="seconds; rows that would start later are skipped (shared out between the models)")
     parser.add_argument("--naive_check", type=int, default=1024, metavar="TOKENS",
                         help="rows up to this context also time the full forward and compare its logits (0: none)")
     parser.add_argument("--decode_only", action="store_true",
                         help="time decoding alone, from an empty state of the context's length (no prefill)")
+    parser.add_argument("--impl", default="auto", choices=("auto", "reference"),
+                        help="the recurrent layers' impl: auto runs a decode step's recurrence, convs and norm in "
+                             "one kernel on a GPU; reference, in the layers' XLA ops (the token scan)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace one more decode block of each model's first row here; print its kernels per step")
@@ -311,10 +322,12 @@ def main(argv=None):
     if not args.batch or not args.context or min(args.batch + args.context + [args.new_tokens, args.repeats]) < 1:
         parser.error("--batch, --context, --new_tokens and --repeats need positive values")
 
+    if args.bandwidth is None:
+        args.bandwidth = device_bandwidth(jax.devices()[0].device_kind)
     rows, began = [], time.perf_counter()
     for i, kind in enumerate(models):
         deadline = began + args.time_budget * (i + 1) / len(models)
-        config = model_config(kind, max(args.context) + blocks_run(args) * args.new_tokens, args.tiny)
+        config = model_config(kind, max(args.context) + blocks_run(args) * args.new_tokens, args.tiny, args.impl)
         generator = Generator(GPT(config, rngs=nnx.Rngs(0)))
         print(f"{kind}: {weight_bytes(generator) / 1e9:.3f} GB of weights read per decode step, "
               f"{1e3 * weight_bytes(generator) / args.bandwidth:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s",
@@ -355,7 +368,8 @@ def main(argv=None):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": jax.devices()[0].device_kind, "bandwidth": args.bandwidth,
-                                               "new_tokens": args.new_tokens, "rows": rows}, indent=2) + "\n")
+                                               "new_tokens": args.new_tokens, "impl": args.impl, "rows": rows},
+                                              indent=2) + "\n")
     return rows
 
 

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlin import ops
 from jaxlin.layers import fp8
-from jaxlin.ops import conv, norm
+from jaxlin.ops import conv, dispatch, norm
+from kernels.decode_step import Step
 
 INIT_STD = 0.02  # nanoGPT's initialisation for every Linear and Embedding
 # Element-wise results that feed a matrix product or a recurrence kernel (norm outputs, the MLP activation,
@@ -68,7 +70,7 @@ class QKVConv(nnx.Module):
         self.q = ShortConv(key_dim, width, rngs=rngs)
         self.k = ShortConv(key_dim, width, rngs=rngs)
         self.v = ShortConv(value_dim, width, rngs=rngs)
-        self.impl = impl
+        self.width, self.impl = width, impl
 
     def __call__(self, y, rest_widths, *, segment_ids=None, cache=None, return_cache=False):
         """y [B, T, 2 key_dim + value_dim + sum(rest_widths)] -> ((q, k, v), y's other columns split by
@@ -131,3 +133,28 @@ def project_qkv(layer: nnx.Module, x, *, segment_ids, state: dict, return_state:
     outputs = iter(present_out)
     extra_out = [None if getattr(layer, name) is None else next(outputs) for name in layer.JOINED_EXTRAS]
     return tuple(split_heads(t, layer.n_head) for t in (q, k, v)), extra_out, conv_cache
+
+
+def decode_step_of(layer: nnx.Module, rule: str, norm: GatedRMSNorm, *, gated_norm: bool, **gla) -> Step:
+    """The static description of a recurrent layer's decoding step (``kernels.decode_step``); ``gla``: GLA's
+    ``gate_normalizer`` and ``gate_rank``."""
+    return Step(rule=rule, heads=layer.n_head, key_dim=layer.q_proj.out_features // layer.n_head,
+                value_dim=layer.v_proj.out_features // layer.n_head,
+                conv_width=0 if layer.conv is None else layer.conv.width, eps=norm.eps, gated_norm=gated_norm, **gla)
+
+
+def decodes_in_kernel(layer: nnx.Module, step: Step, x, *, segment_ids, state: dict, return_state: bool) -> bool:
+    return dispatch.decode_kernel_applies(layer.impl, step, x, segment_ids=segment_ids, state=state,
+                                          return_state=return_state)
+
+
+def decode_in_kernel(layer: nnx.Module, step: Step, x, state: dict, norm: GatedRMSNorm, gate, params=()):
+    """A decoding step ``x [B, 1, D]`` of a recurrent layer: its joined input product, then everything up to
+    the output projection in one kernel (``ops.decode_step``); ``gate`` ``[B, 1, H*V]`` or None. Returns the
+    layer's ``(y, new state)``."""
+    conv = layer.conv
+    o, recurrent, caches = ops.decode_step(
+        step, joined_product(layer, x[:, 0]), None if gate is None else gate[:, 0],
+        [state["conv"][name] for name in "qkv"], [c.kernel[...] for c in (conv.q, conv.k, conv.v)],
+        state["recurrent"], norm.weight[...], params)
+    return layer.o_proj(o)[:, None], {"recurrent": recurrent, "conv": dict(zip("qkv", caches))}

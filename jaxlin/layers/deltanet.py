@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
-from jaxlin.layers.common import GatedRMSNorm, QKVConv, linear, merge_heads, project_qkv, split_heads
+from jaxlin.layers.common import (GatedRMSNorm, QKVConv, decode_in_kernel, decode_step_of, decodes_in_kernel,
+                                  linear, merge_heads, project_qkv, split_heads)
 
 
 class DeltaNet(nnx.Module):
@@ -48,6 +49,12 @@ class DeltaNet(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
+        step = decode_step_of(self, "gated_delta" if self.gated else "delta", self.o_norm,
+                              gated_norm=self.g_proj is not None)
+        if decodes_in_kernel(self, step, x, segment_ids=segment_ids, state=state, return_state=return_state):
+            gate = None if self.g_proj is None else self.g_proj(x)
+            params = (self.A_log[...], self.dt_bias[...]) if self.gated else ()
+            return decode_in_kernel(self, step, x, state, self.o_norm, gate, params)
         (q, k, v), (b, a), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
                                                     return_state=return_state)
         gate = None if self.g_proj is None else self.g_proj(x)  # a product of its own: see project_qkv

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
-from jaxlin.layers.common import (GatedRMSNorm, QKVConv, activation, linear, merge_heads, project_qkv,
-                                  split_heads)
+from jaxlin.layers.common import (GatedRMSNorm, QKVConv, activation, decode_in_kernel, decode_step_of,
+                                  decodes_in_kernel, linear, merge_heads, project_qkv, split_heads)
 from jaxlin.ops import gates
 
 
@@ -42,6 +42,12 @@ class GatedLinearAttention(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
+        step = decode_step_of(self, "gla", self.g_norm, gated_norm=True, gate_normalizer=self.gate_logit_normalizer,
+                              gate_rank=self.gk_down.out_features)
+        if decodes_in_kernel(self, step, x, segment_ids=segment_ids, state=state, return_state=return_state):
+            up = self.gk_up
+            return decode_in_kernel(self, step, x, state, self.g_norm, self.g_proj(x),
+                                    (up.kernel[...].astype(up.dtype), up.bias[...]))
         (q, k, v), (gk,), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
                                                    return_state=return_state)
         g = self.g_proj(x)  # a product of its own: see project_qkv

@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+import kernels.decode_step
 from kernels.common import RESIDUAL_NAME
 
 from . import context_parallel, dispatch
 from .checks import check_inputs
 
-__all__ = ["gla", "delta_rule", "gated_delta_rule", "l2norm", "SAVEABLE_NAMES"]
+__all__ = ["gla", "delta_rule", "gated_delta_rule", "decode_step", "l2norm", "SAVEABLE_NAMES"]
 
 # `jax.checkpoint` names: every op's output, and the Pallas kernels' backward residuals (chunk states).
 OUTPUT_NAME = "linear_attention_output"
@@ -88,3 +89,11 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         q, k = l2norm(q), l2norm(k)
     kwargs = _kwargs(q, scale, initial_state, output_final_state, segment_ids)
     return _dispatch("gated_delta_rule", impl, (q, k, v, g, beta), kwargs)
+
+
+def decode_step(step, y, gate, caches, weights, state, norm_weight, params=()):
+    """A recurrent layer's decoding step in one kernel (``kernels.decode_step``, whose docstring gives the
+    arguments; interpret mode off the GPU): ``(o [B, H*V], state, conv caches)``. The layers call it where
+    ``dispatch.decode_kernel_applies``."""
+    return kernels.decode_step.decode_step(step, y, gate, caches, weights, state, norm_weight, params,
+                                           interpret=jax.default_backend() != "gpu")

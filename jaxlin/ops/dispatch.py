@@ -17,6 +17,11 @@ LayerNorm) take ``ModelConfig.mlp_impl``, ``elementwise_impl`` and ``layer_norm_
 (interpret mode off the GPU; refused under a mesh of several devices, since XLA cannot partition them), or
 ``"auto"``: the kernel on one GPU where it supports the call. The MLP's ``auto`` stays on XLA under remat
 ``"dots"``, whose memory budget has no room for the fused forward's stored ``gelu(h)``.
+
+A recurrent layer's decoding step (one token continuing a state, no segment ids) runs everything between its
+input and output products in ``kernels.decode_step`` where the kernel supports the layer and its ``impl`` is
+``"auto"`` on one GPU or any ``"pallas"`` on one device; otherwise (``"reference"``, ``"chunked"``, a mesh of
+several devices) the layer's own ops, the token scan among them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels.delta
 import kernels.gla
-from kernels import gated_norm, gelu_matmul, layer_norm
+from kernels import decode_step, gated_norm, gelu_matmul, layer_norm
 
 from . import chunked, context_parallel, reference
 from .mesh_axes import batch_axes
@@ -178,3 +183,13 @@ def layer_norm_applies(x, impl: str) -> bool:
     if not _kernel_applies(impl, "the LayerNorm kernel", "model.layer_norm_impl"):
         return False
     return layer_norm.supports(x.reshape(-1, x.shape[-1]))
+
+
+def decode_kernel_applies(impl: str, step: decode_step.Step, x, *, segment_ids, state, return_state) -> bool:
+    """Whether a recurrent layer's call on ``x [B, T, D]`` is a decoding step that ``kernels.decode_step`` runs
+    (see the module's docstring); ``step`` describes the layer."""
+    if x.shape[1] != 1 or segment_ids is not None or not return_state or state.get("recurrent") is None:
+        return False
+    if not decode_step.supports(step) or jax.sharding.get_abstract_mesh().size > 1:
+        return False
+    return impl.startswith("pallas") or (impl == "auto" and jax.default_backend() == "gpu")
