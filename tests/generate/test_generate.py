@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxlin.generate import GREEDY, Generator, Sampling, decode_step, generate, init_cache, prefill
-from jaxlin.generate.cache import for_decoding, forward
+from jaxlin.generate.cache import for_decoding, forward, logits
 from jaxlin.generate.loop import MIN_DECODE_ROWS, prompt_length_bucket
 from jaxlin.generate.sampling import row_keys, sample
 from jaxlin.model import GPT, ModelConfig
@@ -74,6 +74,42 @@ def test_prefill_and_decode_match_the_full_forward(name, prompt_len, chunk):
     got = _teacher_forced(generator.graphdef, generator.params, generator.head, jnp.asarray(tokens),
                           prompt_len=prompt_len, chunk=chunk)
     np.testing.assert_allclose(np.asarray(got), full[:, prompt_len - 1:], atol=2e-5, rtol=2e-5)
+
+
+@functools.partial(jax.jit, static_argnames=("prefilling", "stepping", "prompt_len"))
+def _prefill_then_steps(prefilling, prefill_params, stepping, step_params, head, tokens, *, prompt_len):
+    """Logits at positions prompt_len - 1 .. T - 1: the prompt through one model, then a decode step per
+    further token through the other."""
+    prefill_model, step_model = nnx.merge(prefilling, prefill_params), nnx.merge(stepping, step_params)
+    cache = init_cache(prefill_model, jnp.zeros(tokens.shape[0], jnp.int32), tokens.shape[1])
+    h, cache = forward(prefill_model, tokens[:, :prompt_len], cache)
+
+    def step(cache, token):
+        logits, cache = decode_step(step_model, head, token, cache)
+        return cache, logits
+
+    _, rest = jax.lax.scan(step, cache, tokens[:, prompt_len:].T)
+    return jnp.concatenate([logits(h[:, -1:], head), jnp.moveaxis(rest, 0, 1)], axis=1)
+
+
+@pytest.mark.parametrize("name", [pytest.param("gla", marks=pytest.mark.slow), "hybrid"])
+def test_steps_in_the_fused_kernel_continue_the_full_forward(name):
+    """Every recurrent layer with a short conv decodes in kernels.decode_step (interpret mode), as on a GPU by
+    default; the hybrid's conv-less GLA layer and its softmax layer keep their own ops."""
+    model = tiny_model(name)
+    tokens = jnp.asarray(random_tokens(11, (2, 24)))
+    decoding = for_decoding(model)
+    fused = nnx.clone(decoding)
+    kernel_layers = [block.attn for block in fused.h if getattr(block.attn, "conv", None) is not None]
+    for layer in kernel_layers:
+        layer.impl = "pallas"
+    head = model.wte[...]
+    cache = init_cache(fused, jnp.zeros(2, jnp.int32), 24)
+    traced = jax.make_jaxpr(lambda token, cache: decode_step(fused, head, token, cache))(tokens[:, 0], cache)
+    assert sum(eqn.primitive.name == "pallas_call" for eqn in traced.jaxpr.eqns) == len(kernel_layers) > 0
+    got = _prefill_then_steps(*nnx.split(decoding), *nnx.split(fused), head, tokens, prompt_len=9)
+    full = np.asarray(model(tokens))
+    np.testing.assert_allclose(np.asarray(got), full[:, 8:], atol=2e-5, rtol=2e-5)
 
 
 def _greedy_by_full_forwards(model, prompt, n):
