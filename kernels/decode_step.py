@@ -32,7 +32,8 @@ L2_EPS = 1e-6  # the ops' q/k L2 normalisation
 @dataclasses.dataclass(frozen=True)
 class Step:
     """The static description of a layer's step: its rule, heads, per-head key and value dims, conv width,
-    the norm's eps, GLA's gate normaliser and low rank, and whether the output norm is gated."""
+    the norm's eps, whether the output norm is gated and the first column of y that holds the gate's input
+    (None: it comes as an array of its own), GLA's gate normaliser and low rank."""
     rule: str
     heads: int
     key_dim: int
@@ -40,6 +41,7 @@ class Step:
     conv_width: int
     eps: float
     gated_norm: bool
+    gate_column: int | None = None
     gate_normalizer: float = 1.0
     gate_rank: int = 0
 
@@ -57,6 +59,10 @@ def supports(step: Step) -> bool:
     """Triton's block shapes: per-head dims (and GLA's gate rank) powers of two; a short conv to cache."""
     dims = [step.key_dim, step.value_dim] + ([step.gate_rank] if step.rule == "gla" else [])
     return step.rule in RULES and step.conv_width > 1 and all(_power_of_two(d) for d in dims)
+
+
+def _separate_gate(step: Step) -> bool:
+    return step.gated_norm and step.gate_column is None
 
 
 def _log_sigmoid(x):
@@ -78,7 +84,7 @@ def _kernel(*refs, step: Step, dtype):
     K, V, H = step.key_dim, step.value_dim, step.heads
     refs = list(refs)
     y_ref = refs.pop(0)
-    gate_ref = refs.pop(0) if step.gated_norm else None
+    gate_ref = refs.pop(0) if _separate_gate(step) else None
     caches, weights = refs[0:3], refs[3:6]
     state_ref, norm_ref = refs[6:8]
     params, (o_ref, state_out, *caches_out) = refs[8:-5], refs[-5:]
@@ -117,8 +123,9 @@ def _kernel(*refs, step: Step, dtype):
     state_out[...] = S
     o = rounded(K ** -0.5 * jnp.sum(q[:, None] * S, axis=0))
     o = o * jax.lax.rsqrt(jnp.sum(o * o) / V + step.eps) * norm_ref[...]
-    if gate_ref is not None:
-        g = gate_ref[...].astype(f32)
+    if step.gated_norm:
+        g = gate_ref[...] if gate_ref is not None else y_ref[pl.ds(step.gate_column + h * V, V)]
+        g = g.astype(f32)
         o = o * g * jax.nn.sigmoid(g)
     o_ref[...] = o.astype(o_ref.dtype)
 
@@ -126,8 +133,8 @@ def _kernel(*refs, step: Step, dtype):
 def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params=(), *, interpret=False):
     """One token of every row through a layer's recurrence: ``(o [B, H*V] in y's dtype, state, caches)``.
 
-    y ``[B, W]`` the joined input projection; gate ``[B, H*V]`` the output gate's projection (None without
-    one); caches the q, k and v convs' ``[B, conv_width - 1, C]``; weights their kernels ``[conv_width, C]``;
+    y ``[B, W]`` the joined input projection (with the output gate's from ``step.gate_column`` when that is
+    set); gate ``[B, H*V]`` the output gate's projection otherwise (None without one); caches the q, k and v convs' ``[B, conv_width - 1, C]``; weights their kernels ``[conv_width, C]``;
     state ``[B, H, K, V]`` float32; norm_weight ``[V]``; params GLA's ``(up kernel [rank, H*K], up bias
     [H*K])``, the gated delta rule's ``(A_log [H], dt_bias [H])``, else ().
     """
@@ -149,12 +156,13 @@ def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params
     else:
         params = tuple(p.astype(f32) for p in params)
         param_specs = [pl.BlockSpec((1,), lambda b, h: (h,)) for _ in params]
-    inputs = [y, *([gate] if step.gated_norm else []), *flat_caches, *flat_weights, state, norm_weight.astype(f32),
+    separate = _separate_gate(step)
+    inputs = [y, *([gate] if separate else []), *flat_caches, *flat_weights, state, norm_weight.astype(f32),
               *params]
-    in_specs = [row(W), *([head_values] if step.gated_norm else []), *[row(c.shape[1]) for c in flat_caches],
+    in_specs = [row(W), *([head_values] if separate else []), *[row(c.shape[1]) for c in flat_caches],
                 *[whole(w) for w in flat_weights], pl.BlockSpec((None, None, K, V), lambda b, h: (b, h, 0, 0)),
                 whole(norm_weight), *param_specs]
-    first_cache = 1 + step.gated_norm
+    first_cache = 1 + separate
     state_index = first_cache + 6
     aliases = {state_index: 1, first_cache: 2, first_cache + 1: 3, first_cache + 2: 4}
     o, state, *flat_caches = pl.pallas_call(

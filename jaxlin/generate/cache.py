@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin.layers import CausalSelfAttention
+from jaxlin.layers import fp8
 from jaxlin.layers.common import JoinedKernel, joined_projections
 from jaxlin.model import GPT
 
@@ -22,7 +23,9 @@ def for_decoding(model: GPT) -> GPT:
     """A copy whose projection kernels are stored in the compute dtype, as every use casts them: a decode
     step then reads each weight once in that dtype instead of converting float32 weights every token. The
     kernels an attention layer multiplies in one product (`joined_projections`) are stored joined, once,
-    rather than joined again in every step (a copy of them per token, 11 % of a GLA step at batch 1)."""
+    rather than joined again in every step (a copy of them per token, 11 % of a GLA step at batch 1), and
+    with them its output gate's, one product fewer a step (training keeps that one apart, see
+    `project_qkv`); not in FP8, where the gate's product has scales of its own."""
     model = nnx.clone(model)
     modules = [module for _, module in nnx.iter_graph(model)]
     for module in modules:
@@ -30,8 +33,10 @@ def for_decoding(model: GPT) -> GPT:
             module.kernel.set_value(module.kernel.get_value().astype(module.dtype))
     for module in modules:
         if hasattr(module, "JOINED_EXTRAS"):
-            projections = joined_projections(module)
-            module.joined_kernel = JoinedKernel(jnp.concatenate([p.kernel.get_value() for p in projections], axis=1))
+            names = joined_projections(module, with_gate=not fp8.runs_in_fp8(module.q_proj))
+            projections = [getattr(module, name) for name in names]
+            module.joined_kernel = JoinedKernel(jnp.concatenate([p.kernel.get_value() for p in projections], axis=1),
+                                                names=tuple(names))
             for projection in projections:
                 del projection.kernel
     return model

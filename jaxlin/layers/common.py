@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -89,50 +91,60 @@ class QKVConv(nnx.Module):
 
 
 class JoinedKernel(nnx.Param):
-    """The kernels of a layer's `joined_projections`, joined along the outputs once: decoding stores them so
-    (jaxlin.generate.cache.for_decoding), where joining them in every step cost a copy of them per token."""
+    """Kernels of a layer's projections joined along the outputs, stored once: decoding stores them so
+    (jaxlin.generate.cache.for_decoding), where joining them in every step cost a copy of them per token.
+    Metadata ``names``: the projections, in order."""
 
 
-def joined_projections(layer: nnx.Module) -> list[nnx.Linear]:
-    """The projections computed in one matrix product: q, k, v, then the layer's `JOINED_EXTRAS` it has."""
-    names = ("q_proj", "k_proj", "v_proj", *layer.JOINED_EXTRAS)
-    return [p for p in (getattr(layer, name) for name in names) if p is not None]
+def joined_projections(layer: nnx.Module, *, with_gate: bool = False) -> list[str]:
+    """The names of the projections computed in one matrix product: the stored `JoinedKernel`'s, else q, k, v,
+    the layer's `JOINED_EXTRAS` it has and, ``with_gate``, its output gate's projection (when it has one)."""
+    joined = getattr(layer, "joined_kernel", None)
+    if joined is not None:
+        return list(joined.names)
+    names = ("q_proj", "k_proj", "v_proj", *layer.JOINED_EXTRAS, *(("g_proj",) if with_gate else ()))
+    return [name for name in names if getattr(layer, name) is not None]
 
 
-def joined_product(layer: nnx.Module, x):
+def joined_product(layer: nnx.Module, x, *, with_gate: bool = False):
     """`x` times the `joined_projections`' kernels joined along the outputs (the layer's `JoinedKernel` when
-    it has one): one kernel, and one product for the input's gradient, instead of one per projection. In FP8
-    when q_proj is (jaxlin.layers.fp8), with one scale for the joined kernel."""
-    projections = joined_projections(layer)
+    it has one), and their names: one kernel, and one product for the input's gradient, instead of one per
+    projection. In FP8 when q_proj is (jaxlin.layers.fp8), with one scale for the joined kernel."""
+    names = joined_projections(layer, with_gate=with_gate)
+    projections = [getattr(layer, name) for name in names]
     joined = getattr(layer, "joined_kernel", None)
     if joined is None:
         kernel = jnp.concatenate([p.kernel[...] for p in projections], axis=1).astype(projections[0].dtype)
     else:
         kernel = joined[...]
-    return fp8.matmul(x.astype(projections[0].dtype), kernel, projections[0])
+    return fp8.matmul(x.astype(projections[0].dtype), kernel, projections[0]), names
 
 
 def project_qkv(layer: nnx.Module, x, *, segment_ids, state: dict, return_state: bool):
     """q, k, v of a linear-attention layer (its q/k/v projections, then the optional short convs) split
-    into heads, the outputs of its `JOINED_EXTRAS` (bias-free projections of x computed in the same matrix
-    product; None for one the layer lacks), and the convs' new cache.
+    into heads, the outputs of the other projections of its joined product by name (its `JOINED_EXTRAS`, and
+    when decoding its output gate's), and the convs' new cache.
 
-    The layers keep their output gate's projection (as wide as v) out of the joined product: as columns of
-    it, it had to be copied out (forward, and again when the backward recomputes it) and its gradient copied
-    into the joined gradient, passes that cost more than a product of its own."""
-    y = joined_product(layer, x)
-    q_proj, k_proj, v_proj, *present = joined_projections(layer)
-    rest_widths = [p.out_features for p in present]
+    In training the layers keep their output gate's projection (as wide as v) out of the joined product: as
+    columns of it, it had to be copied out (forward, and again when the backward recomputes it) and its
+    gradient copied into the joined gradient, passes that cost more than a product of its own."""
+    y, names = joined_product(layer, x)
+    widths = [getattr(layer, name).out_features for name in names]
     conv_cache = {}
     if layer.conv is not None:
-        (q, k, v), present_out, conv_cache = layer.conv(y, rest_widths, segment_ids=segment_ids,
-                                                        cache=state.get("conv"), return_cache=return_state)
+        (q, k, v), rest, conv_cache = layer.conv(y, widths[3:], segment_ids=segment_ids, cache=state.get("conv"),
+                                                 return_cache=return_state)
     else:
-        q, k, v, *present_out = conv.split_channels(y, [p.out_features for p in (q_proj, k_proj, v_proj)]
-                                                    + rest_widths)
-    outputs = iter(present_out)
-    extra_out = [None if getattr(layer, name) is None else next(outputs) for name in layer.JOINED_EXTRAS]
-    return tuple(split_heads(t, layer.n_head) for t in (q, k, v)), extra_out, conv_cache
+        q, k, v, *rest = conv.split_channels(y, widths)
+    return tuple(split_heads(t, layer.n_head) for t in (q, k, v)), dict(zip(names[3:], rest)), conv_cache
+
+
+def output_gate(layer: nnx.Module, x, extras: dict):
+    """The output gate's projection of x: from the joined product when it holds it, else its own product
+    (None for a layer without one)."""
+    if "g_proj" in extras:
+        return extras["g_proj"]
+    return None if layer.g_proj is None else layer.g_proj(x)
 
 
 def decode_step_of(layer: nnx.Module, rule: str, norm: GatedRMSNorm, *, gated_norm: bool, **gla) -> Step:
@@ -148,13 +160,19 @@ def decodes_in_kernel(layer: nnx.Module, step: Step, x, *, segment_ids, state: d
                                           return_state=return_state)
 
 
-def decode_in_kernel(layer: nnx.Module, step: Step, x, state: dict, norm: GatedRMSNorm, gate, params=()):
-    """A decoding step ``x [B, 1, D]`` of a recurrent layer: its joined input product, then everything up to
-    the output projection in one kernel (``ops.decode_step``); ``gate`` ``[B, 1, H*V]`` or None. Returns the
-    layer's ``(y, new state)``."""
+def decode_in_kernel(layer: nnx.Module, step: Step, x, state: dict, norm: GatedRMSNorm, params=()):
+    """A decoding step ``x [B, 1, D]`` of a recurrent layer: its joined input product (the output gate's
+    columns in it, unless a stored joined kernel leaves them out), then everything up to the output
+    projection in one kernel (``ops.decode_step``). Returns the layer's ``(y, new state)``."""
+    y, names = joined_product(layer, x[:, 0], with_gate=True)
+    gate = None
+    if "g_proj" in names:
+        before = names[:names.index("g_proj")]
+        step = dataclasses.replace(step, gate_column=sum(getattr(layer, name).out_features for name in before))
+    elif step.gated_norm:
+        gate = layer.g_proj(x[:, 0])
     conv = layer.conv
     o, recurrent, caches = ops.decode_step(
-        step, joined_product(layer, x[:, 0]), None if gate is None else gate[:, 0],
-        [state["conv"][name] for name in "qkv"], [c.kernel[...] for c in (conv.q, conv.k, conv.v)],
+        step, y, gate, [state["conv"][name] for name in "qkv"], [c.kernel[...] for c in (conv.q, conv.k, conv.v)],
         state["recurrent"], norm.weight[...], params)
     return layer.o_proj(o)[:, None], {"recurrent": recurrent, "conv": dict(zip("qkv", caches))}

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxlin import ops
 from jaxlin.layers.common import (GatedRMSNorm, QKVConv, decode_in_kernel, decode_step_of, decodes_in_kernel,
-                                  linear, merge_heads, project_qkv, split_heads)
+                                  linear, merge_heads, output_gate, project_qkv, split_heads)
 
 
 class DeltaNet(nnx.Module):
@@ -52,12 +52,11 @@ class DeltaNet(nnx.Module):
         step = decode_step_of(self, "gated_delta" if self.gated else "delta", self.o_norm,
                               gated_norm=self.g_proj is not None)
         if decodes_in_kernel(self, step, x, segment_ids=segment_ids, state=state, return_state=return_state):
-            gate = None if self.g_proj is None else self.g_proj(x)
             params = (self.A_log[...], self.dt_bias[...]) if self.gated else ()
-            return decode_in_kernel(self, step, x, state, self.o_norm, gate, params)
-        (q, k, v), (b, a), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
+            return decode_in_kernel(self, step, x, state, self.o_norm, params)
+        (q, k, v), extras, conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
                                                     return_state=return_state)
-        gate = None if self.g_proj is None else self.g_proj(x)  # a product of its own: see project_qkv
+        b, a, gate = extras["b_proj"], extras.get("a_proj"), output_gate(self, x, extras)
         beta = jax.nn.sigmoid(b.astype(jnp.float32))
         common = dict(initial_state=state.get("recurrent"), output_final_state=return_state,
                       segment_ids=segment_ids, use_qk_l2norm=True, impl=self.impl)

@@ -55,10 +55,14 @@ def use_fp8(module: nnx.Module, amax_history: int) -> None:
             layer.dot_general = nnx.data(Fp8Dot(amax_history))
 
 
+def runs_in_fp8(layer: nnx.Linear) -> bool:
+    return isinstance(layer.dot_general, Fp8Dot)
+
+
 def matmul(x, kernel, layer: nnx.Linear):
     """``x @ kernel`` (kernel ``[d_in, d_out]``, e.g. `layer`'s own or joined with others) through `layer`'s
     FP8 product when it has one."""
-    if isinstance(layer.dot_general, Fp8Dot):
+    if runs_in_fp8(layer):
         return layer.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     return jnp.dot(x, kernel)
 

@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxlin import ops
 from jaxlin.layers.common import (GatedRMSNorm, QKVConv, activation, decode_in_kernel, decode_step_of,
-                                  decodes_in_kernel, linear, merge_heads, project_qkv, split_heads)
+                                  decodes_in_kernel, linear, merge_heads, output_gate, project_qkv, split_heads)
 from jaxlin.ops import gates
 
 
@@ -46,11 +46,10 @@ class GatedLinearAttention(nnx.Module):
                               gate_rank=self.gk_down.out_features)
         if decodes_in_kernel(self, step, x, segment_ids=segment_ids, state=state, return_state=return_state):
             up = self.gk_up
-            return decode_in_kernel(self, step, x, state, self.g_norm, self.g_proj(x),
-                                    (up.kernel[...].astype(up.dtype), up.bias[...]))
-        (q, k, v), (gk,), conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
-                                                   return_state=return_state)
-        g = self.g_proj(x)  # a product of its own: see project_qkv
+            return decode_in_kernel(self, step, x, state, self.g_norm, (up.kernel[...].astype(up.dtype), up.bias[...]))
+        (q, k, v), extras, conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
+                                                    return_state=return_state)
+        gk, g = extras["gk_down"], output_gate(self, x, extras)
         up = self.gk_up
         # In the compute dtype, as FLA's layer under autocast gives its kernel: the kernels sum the gates in
         # float32, and the Mosaic GPU kernels read bf16 gates only. Stored for the backward (the kernels'

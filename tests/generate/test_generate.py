@@ -167,11 +167,13 @@ def test_decoding_stores_each_layers_joined_kernel_once(name):
     model = tiny_model(name)
     decoding = for_decoding(model)
     attn, original = decoding.h[0].attn, model.h[0].attn
-    joined = [original.q_proj, original.k_proj, original.v_proj, original.b_proj if name != "gla" else original.gk_down]
-    joined += [original.a_proj] if name == "gated_deltanet" else []
-    expected = jnp.concatenate([p.kernel[...] for p in joined], axis=1)
+    names = ["q_proj", "k_proj", "v_proj", *(["gk_down"] if name == "gla" else ["b_proj", "a_proj"]), "g_proj"]
+    assert attn.joined_kernel.names == tuple(names)
+    expected = jnp.concatenate([getattr(original, n).kernel[...] for n in names], axis=1)
     np.testing.assert_array_equal(attn.joined_kernel[...], expected.astype(attn.joined_kernel[...].dtype))
-    assert not hasattr(attn.q_proj, "kernel") and not hasattr(attn.k_proj, "kernel")  # read once a step, stored once
+    assert not any(hasattr(getattr(attn, n), "kernel") for n in names)  # read once a step, stored once
+    fp8_attn = for_decoding(tiny_model(name, matmul_precision="fp8")).h[0].attn
+    assert fp8_attn.joined_kernel.names == tuple(names[:-1])  # the gate's FP8 product keeps its own scales
 
 
 def test_an_fp8_model_computes_from_its_stored_joined_kernel_as_from_its_projections():

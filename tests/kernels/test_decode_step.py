@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlin.layers import DeltaNet, GatedDeltaNet, GatedLinearAttention
+from jaxlin.generate.cache import for_decoding
+from jaxlin.layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, fp8
 from jaxlin.layers.common import decode_step_of
 from jaxlin.ops import dispatch
 from kernels import decode_step
@@ -50,6 +51,21 @@ def test_kernel_step_matches_the_layers_ops(name, dtype, tol):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert g.dtype == w.dtype and g.shape == w.shape
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet"])
+def test_a_gate_apart_from_the_joined_product(name):
+    """FP8 decoding stores q|k|v|... without the output gate's kernel (its product keeps its own scales): the
+    kernel then reads the gate as an array of its own."""
+    layer = _layer(name, jnp.float32)
+    fp8.use_fp8(layer, 4)
+    layer = for_decoding(layer)
+    assert "g_proj" not in layer.joined_kernel.names
+    x = jax.random.normal(jax.random.key(7), (2, 1, WIDTH))
+    state = _random_state(layer, 2, jnp.float32, seed=8)
+    want, got = _step(layer, "reference", x, state), _step(layer, "pallas", x, state)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
 
 
 def test_extreme_gla_gates():
@@ -98,18 +114,22 @@ def _spec(*shape, dtype=jnp.bfloat16):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("rule,key_dim", [("gla", 32), ("delta", 64), ("gated_delta", 64)])
-def test_lowers_for_an_h100_at_gpt2_medium_width(rule, key_dim):
-    """Two rows (as a lone prompt decodes on a GPU), 16 heads, V 64, the reference configs' convs."""
+@pytest.mark.parametrize("rule,key_dim,gate_in_y", [("gla", 32, True), ("delta", 64, False),
+                                                    ("gated_delta", 64, True), ("gated_delta", 64, False)])
+def test_lowers_for_an_h100_at_gpt2_medium_width(rule, key_dim, gate_in_y):
+    """Two rows (as a lone prompt decodes on a GPU), 16 heads, V 64, the reference configs' convs; the output
+    gate's input in the joined product (decoding's bf16 layout) or apart (FP8's)."""
     B, H, V, width = 2, 16, 64, 4
-    gla = rule == "gla"
-    step = decode_step.Step(rule=rule, heads=H, key_dim=key_dim, value_dim=V, conv_width=width, eps=1e-5,
-                            gated_norm=rule != "delta", gate_normalizer=16.0, gate_rank=16 if gla else 0)
+    gla, gated_norm = rule == "gla", rule != "delta"
     Dk, Dv = H * key_dim, H * V
     extras = 16 if gla else 2 * H
+    step = decode_step.Step(rule=rule, heads=H, key_dim=key_dim, value_dim=V, conv_width=width, eps=1e-5,
+                            gated_norm=gated_norm, gate_column=2 * Dk + Dv + extras if gate_in_y else None,
+                            gate_normalizer=16.0, gate_rank=16 if gla else 0)
     params = {"gla": (_spec(16, Dk), _spec(Dk, dtype=jnp.float32)), "delta": (),
               "gated_delta": (_spec(H, dtype=jnp.float32), _spec(H, dtype=jnp.float32))}[rule]
-    args = (_spec(B, 2 * Dk + Dv + extras), _spec(B, Dv) if step.gated_norm else None,
+    args = (_spec(B, 2 * Dk + Dv + extras + (Dv if gate_in_y else 0)),
+            _spec(B, Dv) if gated_norm and not gate_in_y else None,
             [_spec(B, width - 1, d) for d in (Dk, Dk, Dv)], [_spec(width, d, dtype=jnp.float32) for d in (Dk, Dk, Dv)],
             _spec(B, H, key_dim, V, dtype=jnp.float32), _spec(V, dtype=jnp.float32), params)
     text = lower_triton_for_cuda(lambda *a: decode_step.decode_step(step, *a), *args)
