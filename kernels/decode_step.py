@@ -134,9 +134,10 @@ def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params
     """One token of every row through a layer's recurrence: ``(o [B, H*V] in y's dtype, state, caches)``.
 
     y ``[B, W]`` the joined input projection (with the output gate's from ``step.gate_column`` when that is
-    set); gate ``[B, H*V]`` the output gate's projection otherwise (None without one); caches the q, k and v convs' ``[B, conv_width - 1, C]``; weights their kernels ``[conv_width, C]``;
-    state ``[B, H, K, V]`` float32; norm_weight ``[V]``; params GLA's ``(up kernel [rank, H*K], up bias
-    [H*K])``, the gated delta rule's ``(A_log [H], dt_bias [H])``, else ().
+    set); gate ``[B, H*V]`` the output gate's projection otherwise (None without one); caches the q, k and v
+    convs' ``[B, conv_width - 1, C]``; weights their kernels ``[conv_width, C]``; state ``[B, H, K, V]``
+    float32; norm_weight ``[V]``; params GLA's ``(up kernel [rank, H*K], up bias [H*K])``, the gated delta
+    rule's ``(A_log [H], dt_bias [H])``, else ().
     """
     if not supports(step):
         raise ValueError(f"decode_step: unsupported {step}: per-head dims (and the gate rank) must be powers of "

@@ -12,7 +12,6 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlin import ops
 from jaxlin.layers import fp8
 from jaxlin.ops import conv, dispatch, norm
-from kernels.decode_step import Step
 
 INIT_STD = 0.02  # nanoGPT's initialisation for every Linear and Embedding
 # Element-wise results that feed a matrix product or a recurrence kernel (norm outputs, the MLP activation,
@@ -147,20 +146,22 @@ def output_gate(layer: nnx.Module, x, extras: dict):
     return None if layer.g_proj is None else layer.g_proj(x)
 
 
-def decode_step_of(layer: nnx.Module, rule: str, norm: GatedRMSNorm, *, gated_norm: bool, **gla) -> Step:
+def decode_step_of(layer: nnx.Module, rule: str, norm: GatedRMSNorm, *, gated_norm: bool, **gla) -> ops.DecodeStep:
     """The static description of a recurrent layer's decoding step (``kernels.decode_step``); ``gla``: GLA's
     ``gate_normalizer`` and ``gate_rank``."""
-    return Step(rule=rule, heads=layer.n_head, key_dim=layer.q_proj.out_features // layer.n_head,
+    return ops.DecodeStep(rule=rule, heads=layer.n_head, key_dim=layer.q_proj.out_features // layer.n_head,
                 value_dim=layer.v_proj.out_features // layer.n_head,
                 conv_width=0 if layer.conv is None else layer.conv.width, eps=norm.eps, gated_norm=gated_norm, **gla)
 
 
-def decodes_in_kernel(layer: nnx.Module, step: Step, x, *, segment_ids, state: dict, return_state: bool) -> bool:
+def decodes_in_kernel(layer: nnx.Module, step: ops.DecodeStep, x, *, segment_ids, state: dict,
+                      return_state: bool) -> bool:
+    """Whether this call is a decoding step that `decode_in_kernel` runs (``dispatch.decode_kernel_applies``)."""
     return dispatch.decode_kernel_applies(layer.impl, step, x, segment_ids=segment_ids, state=state,
                                           return_state=return_state)
 
 
-def decode_in_kernel(layer: nnx.Module, step: Step, x, state: dict, norm: GatedRMSNorm, params=()):
+def decode_in_kernel(layer: nnx.Module, step: ops.DecodeStep, x, state: dict, norm: GatedRMSNorm, params=()):
     """A decoding step ``x [B, 1, D]`` of a recurrent layer: its joined input product (the output gate's
     columns in it, unless a stored joined kernel leaves them out), then everything up to the output
     projection in one kernel (``ops.decode_step``). Returns the layer's ``(y, new state)``."""

@@ -22,11 +22,12 @@ from kernels.common import RESIDUAL_NAME
 from . import context_parallel, dispatch
 from .checks import check_inputs
 
-__all__ = ["gla", "delta_rule", "gated_delta_rule", "decode_step", "l2norm", "SAVEABLE_NAMES"]
+__all__ = ["gla", "delta_rule", "gated_delta_rule", "decode_step", "DecodeStep", "l2norm", "SAVEABLE_NAMES"]
 
 # `jax.checkpoint` names: every op's output, and the Pallas kernels' backward residuals (chunk states).
 OUTPUT_NAME = "linear_attention_output"
 SAVEABLE_NAMES = (OUTPUT_NAME, RESIDUAL_NAME)
+DecodeStep = kernels.decode_step.Step  # the static description of a layer's decoding step
 
 
 def l2norm(x, eps=1e-6):
