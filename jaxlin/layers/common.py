@@ -150,8 +150,9 @@ def decode_step_of(layer: nnx.Module, rule: str, norm: GatedRMSNorm, *, gated_no
     """The static description of a recurrent layer's decoding step (``kernels.decode_step``); ``gla``: GLA's
     ``gate_normalizer`` and ``gate_rank``."""
     return ops.DecodeStep(rule=rule, heads=layer.n_head, key_dim=layer.q_proj.out_features // layer.n_head,
-                value_dim=layer.v_proj.out_features // layer.n_head,
-                conv_width=0 if layer.conv is None else layer.conv.width, eps=norm.eps, gated_norm=gated_norm, **gla)
+                          value_dim=layer.v_proj.out_features // layer.n_head,
+                          conv_width=0 if layer.conv is None else layer.conv.width, eps=norm.eps,
+                          gated_norm=gated_norm, **gla)
 
 
 def decodes_in_kernel(layer: nnx.Module, step: ops.DecodeStep, x, *, segment_ids, state: dict,
