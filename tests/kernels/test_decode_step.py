@@ -38,19 +38,22 @@ def _step(layer, impl, x, state):
     return layer(x, state=state, return_state=True)
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 4e-3)])
-@pytest.mark.parametrize("name", LAYERS)
-def test_kernel_step_matches_the_layers_ops(name, dtype, tol):
-    """Output, recurrent state and every conv cache, three rows (an odd batch), a state far from zero."""
-    layer = _layer(name, dtype)
-    x = jax.random.normal(jax.random.key(1), (3, 1, WIDTH)).astype(dtype)
-    state = _random_state(layer, 3, dtype, seed=2, state_scale=3.0)
-    want = _step(layer, "reference", x, state)
-    got = _step(layer, "pallas", x, state)
+def _check_kernel_step(layer, dtype, batch, seed, tol, state_scale=1.0):
+    """The kernel's step against the layer's ops: output, recurrent state and every conv cache."""
+    x = jax.random.normal(jax.random.key(seed), (batch, 1, WIDTH)).astype(dtype)
+    state = _random_state(layer, batch, dtype, seed + 1, state_scale)
+    want, got = _step(layer, "reference", x, state), _step(layer, "pallas", x, state)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert g.dtype == w.dtype and g.shape == w.shape
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 4e-3)])
+@pytest.mark.parametrize("name", LAYERS)
+def test_kernel_step_matches_the_layers_ops(name, dtype, tol):
+    """Three rows (an odd batch), a state far from zero."""
+    _check_kernel_step(_layer(name, dtype), dtype, batch=3, seed=1, tol=tol, state_scale=3.0)
 
 
 @pytest.mark.parametrize("name", ["gla", "gated_deltanet"])
@@ -61,11 +64,7 @@ def test_a_gate_apart_from_the_joined_product(name):
     fp8.use_fp8(layer, 4)
     layer = for_decoding(layer)
     assert "g_proj" not in layer.joined_kernel.names
-    x = jax.random.normal(jax.random.key(7), (2, 1, WIDTH))
-    state = _random_state(layer, 2, jnp.float32, seed=8)
-    want, got = _step(layer, "reference", x, state), _step(layer, "pallas", x, state)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+    _check_kernel_step(layer, jnp.float32, batch=2, seed=7, tol=2e-5)
 
 
 def test_extreme_gla_gates():
@@ -73,11 +72,7 @@ def test_extreme_gla_gates():
     for bias in (-30.0, 30.0):
         layer = _layer("gla", jnp.float32, gate_logit_normalizer=1.0)
         layer.gk_up.bias.set_value(jnp.full_like(layer.gk_up.bias.get_value(), bias))
-        x = jax.random.normal(jax.random.key(4), (2, 1, WIDTH))
-        state = _random_state(layer, 2, jnp.float32, seed=5)
-        want, got = _step(layer, "reference", x, state), _step(layer, "pallas", x, state)
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+        _check_kernel_step(layer, jnp.float32, batch=2, seed=4, tol=2e-5)
 
 
 def test_which_calls_take_the_kernel():
