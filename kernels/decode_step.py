@@ -22,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
 
 from .common import compiler_params
 
@@ -77,7 +78,7 @@ def _l2_normed(x):
     return x * jax.lax.rsqrt(jnp.sum(x * x) + L2_EPS)
 
 
-def _kernel(*refs, step: Step, dtype):
+def _kernel(*refs, step: Step, dtype, interpret: bool):
     f32 = jnp.float32
     rounded = lambda x: x.astype(dtype).astype(f32)
     h = pl.program_id(1)
@@ -89,22 +90,31 @@ def _kernel(*refs, step: Step, dtype):
     state_ref, norm_ref = refs[6:8]
     params, (o_ref, state_out, *caches_out) = refs[8:-5], refs[-5:]
 
-    def conv(piece, column, channels, dim):
-        """silu of the causal conv of this head's ``dim`` channels of a piece starting at y's ``column``;
-        shifts the piece's cache (rows of ``channels``, oldest first) by the new input."""
+    def taps(piece, column, channels, dim):
+        """This head's ``dim`` channels of a piece (starting at y's ``column``; its cache's rows of ``channels``,
+        oldest first): the conv's inputs, the new one last."""
         start = h * dim
-        taps = [caches[piece][pl.ds(j * channels + start, dim)].astype(f32) for j in range(step.conv_width - 1)]
-        taps.append(y_ref[pl.ds(column + start, dim)].astype(f32))
+        rows = [caches[piece][pl.ds(j * channels + start, dim)] for j in range(step.conv_width - 1)]
+        return [r.astype(f32) for r in rows] + [y_ref[pl.ds(column + start, dim)].astype(f32)]
+
+    def conv(piece, inputs, channels, dim):
+        """silu of the causal conv; shifts the piece's cache by the new input."""
+        start = h * dim
         for j in range(step.conv_width - 1):
-            caches_out[piece][pl.ds(j * channels + start, dim)] = taps[j + 1].astype(caches_out[piece].dtype)
-        pre = sum(tap * weights[piece][pl.ds(j * channels + start, dim)] for j, tap in enumerate(taps))
+            caches_out[piece][pl.ds(j * channels + start, dim)] = inputs[j + 1].astype(caches_out[piece].dtype)
+        pre = sum(tap * weights[piece][pl.ds(j * channels + start, dim)] for j, tap in enumerate(inputs))
         return rounded(pre * jax.nn.sigmoid(pre))
 
-    Dk = H * K
-    q = conv(0, 0, Dk, K)
-    k = conv(1, Dk, Dk, K)
-    v = conv(2, 2 * Dk, H * V, V)
+    Dk, Dv = H * K, H * V
+    pieces = [(0, Dk, K), (Dk, Dk, K), (2 * Dk, Dv, V)]  # q, k, v: first column in y, channels, per head
+    inputs = [taps(piece, *layout) for piece, layout in enumerate(pieces)]
     S = state_ref[...]
+    # The caches and the state are updated in place (aliased): every thread's loads of them are done before
+    # any thread stores. A value of a short row is held by several threads, and the one that stores it need
+    # not be the one whose load is still in flight. (Interpret mode runs a program's steps in order.)
+    if not interpret:
+        plgpu_triton.debug_barrier()
+    q, k, v = (conv(piece, inputs[piece], channels, dim) for piece, (_, channels, dim) in enumerate(pieces))
     if step.rule == "gla":
         up_ref, bias_ref = params
         low = y_ref[pl.ds(step.extras_column, step.gate_rank)].astype(f32)
@@ -167,7 +177,7 @@ def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params
     state_index = first_cache + 6
     aliases = {state_index: 1, first_cache: 2, first_cache + 1: 3, first_cache + 2: 4}
     o, state, *flat_caches = pl.pallas_call(
-        functools.partial(_kernel, step=step, dtype=y.dtype), grid=(B, H), in_specs=in_specs,
+        functools.partial(_kernel, step=step, dtype=y.dtype, interpret=interpret), grid=(B, H), in_specs=in_specs,
         out_specs=[head_values, in_specs[state_index], *[row(c.shape[1]) for c in flat_caches]],
         out_shape=[jax.ShapeDtypeStruct((B, H * V), y.dtype), jax.ShapeDtypeStruct(state.shape, f32),
                    *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in flat_caches]],

@@ -94,8 +94,8 @@ def _prefill_then_steps(prefilling, prefill_params, stepping, step_params, head,
 
 @pytest.mark.parametrize("name", [pytest.param("gla", marks=pytest.mark.slow), "hybrid"])
 def test_steps_in_the_fused_kernel_continue_the_full_forward(name):
-    """Every recurrent layer with a short conv decodes in kernels.decode_step (interpret mode), as on a GPU by
-    default; the hybrid's conv-less GLA layer and its softmax layer keep their own ops."""
+    """Every recurrent layer with a short conv decodes in kernels.decode_step (interpret mode, impl="pallas");
+    the hybrid's conv-less GLA layer and its softmax layer keep their own ops."""
     model = tiny_model(name)
     tokens = jnp.asarray(random_tokens(11, (2, 24)))
     decoding = for_decoding(model)
