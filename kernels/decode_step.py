@@ -33,8 +33,8 @@ L2_EPS = 1e-6  # the ops' q/k L2 normalisation
 @dataclasses.dataclass(frozen=True)
 class Step:
     """The static description of a layer's step: its rule, heads, per-head key and value dims, conv width,
-    the norm's eps, whether the output norm is gated and the first column of y that holds the gate's input
-    (None: it comes as an array of its own), GLA's gate normaliser and low rank."""
+    the norm's eps, whether the output norm is gated and the first column of y holding the output gate's
+    projection (None: it comes as an array of its own), GLA's gate normaliser and low rank."""
     rule: str
     heads: int
     key_dim: int
@@ -110,8 +110,8 @@ def _kernel(*refs, step: Step, dtype, interpret: bool):
     inputs = [taps(piece, *layout) for piece, layout in enumerate(pieces)]
     S = state_ref[...]
     # The caches and the state are updated in place (aliased): every thread's loads of them are done before
-    # any thread stores. A value of a short row is held by several threads, and the one that stores it need
-    # not be the one whose load is still in flight. (Interpret mode runs a program's steps in order.)
+    # any thread stores, since a value of a short row is held by several threads and the one that stores it
+    # need not be the one whose load is still in flight. (Interpret mode runs a program's steps in order.)
     if not interpret:
         plgpu_triton.debug_barrier()
     q, k, v = (conv(piece, inputs[piece], channels, dim) for piece, (_, channels, dim) in enumerate(pieces))

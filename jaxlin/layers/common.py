@@ -164,9 +164,9 @@ def decodes_in_kernel(layer: nnx.Module, step: ops.DecodeStep, x, *, segment_ids
 
 def decode_in_kernel(layer: nnx.Module, step: ops.DecodeStep, x, state: dict, norm: GatedRMSNorm, params=()):
     """A decoding step ``x [B, 1, D]`` of a recurrent layer: its joined input product (the output gate's
-    columns in it, unless a stored joined kernel leaves them out), then everything up to the output
+    columns in it, except in FP8, where the gate's product has scales of its own), then everything up to the output
     projection in one kernel (``ops.decode_step``). Returns the layer's ``(y, new state)``."""
-    y, names = joined_product(layer, x[:, 0], with_gate=True)
+    y, names = joined_product(layer, x[:, 0], with_gate=not fp8.runs_in_fp8(layer.q_proj))
     gate = None
     if "g_proj" in names:
         before = names[:names.index("g_proj")]

@@ -20,11 +20,12 @@ LayerNorm) take ``ModelConfig.mlp_impl``, ``elementwise_impl`` and ``layer_norm_
 
 A recurrent layer's decoding step (one token continuing a state, no segment ids) runs everything between its
 input and output products in ``kernels.decode_step`` where the kernel supports the layer and its ``impl`` is
-a ``"pallas"`` one, on one device; otherwise, ``"auto"`` included, the layer's own ops (the token scan). On an
-H100 the kernel took GPT-2 Medium's batch-1 GLA step from 1.165 to 0.910 ms (docs/generation.md), but ``auto``
-keeps the layers' ops: compiled there, its float32 check (``scripts/gpu_check.sh decode-tests``) failed on
-rows past the first (the bf16 check passed), and the barrier that now fences its in-place updates has not run
-on a GPU.
+a ``"pallas"`` one (``"pallas:mosaic"`` too: the step has a Triton kernel only), on one device; otherwise,
+``"auto"`` included, the layer's own ops (the token scan). On an H100 the kernel took GPT-2 Medium's batch-1
+GLA step from 1.168 to 0.910 ms (docs/generation.md), but ``auto`` keeps the layers' ops until the kernel's
+compiled checks (``scripts/gpu_check.sh decode-tests``) pass on a GPU: there its bf16 checks passed and its
+float32 ones failed on rows past the first, in a run whose products were TF32 (the checks now compute them
+in float32) and before a barrier fenced its in-place updates; the cause is not established.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 at small widths, compiled at GPT-2 Medium's with ``KERNELS_ON_GPU=1``; the Triton lowering against an abstract
 H100 on any machine."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,9 +50,10 @@ def _check_kernel_step(layer, dtype, batch, seed, tol, state_scale=1.0):
     state = _random_state(layer, batch, dtype, seed + 1, state_scale)
     want, got = _step(layer, "reference", x, state), _step(layer, "pallas", x, state)
     assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         assert g.dtype == w.dtype and g.shape == w.shape
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol,
+                                   err_msg=f"leaf {jax.tree_util.keystr(path)}")
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 4e-3)])
@@ -96,7 +99,7 @@ def test_which_calls_take_the_kernel():
     assert not applies(state={}) and not applies(return_state=False)
     assert not applies("reference") and not applies("chunked")
     assert not applies("auto")  # the kernel is asked for (see jaxlin.ops.dispatch)
-    assert not dispatch.decode_kernel_applies("pallas", step.__class__(**{**step.__dict__, "key_dim": 24}), one,
+    assert not dispatch.decode_kernel_applies("pallas", dataclasses.replace(step, key_dim=24), one,
                                               segment_ids=None, state=state, return_state=True)
     no_conv = _layer("gla", jnp.float32, conv_size=0)
     assert not decode_step.supports(decode_step_of(no_conv, "gla", no_conv.g_norm, gated_norm=True,
@@ -108,6 +111,7 @@ def test_refuses_what_it_does_not_support():
                             gated_norm=True, gate_rank=16)
     with pytest.raises(ValueError, match="powers of two"):
         decode_step.decode_step(step, *[None] * 6)
+
 
 def _spec(*shape, dtype=jnp.bfloat16):
     return jax.ShapeDtypeStruct(shape, dtype)
@@ -121,7 +125,7 @@ def test_lowers_for_an_h100_at_gpt2_medium_width(rule, key_dim, gate_in_y):
     B, H, V, width = 2, 16, 64, 4
     gla, gated_norm = rule == "gla", rule != "delta"
     Dk, Dv = H * key_dim, H * V
-    extras = 16 if gla else 2 * H
+    extras = {"gla": 16, "delta": H, "gated_delta": 2 * H}[rule]
     step = decode_step.Step(rule=rule, heads=H, key_dim=key_dim, value_dim=V, conv_width=width, eps=1e-5,
                             gated_norm=gated_norm, gate_column=2 * Dk + Dv + extras if gate_in_y else None,
                             gate_normalizer=16.0, gate_rank=16 if gla else 0)
