@@ -25,7 +25,7 @@ a ``"pallas"`` one (``"pallas:mosaic"`` too: the step has a Triton kernel only),
 GLA step from 1.168 to 0.910 ms (docs/generation.md), but ``auto`` keeps the layers' ops until the kernel's
 compiled checks (``scripts/gpu_check.sh decode-tests``) pass on a GPU: there its bf16 checks passed and its
 float32 ones failed on rows past the first, in a run whose products were TF32 (the checks now compute them
-in float32) and before a barrier fenced its in-place updates; the cause is not established.
+in float32) and before a barrier fenced its in-place updates (docs/benchmarks.md weighs the two).
 """
 
 from __future__ import annotations
