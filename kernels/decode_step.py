@@ -168,9 +168,10 @@ def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params
         params = tuple(p.astype(f32) for p in params)
         param_specs = [pl.BlockSpec((1,), lambda b, h: (h,)) for _ in params]
     separate = _separate_gate(step)
+    cache_specs = [row(c.shape[1]) for c in flat_caches]  # each aliased to its output
     inputs = [y, *([gate] if separate else []), *flat_caches, *flat_weights, state, norm_weight.astype(f32),
               *params]
-    in_specs = [row(W), *([head_values] if separate else []), *[row(c.shape[1]) for c in flat_caches],
+    in_specs = [row(W), *([head_values] if separate else []), *cache_specs,
                 *[whole(w) for w in flat_weights], pl.BlockSpec((None, None, K, V), lambda b, h: (b, h, 0, 0)),
                 whole(norm_weight), *param_specs]
     first_cache = 1 + separate
@@ -178,7 +179,7 @@ def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params
     aliases = {state_index: 1, first_cache: 2, first_cache + 1: 3, first_cache + 2: 4}
     o, state, *flat_caches = pl.pallas_call(
         functools.partial(_kernel, step=step, dtype=y.dtype, interpret=interpret), grid=(B, H), in_specs=in_specs,
-        out_specs=[head_values, in_specs[state_index], *[row(c.shape[1]) for c in flat_caches]],
+        out_specs=[head_values, in_specs[state_index], *cache_specs],
         out_shape=[jax.ShapeDtypeStruct((B, H * V), y.dtype), jax.ShapeDtypeStruct(state.shape, f32),
                    *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in flat_caches]],
         input_output_aliases=aliases, compiler_params=compiler_params(num_warps=4, num_stages=1),
