@@ -7,7 +7,7 @@
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
 #   gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference,
 #   attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run,
-#   fp8-profile, decode-tests, decode, decode-kernel, decode-prefill
+#   fp8-profile, decode-tests, decode, decode-ops, decode-prefill
 #   (default: tests, delta-tests, gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so give it a stage of its own where time is short. `delta-tests` runs the
@@ -22,7 +22,7 @@
 # time goes, kernel by kernel (`profile` does the same at bf16); `decode-tests` compiles the fused decode step
 # (kernels/decode_step.py) at GPT-2 Medium's width against the layers' XLA ops; `decode` runs the decode
 # benchmark's grid from empty states (no prefill), each model's first row profiled (about 1.5 minutes on an H100);
-# `decode-kernel` runs the recurrent models' rows again with their decode step in that kernel (`--impl pallas`);
+# `decode-ops` runs the recurrent models' rows again with their decode step in the layers' XLA ops (`--impl reference`);
 # `decode-prefill` adds the prefill and the naive full-forward columns at batch 1, context 1k (the prefill's
 # Pallas kernels take minutes to compile: 312 s for GLA's functions at three batch sizes on an H100).
 set -uo pipefail
@@ -31,7 +31,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gelu-tests gla delta gelu train)
 known=" tests delta-tests gelu-tests elementwise-tests gla delta gelu elementwise train train-xla-norms train-xla-mlp "
 known+="train-delta train-all profile reference attention-tests train-softmax seq-sweep seq-sweep-recurrent "
-known+="attention-layer long-train fp8 fp8-run fp8-profile decode-tests decode decode-kernel decode-prefill "
+known+="attention-layer long-train fp8 fp8-run fp8-profile decode-tests decode decode-ops decode-prefill "
 for name in "${stages[@]}"; do  # every name checked before any stage runs
   [[ "$known" == *" $name "* ]] || { echo "error: unknown stage '$name' (expected one of:$known)" >&2; exit 2; }
 done
@@ -114,8 +114,8 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
                --profile /tmp/fp8_profile --json "$out/fp8_profile.json" ;;  # where the fp8 step's time goes
     decode-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage decode-tests 240 python3 -m pytest \
              tests/kernels/test_decode_step.py -vv -p no:cacheprovider -W ignore -k "not lowers" ;;
-    decode-kernel) stage decode-kernel 200 python3 -m jaxlin.bench.decode --decode_only --impl pallas \
-             --models gla,gated_deltanet --time_budget 150 --json "$out/decode_kernel.json" ;;
+    decode-ops) stage decode-ops 200 python3 -m jaxlin.bench.decode --decode_only --impl reference \
+             --models gla,gated_deltanet --time_budget 150 --json "$out/decode_ops.json" ;;
     decode) stage decode 240 python3 -m jaxlin.bench.decode --decode_only --time_budget 180 \
                --profile /tmp/decode_profile --json "$out/decode.json" ;;  # the whole grid; each model's first row profiled
     decode-prefill) stage decode-prefill 1200 python3 -m jaxlin.bench.decode --batch 1 --context 1024 \

@@ -2,7 +2,7 @@
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
         [--context 1024,4096,16384,32768] [--new_tokens 32] [--repeats 3] [--bandwidth B]
-        [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl pallas] [--json decode.json]
+        [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl reference] [--json decode.json]
         [--profile DIR] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
@@ -307,9 +307,10 @@ def main(argv=None):
                         help="rows up to this context also time the full forward and compare its logits (0: none)")
     parser.add_argument("--decode_only", action="store_true",
                         help="time decoding alone, from an empty state of the context's length (no prefill)")
-    parser.add_argument("--impl", default="auto", choices=("auto", "pallas"),
-                        help="the recurrent layers' impl: pallas runs a decode step's convs, recurrence and norm in "
-                             "one kernel (kernels/decode_step.py); auto, in the layers' XLA ops")
+    parser.add_argument("--impl", default="auto", choices=("auto", "reference"),
+                        help="the recurrent layers' impl: auto runs a decode step's convs, recurrence and norm in one "
+                             "kernel on a GPU (kernels/decode_step.py); reference, in the layers' XLA ops (the token "
+                             "scan, the prefill's too: use it with --decode_only)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace one more decode block of each model's first row here; print its kernels per step")

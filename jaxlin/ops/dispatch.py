@@ -19,13 +19,11 @@ LayerNorm) take ``ModelConfig.mlp_impl``, ``elementwise_impl`` and ``layer_norm_
 ``"dots"``, whose memory budget has no room for the fused forward's stored ``gelu(h)``.
 
 A recurrent layer's decoding step (one token continuing a state, no segment ids) runs everything between its
-input and output products in ``kernels.decode_step`` where the kernel supports the layer and its ``impl`` is
-a ``"pallas"`` one (``"pallas:mosaic"`` too: the step has a Triton kernel only), on one device; otherwise,
-``"auto"`` included, the layer's own ops (the token scan). On an H100 the kernel took GPT-2 Medium's batch-1
-GLA step from 1.168 to 0.910 ms (docs/generation.md), but ``auto`` keeps the layers' ops until the kernel's
-compiled checks (``scripts/gpu_check.sh decode-tests``) pass on a GPU: there its bf16 checks passed and its
-float32 ones failed on rows past the first, in a run whose products were TF32 (the checks now compute them
-in float32) and before a barrier fenced its in-place updates (docs/benchmarks.md weighs the two).
+input and output products in ``kernels.decode_step`` where the kernel supports the layer, on one device, for
+``"auto"`` on a GPU and for the ``"pallas"`` impls anywhere (``"pallas:mosaic"`` too: the step has a Triton
+kernel only); otherwise the layer's own ops (the token scan). On an H100 the kernel took GPT-2 Medium's
+batch-1 GLA step from 1.168 to 0.910 ms, and its compiled checks (``scripts/gpu_check.sh decode-tests``) pass
+there in float32 and bf16 (docs/generation.md).
 """
 
 from __future__ import annotations
@@ -196,4 +194,4 @@ def decode_kernel_applies(impl: str, step: decode_step.Step, x, *, segment_ids, 
         return False
     if not decode_step.supports(step) or jax.sharding.get_abstract_mesh().size > 1:
         return False
-    return impl.startswith("pallas")
+    return impl.startswith("pallas") or (impl == "auto" and on_one_gpu())
