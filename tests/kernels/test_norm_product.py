@@ -36,7 +36,7 @@ def _flax(x, delta, scale, bias, w, gelu):
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 0.04)])
-@pytest.mark.parametrize("rows", [1, 3, 8, 48])  # one at a time up to 8; 48: three blocks of 16 on the tensor cores
+@pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("with_delta,gelu", [(False, False), (True, True)])
 def test_matches_the_layer_norm_then_the_product(rows, dtype, tol, with_delta, gelu):
     """bf16: the normed rows round to bf16 on both paths and may differ by an ulp, so the products' sums
@@ -54,17 +54,18 @@ def test_matches_the_layer_norm_then_the_product(rows, dtype, tol, with_delta, g
 
 
 def test_refuses_what_it_does_not_support():
-    x, _, scale, bias, w = _inputs(12, jnp.float32, seed=0, with_delta=False)
-    with pytest.raises(ValueError, match="B <= 8 or a multiple of 16"):
+    x, _, scale, bias, w = _inputs(9, jnp.float32, seed=0, with_delta=False)
+    with pytest.raises(ValueError, match="B <= 8"):
         norm_product.norm_product(x, None, scale, bias, w, eps=1e-5, interpret=True)
-    assert not norm_product.supports(x, w) and norm_product.supports(x[:8], w) and norm_product.supports(x[:2], w)
+    assert not norm_product.supports(x, w) and norm_product.supports(x[:8], w) and norm_product.supports(x[:1], w)
     assert not norm_product.supports(x[:2], w[:, :40])  # columns not a whole number of 16
+    assert not norm_product.supports(x[:2, :96], w[:96])  # rows not whole slices of a power of two
 
 
-@pytest.mark.parametrize("rows,columns,gelu", [(2, 3088, False), (64, 4096, True)])
+@pytest.mark.parametrize("rows,columns,gelu", [(2, 3088, False), (8, 4096, True)])
 def test_lowers_for_an_h100_at_gpt2_medium_width(rows, columns, gelu):
-    """A lone prompt's two rows into GLA's joined product (16-column tiles); 64 rows into the MLP's first
-    product (tensor cores, GELU)."""
+    """A lone prompt's two rows into GLA's joined product (16-column tiles); 8 rows into the MLP's first
+    product (GELU)."""
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     args = (spec(rows, 1024), spec(rows, 1024), spec(1024, dtype=jnp.float32), spec(1024, dtype=jnp.float32),
             spec(1024, columns))
@@ -77,6 +78,6 @@ def test_which_calls_take_the_kernel():
     x, _, _, _, w = _inputs(2, jnp.float32, seed=0, with_delta=False)
     assert dispatch.norm_product_applies("pallas", x, w) and not dispatch.norm_product_applies("xla", x, w)
     assert dispatch.norm_product_applies("auto", x, w) == (jax.default_backend() == "gpu")
-    assert not dispatch.norm_product_applies("pallas", jnp.concatenate([x] * 6), w)  # 12 rows
+    assert not dispatch.norm_product_applies("pallas", jnp.concatenate([x] * 5), w)  # 10 rows
     with pytest.raises(ValueError, match="layer_norm_impl"):
         dispatch.norm_product_applies("triton", x, w)
