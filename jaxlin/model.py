@@ -16,8 +16,7 @@ from jaxlin.ops import dispatch
 from jaxlin.ops import mlp as mlp_ops
 from jaxlin.ops import norm as norm_ops
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS, fp8
-from jaxlin.layers.common import (ACTIVATION_NAME, INIT_STD, activation, decode_joined, decodes_in_kernel,
-                                  joined_projections, linear)
+from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
 
 # Attention settings that may be given per layer: a scalar applies to every layer, a tuple lists one per layer.
 PER_LAYER_FIELDS = ("attn", "expand_k", "expand_v", "conv_size")
@@ -193,36 +192,6 @@ class Block(nnx.Module):
             x = x + y
             h = self.ln_2(x)
         return x + self.mlp(activation(h)), new_state
-
-    def decodes_fused(self, x, state) -> bool:
-        """Whether a decoding step of rows ``x [B, D]`` continuing ``state`` runs `decode`: a recurrent layer
-        whose step the decode kernel takes (``dispatch.decode_kernel_applies``) and whose stored joined kernel
-        holds its output gate's if it has one (``for_decoding``, not FP8), and both LayerNorms inside their
-        products (``dispatch.norm_product_applies``)."""
-        attn, mlp = self.attn, self.mlp
-        joined = getattr(attn, "joined_kernel", None)
-        if joined is None or fp8.runs_in_fp8(mlp.c_fc):
-            return False
-        step = attn.decoding()[0]
-        if step.gated_norm and "g_proj" not in joined.names:
-            return False
-        return (decodes_in_kernel(attn, step, x[:, None], segment_ids=None, state=state, return_state=True)
-                and dispatch.norm_product_applies(self.layer_norm_impl, x, joined[...])
-                and dispatch.norm_product_applies(self.layer_norm_impl, x, mlp.c_fc.kernel[...]))
-
-    def decode(self, x, delta, state):
-        """One decoding step (`decodes_fused`) of rows ``x [B, D]``, the residual stream before ``delta [B, D]``
-        (the last block's output, or None) is added: each LayerNorm runs inside the product that reads it
-        (``kernels.norm_product``), the layer's step in ``kernels.decode_step``. Returns this block's
-        ``(stream, output, new state)``: the caller adds the output (the next block's first kernel does)."""
-        attn, mlp = self.attn, self.mlp
-        x, y = norm_ops.norm_product(x, delta, self.ln_1.scale[...], self.ln_1.bias[...], attn.joined_kernel[...],
-                                     eps=self.ln_1.epsilon)
-        step, norm, params = attn.decoding()
-        o, state = decode_joined(attn, step, y, joined_projections(attn), None, state, norm, params)
-        x, h = norm_ops.norm_product(x, o[:, 0], self.ln_2.scale[...], self.ln_2.bias[...], mlp.c_fc.kernel[...],
-                                     eps=self.ln_2.epsilon, gelu=True)
-        return x, fp8.matmul(h, mlp.c_proj.kernel[...], mlp.c_proj), state
 
     @staticmethod
     def _norm(ln: nnx.LayerNorm, x, residual):

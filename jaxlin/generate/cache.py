@@ -70,28 +70,10 @@ def forward(model: GPT, tokens, cache: dict, segment_ids=None):
         x = x + jnp.take(wpe, jnp.clip(positions, 0, wpe.shape[0] - 1), axis=0)
     x = x.astype(model.config.compute_dtype)
     layers = []
-    if tokens.shape[1] == 1 and segment_ids is None:
-        x = _decode_blocks(model, x[:, 0], cache["layers"], layers)[:, None]
-    else:
-        for block, state in zip(model.h, cache["layers"]):
-            x, state = block(x, segment_ids, state, True)
-            layers.append(state)
+    for block, state in zip(model.h, cache["layers"]):
+        x, state = block(x, segment_ids, state, True)
+        layers.append(state)
     return model.ln_f(x), {"layers": layers, "length": length + tokens.shape[1], "start": start}
-
-
-def _decode_blocks(model: GPT, x, states: list, new_states: list):
-    """One token's rows ``x [B, D]`` through the blocks, each by `Block.decode` where it applies (the residual
-    add of its output deferred to the next block's first kernel), else by its call."""
-    delta = None
-    for block, state in zip(model.h, states):
-        if block.decodes_fused(x, state):
-            x, delta, state = block.decode(x, delta, state)
-        else:
-            x = x if delta is None else x + delta
-            x, state = block(x[:, None], None, state, True)
-            x, delta = x[:, 0], None
-        new_states.append(state)
-    return x if delta is None else x + delta
 
 
 def logits(h, head):

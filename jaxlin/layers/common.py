@@ -164,21 +164,15 @@ def decodes_in_kernel(layer: nnx.Module, step: ops.DecodeStep, x, *, segment_ids
 
 def decode_in_kernel(layer: nnx.Module, step: ops.DecodeStep, x, state: dict, norm: GatedRMSNorm, params=()):
     """A decoding step ``x [B, 1, D]`` of a recurrent layer: its joined input product (the output gate's
-    columns in it, except in FP8, where the gate's product has scales of its own), then `decode_joined`.
-    Returns the layer's ``(y, new state)``."""
+    columns in it, except in FP8, where the gate's product has scales of its own), then everything up to the output
+    projection in one kernel (``ops.decode_step``). Returns the layer's ``(y, new state)``."""
     y, names = joined_product(layer, x[:, 0], with_gate=not fp8.runs_in_fp8(layer.q_proj))
-    gate = layer.g_proj(x[:, 0]) if step.gated_norm and "g_proj" not in names else None
-    return decode_joined(layer, step, y, names, gate, state, norm, params)
-
-
-def decode_joined(layer: nnx.Module, step: ops.DecodeStep, y, names, gate, state: dict, norm: GatedRMSNorm,
-                  params=()):
-    """A recurrent layer's decoding step from its joined input product ``y [B, W]`` (projections ``names``):
-    everything up to the output projection in one kernel (``ops.decode_step``), then that projection. ``gate``:
-    the output gate's projection when ``y`` does not hold it. Returns ``(y [B, 1, D], new state)``."""
+    gate = None
     if "g_proj" in names:
         before = names[:names.index("g_proj")]
         step = dataclasses.replace(step, gate_column=sum(getattr(layer, name).out_features for name in before))
+    elif step.gated_norm:
+        gate = layer.g_proj(x[:, 0])
     conv = layer.conv
     o, recurrent, caches = ops.decode_step(
         step, y, gate, [state["conv"][name] for name in "qkv"], [c.kernel[...] for c in (conv.q, conv.k, conv.v)],

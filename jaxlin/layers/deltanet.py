@@ -47,17 +47,13 @@ class DeltaNet(nnx.Module):
         self.o_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps, impl=elementwise_impl)
         self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
-    def decoding(self):
-        """This layer's decoding step for ``kernels.decode_step``: its description, output norm and parameters."""
-        step = decode_step_of(self, "gated_delta" if self.gated else "delta", self.o_norm,
-                              gated_norm=self.g_proj is not None)
-        return step, self.o_norm, (self.A_log[...], self.dt_bias[...]) if self.gated else ()
-
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        step, norm, params = self.decoding()
+        step = decode_step_of(self, "gated_delta" if self.gated else "delta", self.o_norm,
+                              gated_norm=self.g_proj is not None)
         if decodes_in_kernel(self, step, x, segment_ids=segment_ids, state=state, return_state=return_state):
-            return decode_in_kernel(self, step, x, state, norm, params)
+            params = (self.A_log[...], self.dt_bias[...]) if self.gated else ()
+            return decode_in_kernel(self, step, x, state, self.o_norm, params)
         (q, k, v), extras, conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
                                                     return_state=return_state)
         b, a, gate = extras["b_proj"], extras.get("a_proj"), output_gate(self, x, extras)

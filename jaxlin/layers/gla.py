@@ -40,18 +40,13 @@ class GatedLinearAttention(nnx.Module):
         self.g_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps, impl=elementwise_impl)
         self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
-    def decoding(self):
-        """This layer's decoding step for ``kernels.decode_step``: its description, output norm and parameters."""
-        up = self.gk_up
-        step = decode_step_of(self, "gla", self.g_norm, gated_norm=True, gate_normalizer=self.gate_logit_normalizer,
-                              gate_rank=self.gk_down.out_features)
-        return step, self.g_norm, (up.kernel[...].astype(up.dtype), up.bias[...])
-
     def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
         state = state or {}
-        step, norm, params = self.decoding()
+        step = decode_step_of(self, "gla", self.g_norm, gated_norm=True, gate_normalizer=self.gate_logit_normalizer,
+                              gate_rank=self.gk_down.out_features)
         if decodes_in_kernel(self, step, x, segment_ids=segment_ids, state=state, return_state=return_state):
-            return decode_in_kernel(self, step, x, state, norm, params)
+            up = self.gk_up
+            return decode_in_kernel(self, step, x, state, self.g_norm, (up.kernel[...].astype(up.dtype), up.bias[...]))
         (q, k, v), extras, conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
                                                     return_state=return_state)
         gk, g = extras["gk_down"], output_gate(self, x, extras)

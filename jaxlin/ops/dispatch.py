@@ -13,7 +13,7 @@ Linear attention (``jaxlin.ops.gla``, ``delta_rule``, ``gated_delta_rule``) take
   scan everywhere: the chunked forms would pad it to a whole chunk.
 
 The single-device kernels (the MLP's fused GELU products, the short convs and gated RMSNorm, the blocks'
-LayerNorm, and in a decoding step that LayerNorm inside the product that reads it) take ``ModelConfig.mlp_impl``, ``elementwise_impl`` and ``layer_norm_impl``: ``"xla"``, ``"pallas"``
+LayerNorm) take ``ModelConfig.mlp_impl``, ``elementwise_impl`` and ``layer_norm_impl``: ``"xla"``, ``"pallas"``
 (interpret mode off the GPU; refused under a mesh of several devices, since XLA cannot partition them), or
 ``"auto"``: the kernel on one GPU where it supports the call. The MLP's ``auto`` stays on XLA under remat
 ``"dots"``, whose memory budget has no room for the fused forward's stored ``gelu(h)``.
@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels.delta
 import kernels.gla
-from kernels import decode_step, gated_norm, gelu_matmul, layer_norm, norm_product
+from kernels import decode_step, gated_norm, gelu_matmul, layer_norm
 
 from . import chunked, context_parallel, reference
 from .mesh_axes import batch_axes
@@ -185,14 +185,6 @@ def layer_norm_applies(x, impl: str) -> bool:
     if not _kernel_applies(impl, "the LayerNorm kernel", "model.layer_norm_impl"):
         return False
     return layer_norm.supports(x.reshape(-1, x.shape[-1]))
-
-
-def norm_product_applies(impl: str, x, w) -> bool:
-    """Whether a decoding step's LayerNorm runs inside the product that reads it (``kernels.norm_product``) for
-    rows ``x [B, D]`` and weights ``w [D, N]``: ``impl`` is the model's ``layer_norm_impl``."""
-    if not _kernel_applies(impl, "the LayerNorm kernel", "model.layer_norm_impl"):
-        return False
-    return norm_product.supports(x, w)
 
 
 def decode_kernel_applies(impl: str, step: decode_step.Step, x, *, segment_ids, state, return_state) -> bool:

@@ -1,15 +1,14 @@
 """The norms: the gated RMSNorm after the recurrence (FLA's FusedRMSNormGated), the formula in XLA and on
-one GPU ``kernels.gated_norm`` (one pass forward, one backward); the blocks' LayerNorms with the
+one GPU ``kernels.gated_norm`` (one pass forward, one backward); and the blocks' LayerNorms with the
 residual stream in ``kernels.layer_norm`` (where the model's ``layer_norm_impl`` asks; otherwise the blocks
-run Flax's LayerNorm); and, decoding, a block's LayerNorm inside the product that reads it
-(``kernels.norm_product``)."""
+run Flax's LayerNorm)."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from kernels import gated_norm, layer_norm, norm_product as norm_product_kernel
+from kernels import gated_norm, layer_norm
 
 from .dispatch import gated_norm_applies
 
@@ -75,12 +74,3 @@ def _layer_norm_bwd(eps, interpret, residuals, grads):
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-def norm_product(x, delta, scale, bias, w, *, eps, gelu=False):
-    """``(x + delta, LayerNorm(x + delta) @ w)`` for a decoding step's rows ``x [B, D]``, GELU'd with ``gelu``, by
-    ``kernels.norm_product`` (interpret mode off the GPU); with ``delta`` None, ``(x, LayerNorm(x) @ w)``. No
-    gradient: decoding only. Callers check ``dispatch.norm_product_applies``."""
-    s, y = norm_product_kernel.norm_product(x, delta, scale, bias, w, eps=eps, gelu=gelu,
-                                            interpret=jax.default_backend() != "gpu")
-    return x if s is None else s, y

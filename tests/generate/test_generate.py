@@ -92,34 +92,21 @@ def _prefill_then_steps(prefilling, prefill_params, stepping, step_params, head,
     return jnp.concatenate([logits(h[:, -1:], head), jnp.moveaxis(rest, 0, 1)], axis=1)
 
 
-FUSED = ["norm_product", "decode_step", "norm_gelu_product"]  # a block's kernels in Block.decode
-STEP_KERNELS = {("gla", False): ["decode_step"] * 2, ("hybrid", False): ["decode_step"] * 2,
-                ("gla", True): FUSED * 2,
-                # DeltaNet's joined product (3 * 256 + 8 heads' beta) is no whole number of 16 columns
-                ("hybrid", True): FUSED + ["decode_step"]}
-
-
-@pytest.mark.parametrize("norms_in_products", [False, True])
 @pytest.mark.parametrize("name", [pytest.param("gla", marks=pytest.mark.slow), "hybrid"])
-def test_steps_in_the_fused_kernel_continue_the_full_forward(name, norms_in_products):
+def test_steps_in_the_fused_kernel_continue_the_full_forward(name):
     """Every recurrent layer with a short conv decodes in kernels.decode_step (interpret mode, impl="pallas");
-    the hybrid's conv-less GLA layer and its softmax layer keep their own ops. With ``layer_norm_impl="pallas"``
-    (and a width of 256, 8 heads: head dims of 16 and more) blocks whose products the kernel takes also run
-    their LayerNorms inside those products (kernels.norm_product, `Block.decode`), each leaving its output's
-    residual add to the next block's first kernel, or to the blocks' or the stack's end."""
-    model = tiny_model(name, n_embd=256, n_head=8) if norms_in_products else tiny_model(name)
+    the hybrid's conv-less GLA layer and its softmax layer keep their own ops."""
+    model = tiny_model(name)
     tokens = jnp.asarray(random_tokens(11, (2, 24)))
     decoding = for_decoding(model)
     fused = nnx.clone(decoding)
-    for block in fused.h:
-        block.attn.impl = "pallas" if getattr(block.attn, "conv", None) is not None else block.attn.impl
-        block.layer_norm_impl = "pallas" if norms_in_products else block.layer_norm_impl
+    kernel_layers = [block.attn for block in fused.h if getattr(block.attn, "conv", None) is not None]
+    for layer in kernel_layers:
+        layer.impl = "pallas"
     head = model.wte[...]
     cache = init_cache(fused, jnp.zeros(2, jnp.int32), 24)
     traced = jax.make_jaxpr(lambda token, cache: decode_step(fused, head, token, cache))(tokens[:, 0], cache)
-    kernels = [eqn.params["name"] for eqn in traced.jaxpr.eqns if eqn.primitive.name == "pallas_call"]
-    want = STEP_KERNELS[name, norms_in_products]
-    assert len(kernels) == len(want) and all(kernel.endswith(w) for kernel, w in zip(kernels, want)), kernels
+    assert sum(eqn.primitive.name == "pallas_call" for eqn in traced.jaxpr.eqns) == len(kernel_layers) > 0
     got = _prefill_then_steps(*nnx.split(decoding), *nnx.split(fused), head, tokens, prompt_len=9)
     full = np.asarray(model(tokens))
     np.testing.assert_allclose(np.asarray(got), full[:, 8:], atol=2e-5, rtol=2e-5)
