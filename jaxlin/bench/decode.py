@@ -310,7 +310,7 @@ def main(argv=None):
     parser.add_argument("--impl", default="auto", choices=("auto", "reference"),
                         help="the recurrent layers' impl: auto runs a decode step's convs, recurrence and norm in one "
                              "kernel on a GPU (kernels/decode_step.py); reference, in the layers' XLA ops (the token "
-                             "scan, the prefill's too: use it with --decode_only)")
+                             "scan; with --decode_only only, since the prefill would run it too)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace one more decode block of each model's first row here; print its kernels per step")
@@ -322,6 +322,8 @@ def main(argv=None):
         parser.error(f"unknown model(s) {unknown}; choose from {','.join(MODELS)}")
     if not args.batch or not args.context or min(args.batch + args.context + [args.new_tokens, args.repeats]) < 1:
         parser.error("--batch, --context, --new_tokens and --repeats need positive values")
+    if args.impl == "reference" and not args.decode_only:
+        parser.error("--impl reference would prefill in the token scan (minutes at long contexts): add --decode_only")
 
     if args.bandwidth is None:
         args.bandwidth = device_bandwidth(jax.devices()[0].device_kind)

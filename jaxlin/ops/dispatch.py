@@ -9,8 +9,9 @@ Linear attention (``jaxlin.ops.gla``, ``delta_rule``, ``gated_delta_rule``) take
   pin the backend. Off the GPU the kernels run in interpret mode;
 - ``"auto"``: on GPU ``"pallas"`` where the kernels support the call, else ``"chunked"``. On CPU the token
   scan wins below one chunk (T < 64) and the chunked form from T = 64 on (1.2-7x under autodiff at
-  T = 512-2048, 2 cores, K = V = 64), so ``auto`` picks by T. One token (a decoding step) takes the token
-  scan everywhere: the chunked forms would pad it to a whole chunk.
+  T = 512-2048, 2 cores, K = V = 64), so ``auto`` picks by T. One token takes the token scan everywhere:
+  the chunked forms would pad it to a whole chunk (the op itself; a layer's decoding step may take
+  ``kernels.decode_step`` instead, below).
 
 The single-device kernels (the MLP's fused GELU products, the short convs and gated RMSNorm, the blocks'
 LayerNorm) take ``ModelConfig.mlp_impl``, ``elementwise_impl`` and ``layer_norm_impl``: ``"xla"``, ``"pallas"``

@@ -72,3 +72,11 @@ def test_decode_only_rows_time_decoding_from_an_empty_state_of_the_context():
     for row in rows:
         assert "note" not in row and row["decode_tok_s"] > 0 and 0 < row["bound_fraction"] < 1
         assert not {"prefill_tok_s", "naive_ms_per_token", "speedup_vs_naive", "naive_measured_ms"} & set(row)
+
+
+def test_the_layers_ops_decode_only(capsys):
+    """`--impl reference` prefills in the token scan too (minutes at long contexts): refused without
+    --decode_only, before any model is built."""
+    with pytest.raises(SystemExit):
+        decode.main(["--tiny", "--impl", "reference"])
+    assert "add --decode_only" in capsys.readouterr().err

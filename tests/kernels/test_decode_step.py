@@ -82,7 +82,7 @@ def test_extreme_gla_gates():
         _check_kernel_step(layer, jnp.float32, batch=2, seed=4, tol=2e-5)
 
 
-def test_which_calls_take_the_kernel():
+def test_which_calls_take_the_kernel(monkeypatch):
     layer = _layer("gla", jnp.float32)
     step = decode_step_of(layer, "gla", layer.g_norm, gated_norm=True, gate_normalizer=16.0, gate_rank=16)
     assert decode_step.supports(step)
@@ -99,6 +99,10 @@ def test_which_calls_take_the_kernel():
     assert not applies(state={}) and not applies(return_state=False)
     assert not applies("reference") and not applies("chunked")
     assert applies("auto") == (jax.default_backend() == "gpu")  # auto takes it on one GPU only
+    monkeypatch.setattr(dispatch, "on_one_gpu", lambda: True)
+    assert applies("auto")
+    with jax.set_mesh(jax.make_mesh((2,), ("data",))):  # several devices: the layers' ops, whatever the impl
+        assert not applies("auto") and not applies("pallas")
     assert not dispatch.decode_kernel_applies("pallas", dataclasses.replace(step, key_dim=24), one,
                                               segment_ids=None, state=state, return_state=True)
     no_conv = _layer("gla", jnp.float32, conv_size=0)
