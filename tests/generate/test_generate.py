@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxlin.generate import GREEDY, Generator, Sampling, decode_step, generate, init_cache, prefill
-from jaxlin.generate.cache import for_decoding, forward, logits
+from jaxlin.generate.cache import for_decoding, forward
 from jaxlin.generate.loop import MIN_DECODE_ROWS, prompt_length_bucket
 from jaxlin.generate.sampling import row_keys, sample
 from jaxlin.model import GPT, ModelConfig
@@ -40,11 +40,13 @@ def random_tokens(seed, shape):
     return np.asarray(jax.random.randint(jax.random.key(seed), shape, 0, VOCAB), np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "chunk"))
-def _teacher_forced(graphdef, params, head, tokens, *, prompt_len, chunk):
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "chunk", "stepping"))
+def _teacher_forced(graphdef, params, head, tokens, *, prompt_len, chunk, stepping=None, step_params=None):
     """Logits at positions prompt_len - 1 .. T - 1: prefill of the first prompt_len tokens (left-padded
-    to a multiple of `chunk`), then one decode step per further token."""
+    to a multiple of `chunk`), then one decode step per further token, through the model `stepping` and
+    `step_params` describe when given (the same weights, decoding another way)."""
     model = nnx.merge(graphdef, params)
+    step_model = model if stepping is None else nnx.merge(stepping, step_params)
     length = -(-prompt_len // chunk) * chunk
     padded = jnp.zeros((tokens.shape[0], length), jnp.int32).at[:, length - prompt_len:].set(tokens[:, :prompt_len])
     start = jnp.full((tokens.shape[0],), length - prompt_len, jnp.int32)
@@ -52,7 +54,7 @@ def _teacher_forced(graphdef, params, head, tokens, *, prompt_len, chunk):
     first, cache = prefill(model, head, padded, cache, chunk=chunk, padded=length > prompt_len)
 
     def step(cache, token):
-        logits, cache = decode_step(model, head, token, cache)
+        logits, cache = decode_step(step_model, head, token, cache)
         return cache, logits
 
     _, rest = jax.lax.scan(step, cache, tokens[:, prompt_len:].T)
@@ -76,22 +78,6 @@ def test_prefill_and_decode_match_the_full_forward(name, prompt_len, chunk):
     np.testing.assert_allclose(np.asarray(got), full[:, prompt_len - 1:], atol=2e-5, rtol=2e-5)
 
 
-@functools.partial(jax.jit, static_argnames=("prefilling", "stepping", "prompt_len"))
-def _prefill_then_steps(prefilling, prefill_params, stepping, step_params, head, tokens, *, prompt_len):
-    """Logits at positions prompt_len - 1 .. T - 1: the prompt through one model, then a decode step per
-    further token through the other."""
-    prefill_model, step_model = nnx.merge(prefilling, prefill_params), nnx.merge(stepping, step_params)
-    cache = init_cache(prefill_model, jnp.zeros(tokens.shape[0], jnp.int32), tokens.shape[1])
-    h, cache = forward(prefill_model, tokens[:, :prompt_len], cache)
-
-    def step(cache, token):
-        logits, cache = decode_step(step_model, head, token, cache)
-        return cache, logits
-
-    _, rest = jax.lax.scan(step, cache, tokens[:, prompt_len:].T)
-    return jnp.concatenate([logits(h[:, -1:], head), jnp.moveaxis(rest, 0, 1)], axis=1)
-
-
 @pytest.mark.parametrize("name", [pytest.param("gla", marks=pytest.mark.slow), "hybrid"])
 def test_steps_in_the_fused_kernel_continue_the_full_forward(name):
     """Every recurrent layer with a short conv decodes in kernels.decode_step (interpret mode, impl="pallas");
@@ -107,7 +93,9 @@ def test_steps_in_the_fused_kernel_continue_the_full_forward(name):
     cache = init_cache(fused, jnp.zeros(2, jnp.int32), 24)
     traced = jax.make_jaxpr(lambda token, cache: decode_step(fused, head, token, cache))(tokens[:, 0], cache)
     assert sum(eqn.primitive.name == "pallas_call" for eqn in traced.jaxpr.eqns) == len(kernel_layers) > 0
-    got = _prefill_then_steps(*nnx.split(decoding), *nnx.split(fused), head, tokens, prompt_len=9)
+    stepping, step_params = nnx.split(fused)
+    got = _teacher_forced(*nnx.split(decoding), head, tokens, prompt_len=9, chunk=16, stepping=stepping,
+                          step_params=step_params)
     full = np.asarray(model(tokens))
     np.testing.assert_allclose(np.asarray(got), full[:, 8:], atol=2e-5, rtol=2e-5)
 
