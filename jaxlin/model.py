@@ -138,10 +138,12 @@ class ModelConfig:
 class MLP(nnx.Module):
     """c_fc, GELU (tanh form), c_proj; ``impl`` as ModelConfig.mlp_impl."""
 
-    def __init__(self, d_model: int, *, out_std: float, dtype, rngs: nnx.Rngs, impl: str = "auto"):
+    def __init__(self, d_model: int, *, out_std: float, dtype, rngs: nnx.Rngs, impl: str = "auto",
+                 decode_impl: str = "auto"):
         self.c_fc = linear(d_model, 4 * d_model, dtype=dtype, rngs=rngs)
         self.c_proj = linear(4 * d_model, d_model, dtype=dtype, rngs=rngs, std=out_std)
         self.impl = impl
+        self.decode_impl = decode_impl  # ModelConfig.mlp_impl: a decoding step has no backward to remat
 
     def __call__(self, x):
         w_fc, w_proj = (layer.kernel[...].astype(layer.dtype) for layer in (self.c_fc, self.c_proj))
@@ -150,6 +152,17 @@ class MLP(nnx.Module):
             return mlp_ops.gelu_mlp(x, w_fc, w_proj)
         h = activation(jax.nn.gelu(fp8.matmul(x, w_fc, self.c_fc), approximate=True))
         return fp8.matmul(h, w_proj, self.c_proj)
+
+    def decodes_in_kernel(self, x, decoding: bool) -> bool:
+        """Whether `decode` runs this call on ``x [B, T, D]`` (``dispatch.decode_mlp_applies``; not in FP8)."""
+        return not fp8.runs_in_fp8(self.c_fc) and dispatch.decode_mlp_applies(
+            self.decode_impl, x, self.c_fc.kernel, decoding=decoding)
+
+    def decode(self, x, ln: nnx.LayerNorm):
+        """``self(ln(x))`` for a decoding step ``x [B, 1, D]``, in one kernel, in x's dtype."""
+        w_fc, w_proj = (layer.kernel[...].astype(layer.dtype) for layer in (self.c_fc, self.c_proj))
+        y = mlp_ops.decode_mlp(x[:, 0], ln.scale[...], ln.bias[...], w_fc, w_proj, eps=ln.epsilon)
+        return y.astype(x.dtype)[:, None]
 
 
 def layer_norm(d: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -175,7 +188,8 @@ class Block(nnx.Module):
                                           **kwargs)
         self.ln_2 = layer_norm(config.n_embd, config.norm_eps, dtype, rngs)
         self.mlp = MLP(config.n_embd, out_std=out_std, dtype=dtype, rngs=rngs,
-                       impl=dispatch.mlp_impl(config.mlp_impl, config.remat, config.matmul_precision))
+                       impl=dispatch.mlp_impl(config.mlp_impl, config.remat, config.matmul_precision),
+                       decode_impl=config.mlp_impl)
         if config.matmul_precision == "fp8":
             fp8.use_fp8(self.attn, config.fp8_amax_history)
             fp8.use_fp8(self.mlp, config.fp8_amax_history)
@@ -183,6 +197,10 @@ class Block(nnx.Module):
 
     def __call__(self, x, segment_ids=None, state=None, return_state=False):
         attend = lambda h: self.attn(activation(h), segment_ids=segment_ids, state=state, return_state=return_state)
+        if self.mlp.decodes_in_kernel(x, decoding=return_state):
+            y, new_state = attend(self.ln_1(x))
+            x = x + y
+            return x + self.mlp.decode(x, self.ln_2), new_state
         if dispatch.layer_norm_applies(x, self.layer_norm_impl):
             x, h = self._norm(self.ln_1, x, None)
             y, new_state = attend(h)

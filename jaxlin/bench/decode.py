@@ -2,8 +2,8 @@
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
         [--context 1024,4096,16384,32768] [--new_tokens 32] [--repeats 3] [--bandwidth B]
-        [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl reference] [--json decode.json]
-        [--profile DIR] [--tiny]
+        [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl reference] [--mlp_impl xla]
+        [--json decode.json] [--profile DIR] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
 jitted call each), then greedy tokens are decoded in jitted blocks of --new_tokens steps: a warm-up block,
@@ -68,11 +68,11 @@ def device_bandwidth(device_kind: str) -> float:
     return next((b for name, b in BANDWIDTH.items() if name in device_kind), BANDWIDTH["H100"])
 
 
-def model_config(kind: str, max_positions: int, tiny: bool, impl: str = "auto") -> ModelConfig:
+def model_config(kind: str, max_positions: int, tiny: bool, impl: str = "auto", mlp_impl: str = "auto") -> ModelConfig:
     """The softmax model's block size is raised to the longest context (its position embedding); ``impl``: the
-    recurrent layers' (``ModelConfig.impl``)."""
+    recurrent layers' (``ModelConfig.impl``), ``mlp_impl`` the MLP's."""
     return ModelConfig(**(TINY if tiny else GPT2_MEDIUM), **ATTENTION[kind],
-                       block_size=max(1024, max_positions), impl=impl)
+                       block_size=max(1024, max_positions), impl=impl, mlp_impl=mlp_impl)
 
 
 def _init(graphdef, params, start, *, size):
@@ -311,6 +311,9 @@ def main(argv=None):
                         help="the recurrent layers' impl: auto runs a decode step's convs, recurrence and norm in one "
                              "kernel on a GPU (kernels/decode_step.py); reference, in the layers' XLA ops (the token "
                              "scan; with --decode_only only, since the prefill would run it too)")
+    parser.add_argument("--mlp_impl", default="auto", choices=("auto", "xla"),
+                        help="the MLP's impl: auto runs a decode step's second LayerNorm and MLP in one kernel on a "
+                             "GPU, up to 8 rows (kernels/decode_mlp.py); xla, in XLA's products")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace one more decode block of each model's first row here; print its kernels per step")
@@ -330,7 +333,8 @@ def main(argv=None):
     rows, began = [], time.perf_counter()
     for i, kind in enumerate(models):
         deadline = began + args.time_budget * (i + 1) / len(models)
-        config = model_config(kind, max(args.context) + blocks_run(args) * args.new_tokens, args.tiny, args.impl)
+        config = model_config(kind, max(args.context) + blocks_run(args) * args.new_tokens, args.tiny, args.impl,
+                              args.mlp_impl)
         generator = Generator(GPT(config, rngs=nnx.Rngs(0)))
         print(f"{kind}: {weight_bytes(generator) / 1e9:.3f} GB of weights read per decode step, "
               f"{1e3 * weight_bytes(generator) / args.bandwidth:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s",
@@ -371,7 +375,8 @@ def main(argv=None):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": jax.devices()[0].device_kind, "bandwidth": args.bandwidth,
-                                               "new_tokens": args.new_tokens, "impl": args.impl, "rows": rows},
+                                               "new_tokens": args.new_tokens, "impl": args.impl,
+                                               "mlp_impl": args.mlp_impl, "rows": rows},
                                               indent=2) + "\n")
     return rows
 

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels.delta
 import kernels.gla
-from kernels import decode_step, gated_norm, gelu_matmul, layer_norm
+from kernels import decode_mlp, decode_step, gated_norm, gelu_matmul, layer_norm
 
 from . import chunked, context_parallel, reference
 from .mesh_axes import batch_axes
@@ -167,6 +167,14 @@ def fused_mlp_applies(impl: str, x, w_fc) -> bool:
     if not _kernel_applies(impl, "the fused GELU MLP", "model.mlp_impl"):
         return False
     return impl == "pallas" or gelu_matmul.supports(x, w_fc)
+
+
+def decode_mlp_applies(impl: str, x, w_fc, *, decoding: bool) -> bool:
+    """Whether a block's second LayerNorm and MLP on ``x [B, T, D]`` run in ``kernels.decode_mlp``: a decoding
+    step (``decoding``, T = 1) of at most ``decode_mlp.MAX_ROWS`` rows, under the MLP's ``impl``."""
+    if not decoding or x.shape[1] != 1 or not _kernel_applies(impl, "the decoding MLP kernel", "model.mlp_impl"):
+        return False
+    return decode_mlp.supports(x[:, 0], w_fc)
 
 
 def elementwise_kernels_apply(impl: str = "auto") -> bool:

@@ -1,0 +1,75 @@
+"""A decoding step's LayerNorm and MLP in one kernel (kernels.decode_mlp) against the block's XLA formula:
+interpret mode on CPU at a small width, compiled at GPT-2 Medium's with ``KERNELS_ON_GPU=1``; the Triton
+lowering against an abstract H100 on any machine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlin.model import MLP, layer_norm
+from jaxlin.ops import dispatch
+from kernels import decode_mlp
+from tests.kernels.kernel_checks import ON_GPU, lower_triton_for_cuda
+
+WIDTH = 1024 if ON_GPU else 64
+
+
+def _mlp_and_norm(dtype, seed=0):
+    rngs = nnx.Rngs(seed)
+    mlp = MLP(WIDTH, out_std=0.02, dtype=dtype, rngs=rngs, impl="xla", decode_impl="pallas")
+    ln = layer_norm(WIDTH, 1e-5, dtype, rngs)
+    keys = jax.random.split(jax.random.key(seed + 1), 2)
+    ln.scale.set_value(1 + 0.3 * jax.random.normal(keys[0], (WIDTH,)))  # not the identity the init gives
+    ln.bias.set_value(0.3 * jax.random.normal(keys[1], (WIDTH,)))
+    return mlp, ln
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [1, 3, decode_mlp.MAX_ROWS])
+def test_matches_the_blocks_layer_norm_and_mlp(rows, dtype, tol):
+    """Rows far from zero mean and unit spread, where the LayerNorm's statistics matter."""
+    mlp, ln = _mlp_and_norm(dtype)
+    x = (5 + 3 * jax.random.normal(jax.random.key(rows), (rows, 1, WIDTH))).astype(dtype)
+    with jax.default_matmul_precision("float32"):  # a GPU's default TF32 would round XLA's products
+        want = mlp(ln(x))
+        got = mlp.decode(x, ln)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    scale = float(jnp.std(want.astype(jnp.float32)))
+    np.testing.assert_allclose(np.asarray(got, np.float32) / scale, np.asarray(want, np.float32) / scale,
+                               atol=tol, rtol=0)
+
+
+def test_which_calls_take_the_kernel(monkeypatch):
+    mlp, _ = _mlp_and_norm(jnp.float32)
+    step, prompt = jnp.zeros((2, 1, WIDTH)), jnp.zeros((2, 5, WIDTH))
+    assert mlp.decodes_in_kernel(step, decoding=True)
+    assert not mlp.decodes_in_kernel(prompt, decoding=True)  # a prompt's rows belong on tensor cores
+    assert not mlp.decodes_in_kernel(step, decoding=False)  # a forward pass without state
+    assert not mlp.decodes_in_kernel(jnp.zeros((decode_mlp.MAX_ROWS + 1, 1, WIDTH)), decoding=True)
+    applies = lambda impl: dispatch.decode_mlp_applies(impl, step, mlp.c_fc.kernel, decoding=True)
+    assert not applies("xla")
+    assert applies("auto") == (jax.default_backend() == "gpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # a GPU stand-in
+    assert applies("auto")
+    with jax.set_mesh(jax.make_mesh((2,), ("data",))):  # several devices: XLA's products
+        assert not applies("auto")
+        with pytest.raises(ValueError, match="one device only"):
+            applies("pallas")
+
+
+def test_refuses_what_it_does_not_support():
+    x, w_fc = jnp.zeros((2, 96)), jnp.zeros((96, 384))
+    assert not decode_mlp.supports(x, w_fc)
+    with pytest.raises(ValueError, match="power-of-two width"):
+        decode_mlp.decode_mlp(x, jnp.ones(96), jnp.zeros(96), w_fc, jnp.zeros((384, 96)), eps=1e-5)
+
+
+def test_lowers_for_an_h100_at_gpt2_medium_width():
+    """Two rows (a lone prompt beside its stopped copy), bf16 weights, 4,096 hidden units."""
+    spec = jax.ShapeDtypeStruct
+    args = (spec((2, 1024), jnp.bfloat16), spec((1024,), jnp.float32), spec((1024,), jnp.float32),
+            spec((1024, 4096), jnp.bfloat16), spec((4096, 1024), jnp.bfloat16))
+    text = lower_triton_for_cuda(lambda *a: decode_mlp.decode_mlp(*a, eps=1e-5), *args)
+    assert "decode_mlp" in text
