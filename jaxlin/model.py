@@ -146,23 +146,36 @@ class MLP(nnx.Module):
         self.decode_impl = decode_impl  # ModelConfig.mlp_impl: a decoding step has no backward to remat
 
     def __call__(self, x):
-        w_fc, w_proj = (layer.kernel[...].astype(layer.dtype) for layer in (self.c_fc, self.c_proj))
+        w_fc, w_proj = self._fc_kernel(), self.c_proj.kernel[...].astype(self.c_proj.dtype)
         x = x.astype(self.c_fc.dtype)
         if dispatch.fused_mlp_applies(self.impl, x, w_fc):
             return mlp_ops.gelu_mlp(x, w_fc, w_proj)
         h = activation(jax.nn.gelu(fp8.matmul(x, w_fc, self.c_fc), approximate=True))
         return fp8.matmul(h, w_proj, self.c_proj)
 
+    def _fc_kernel(self):
+        """c_fc's kernel ``[d, 4 d]`` in the compute dtype, from its transposed copy where decoding stores one."""
+        if hasattr(self, "fc_by_unit"):
+            return self.fc_by_unit[...].T
+        return self.c_fc.kernel[...].astype(self.c_fc.dtype)
+
     def decodes_in_kernel(self, x, decoding: bool) -> bool:
         """Whether `decode` runs this call on ``x [B, T, D]`` (``dispatch.decode_mlp_applies``; not in FP8)."""
         return not fp8.runs_in_fp8(self.c_fc) and dispatch.decode_mlp_applies(
-            self.decode_impl, x, self.c_fc.kernel, decoding=decoding)
+            self.decode_impl, x, self.c_fc.out_features, decoding=decoding)
 
     def decode(self, x, ln: nnx.LayerNorm):
         """``self(ln(x))`` for a decoding step ``x [B, 1, D]``, in one kernel, in x's dtype."""
-        w_fc, w_proj = (layer.kernel[...].astype(layer.dtype) for layer in (self.c_fc, self.c_proj))
-        y = mlp_ops.decode_mlp(x[:, 0], ln.scale[...], ln.bias[...], w_fc, w_proj, eps=ln.epsilon)
+        w_fc_t = self.fc_by_unit[...] if hasattr(self, "fc_by_unit") else self._fc_kernel().T
+        w_proj = self.c_proj.kernel[...].astype(self.c_proj.dtype)
+        y = mlp_ops.decode_mlp(x[:, 0], ln.scale[...], ln.bias[...], w_fc_t, w_proj, eps=ln.epsilon)
         return y.astype(x.dtype)[:, None]
+
+
+class UnitMajorKernel(nnx.Param):
+    """An MLP's c_fc kernel stored transposed, ``[4 d, d]``: decoding stores it so
+    (jaxlin.generate.cache.for_decoding), for `kernels.decode_mlp`, whose programs each read a few hidden units'
+    weights, contiguous in this layout."""
 
 
 def layer_norm(d: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:

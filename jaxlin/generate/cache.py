@@ -16,7 +16,7 @@ from flax import nnx
 from jaxlin.layers import CausalSelfAttention
 from jaxlin.layers import fp8
 from jaxlin.layers.common import JoinedKernel, joined_projections
-from jaxlin.model import GPT
+from jaxlin.model import GPT, MLP, UnitMajorKernel
 
 
 def for_decoding(model: GPT) -> GPT:
@@ -25,7 +25,8 @@ def for_decoding(model: GPT) -> GPT:
     kernels an attention layer multiplies in one product (`joined_projections`) are stored joined, once,
     rather than joined again in every step (a copy of them per token, 11 % of a GLA step at batch 1), and
     with them its output gate's, one product fewer a step (training keeps that one apart, see
-    `project_qkv`); not in FP8, where the gate's product has scales of its own."""
+    `project_qkv`); not in FP8, where the gate's product has scales of its own. Each MLP's c_fc kernel is
+    stored transposed (`UnitMajorKernel`), as `kernels.decode_mlp` reads it; not in FP8 either."""
     model = nnx.clone(model)
     modules = [module for _, module in nnx.iter_graph(model)]
     for module in modules:
@@ -39,6 +40,9 @@ def for_decoding(model: GPT) -> GPT:
                                                 names=tuple(names))
             for projection in projections:
                 del projection.kernel
+        if isinstance(module, MLP) and not fp8.runs_in_fp8(module.c_fc):
+            module.fc_by_unit = UnitMajorKernel(module.c_fc.kernel.get_value().T)
+            del module.c_fc.kernel
     return model
 
 

@@ -28,9 +28,9 @@ def gelu_mlp(x, w_fc, w_proj):
     return gelu_matmul.gelu_mlp(x, w_fc, w_proj, jax.default_backend() != "gpu")
 
 
-def decode_mlp(x, ln_scale, ln_bias, w_fc, w_proj, *, eps: float):
-    """``gelu(layer_norm(x) @ w_fc) @ w_proj`` for a decoding step's few rows x ``[rows, d]``, float32, in one
-    kernel (``kernels.decode_mlp``; interpret mode off the GPU)."""
-    partials = decode_mlp_kernel.decode_mlp(x, ln_scale, ln_bias, w_fc, w_proj, eps=eps,
+def decode_mlp(x, ln_scale, ln_bias, w_fc_t, w_proj, *, eps: float):
+    """``gelu(layer_norm(x) @ w_fc_t.T) @ w_proj`` for a decoding step's few rows x ``[rows, d]``, float32, in
+    one kernel (``kernels.decode_mlp``; interpret mode off the GPU); w_fc_t: c_fc's kernel transposed."""
+    partials = decode_mlp_kernel.decode_mlp(x, ln_scale, ln_bias, w_fc_t, w_proj, eps=eps,
                                             interpret=jax.default_backend() != "gpu")
     return partials.sum(0)
