@@ -312,8 +312,8 @@ def main(argv=None):
                              "kernel on a GPU (kernels/decode_step.py); reference, in the layers' XLA ops (the token "
                              "scan; with --decode_only only, since the prefill would run it too)")
     parser.add_argument("--mlp_impl", default="auto", choices=("auto", "xla"),
-                        help="the MLP's impl: auto runs a decode step's second LayerNorm and MLP in one kernel on a "
-                             "GPU, up to 8 rows (kernels/decode_mlp.py); xla, in XLA's products")
+                        help="the MLP's impl: auto runs a one-row decode step's second LayerNorm and MLP in one kernel "
+                             "on a GPU (kernels/decode_mlp.py: softmax at batch 1); xla, in XLA's products")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace one more decode block of each model's first row here; print its kernels per step")

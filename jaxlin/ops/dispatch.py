@@ -171,7 +171,8 @@ def fused_mlp_applies(impl: str, x, w_fc) -> bool:
 
 def decode_mlp_applies(impl: str, x, hidden_units: int, *, decoding: bool) -> bool:
     """Whether a block's second LayerNorm and MLP on ``x [B, T, D]`` run in ``kernels.decode_mlp``: a decoding
-    step (``decoding``, T = 1) of at most ``decode_mlp.MAX_ROWS`` rows, under the MLP's ``impl``."""
+    step (``decoding``, T = 1) of one row (B = 1), where XLA would run the products as slow reductions (at two
+    rows XLA's GEMMs were as fast as the kernel), under the MLP's ``impl``."""
     if not decoding or x.shape[1] != 1 or not _kernel_applies(impl, "the decoding MLP kernel", "model.mlp_impl"):
         return False
     return decode_mlp.supports(x[:, 0], hidden_units)

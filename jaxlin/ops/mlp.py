@@ -1,8 +1,8 @@
 """The MLP's two products with GELU between them, fused into the products' epilogues on the GPU.
 
 ``gelu_mlp`` runs ``kernels.gelu_matmul`` (Mosaic GPU; interpret mode off the GPU);
-``dispatch.fused_mlp_applies`` says where the model's MLP takes it. ``decode_mlp`` runs a decoding step's
-LayerNorm and MLP in ``kernels.decode_mlp`` (Triton), where ``dispatch.decode_mlp_applies``. The XLA formula
+``dispatch.fused_mlp_applies`` says where the model's MLP takes it. ``decode_mlp`` runs a one-row decoding
+step's LayerNorm and MLP in ``kernels.decode_mlp`` (Triton), where ``dispatch.decode_mlp_applies``. The XLA formula
 lives in the MLP itself.
 """
 
@@ -29,8 +29,8 @@ def gelu_mlp(x, w_fc, w_proj):
 
 
 def decode_mlp(x, ln_scale, ln_bias, w_fc_t, w_proj, *, eps: float):
-    """``gelu(layer_norm(x) @ w_fc_t.T) @ w_proj`` for a decoding step's few rows x ``[rows, d]``, float32, in
-    one kernel (``kernels.decode_mlp``; interpret mode off the GPU); w_fc_t: c_fc's kernel transposed."""
+    """``gelu(layer_norm(x) @ w_fc_t.T) @ w_proj`` for a decoding step's one row x ``[1, d]``, float32, in one
+    kernel (``kernels.decode_mlp``; interpret mode off the GPU); w_fc_t: c_fc's kernel transposed."""
     partials = decode_mlp_kernel.decode_mlp(x, ln_scale, ln_bias, w_fc_t, w_proj, eps=eps,
                                             interpret=jax.default_backend() != "gpu")
     return partials.sum(0)

@@ -81,10 +81,10 @@ def test_prefill_and_decode_match_the_full_forward(name, prompt_len, chunk):
 @pytest.mark.parametrize("name", [pytest.param("gla", marks=pytest.mark.slow), "hybrid"])
 def test_steps_in_the_fused_kernels_continue_the_full_forward(name):
     """Every recurrent layer with a short conv decodes in kernels.decode_step and every block's MLP in
-    kernels.decode_mlp (interpret mode, impl="pallas"); the hybrid's conv-less GLA layer and its softmax layer
-    keep their own ops."""
+    kernels.decode_mlp (interpret mode, impl="pallas"; one row, the MLP kernel's); the hybrid's conv-less GLA
+    layer and its softmax layer keep their own ops."""
     model = tiny_model(name)
-    tokens = jnp.asarray(random_tokens(11, (2, 24)))
+    tokens = jnp.asarray(random_tokens(11, (1, 24)))
     decoding = for_decoding(model)
     fused = nnx.clone(decoding)
     kernel_layers = [block.attn for block in fused.h if getattr(block.attn, "conv", None) is not None]
@@ -93,7 +93,7 @@ def test_steps_in_the_fused_kernels_continue_the_full_forward(name):
     for block in fused.h:
         block.mlp.decode_impl = "pallas"
     head = model.wte[...]
-    cache = init_cache(fused, jnp.zeros(2, jnp.int32), 24)
+    cache = init_cache(fused, jnp.zeros(1, jnp.int32), 24)
     traced = jax.make_jaxpr(lambda token, cache: decode_step(fused, head, token, cache))(tokens[:, 0], cache)
     kernels = [eqn.params["name"] for eqn in traced.jaxpr.eqns if eqn.primitive.name == "pallas_call"]
     assert len(kernel_layers) > 0
