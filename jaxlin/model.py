@@ -60,8 +60,8 @@ class ModelConfig:
     # bf16, XLA otherwise; "cudnn"; "xla".
     attention_impl: str = "auto"
     # The single-device kernels, each "auto", "xla" or "pallas" (the rules: jaxlin.ops.dispatch): GELU fused
-    # into the MLP's products, the recurrent layers' short convs and gated norm, the blocks' LayerNorms with
-    # the residual adds.
+    # into the MLP's products (and a one-row decoding step's LayerNorm and MLP in one kernel), the recurrent
+    # layers' short convs and gated norm, the blocks' LayerNorms with the residual adds.
     mlp_impl: str = "auto"
     elementwise_impl: str = "auto"
     layer_norm_impl: str = "auto"
@@ -136,14 +136,16 @@ class ModelConfig:
 
 
 class MLP(nnx.Module):
-    """c_fc, GELU (tanh form), c_proj; ``impl`` as ModelConfig.mlp_impl."""
+    """c_fc, GELU (tanh form), c_proj; ``impl`` as ModelConfig.mlp_impl under the model's remat and precision
+    (``dispatch.mlp_impl``), ``decode_impl`` ModelConfig.mlp_impl itself, for a one-row decoding step's kernel
+    (``decode``; a step has no backward to remat)."""
 
     def __init__(self, d_model: int, *, out_std: float, dtype, rngs: nnx.Rngs, impl: str = "auto",
                  decode_impl: str = "auto"):
         self.c_fc = linear(d_model, 4 * d_model, dtype=dtype, rngs=rngs)
         self.c_proj = linear(4 * d_model, d_model, dtype=dtype, rngs=rngs, std=out_std)
         self.impl = impl
-        self.decode_impl = decode_impl  # ModelConfig.mlp_impl: a decoding step has no backward to remat
+        self.decode_impl = decode_impl
 
     def __call__(self, x):
         w_fc, w_proj = self._fc_kernel(), self.c_proj.kernel[...].astype(self.c_proj.dtype)
@@ -155,9 +157,9 @@ class MLP(nnx.Module):
 
     def _fc_kernel(self):
         """c_fc's kernel ``[d, 4 d]`` in the compute dtype, from its transposed copy where decoding stores one."""
-        if hasattr(self, "fc_by_unit"):
-            return self.fc_by_unit[...].T
-        return self.c_fc.kernel[...].astype(self.c_fc.dtype)
+        stored = getattr(self, "fc_by_unit", None)
+        kernel = self.c_fc.kernel[...] if stored is None else stored[...].T
+        return kernel.astype(self.c_fc.dtype)
 
     def decodes_in_kernel(self, x, decoding: bool) -> bool:
         """Whether `decode` runs this call on ``x [B, T, D]`` (``dispatch.decode_mlp_applies``; not in FP8)."""
@@ -165,16 +167,17 @@ class MLP(nnx.Module):
             self.decode_impl, x, self.c_fc.out_features, decoding=decoding)
 
     def decode(self, x, ln: nnx.LayerNorm):
-        """``self(ln(x))`` for a decoding step ``x [B, 1, D]``, in one kernel, in x's dtype."""
-        w_fc_t = self.fc_by_unit[...] if hasattr(self, "fc_by_unit") else self._fc_kernel().T
+        """``self(ln(x))`` for a one-row decoding step ``x [1, 1, D]``, in one kernel, in x's dtype. The
+        LayerNorm's scale and bias are rounded to its dtype first, as Flax's LayerNorm does."""
         w_proj = self.c_proj.kernel[...].astype(self.c_proj.dtype)
-        y = mlp_ops.decode_mlp(x[:, 0], ln.scale[...], ln.bias[...], w_fc_t, w_proj, eps=ln.epsilon)
+        scale, bias = (p[...].astype(ln.dtype) for p in (ln.scale, ln.bias))
+        y = mlp_ops.decode_mlp(x[:, 0], scale, bias, self._fc_kernel().T, w_proj, eps=ln.epsilon)
         return y.astype(x.dtype)[:, None]
 
 
 class UnitMajorKernel(nnx.Param):
-    """An MLP's c_fc kernel stored transposed, ``[4 d, d]``: decoding stores it so
-    (jaxlin.generate.cache.for_decoding), for `kernels.decode_mlp`, whose programs each read a few hidden units'
+    """An MLP's c_fc kernel stored transposed, ``[4 d, d]``: decoding stores it so where the MLP may run
+    `kernels.decode_mlp` (jaxlin.generate.cache.for_decoding), whose programs each read a few hidden units'
     weights, contiguous in this layout."""
 
 
@@ -210,10 +213,6 @@ class Block(nnx.Module):
 
     def __call__(self, x, segment_ids=None, state=None, return_state=False):
         attend = lambda h: self.attn(activation(h), segment_ids=segment_ids, state=state, return_state=return_state)
-        if self.mlp.decodes_in_kernel(x, decoding=return_state):
-            y, new_state = attend(self.ln_1(x))
-            x = x + y
-            return x + self.mlp.decode(x, self.ln_2), new_state
         if dispatch.layer_norm_applies(x, self.layer_norm_impl):
             x, h = self._norm(self.ln_1, x, None)
             y, new_state = attend(h)
@@ -221,6 +220,8 @@ class Block(nnx.Module):
         else:
             y, new_state = attend(self.ln_1(x))
             x = x + y
+            if self.mlp.decodes_in_kernel(x, decoding=return_state):  # one row: the LayerNorm in the kernel
+                return x + self.mlp.decode(x, self.ln_2), new_state
             h = self.ln_2(x)
         return x + self.mlp(activation(h)), new_state
 

@@ -10,7 +10,8 @@ sums ``[F / t, 1, D]``. The caller sums them in the residual add, which XLA fuse
 
 The products run on the CUDA cores. At two rows and more this streamed no faster than XLA's GEMMs, and it
 slowed with every row (docs/generation.md), so it takes one row only. Values are rounded to the weights' dtype
-where the XLA block rounds them (the LayerNorm's output, c_fc's, GELU's).
+where the XLA block rounds them (the LayerNorm's output, c_fc's, GELU's; the caller rounds the LayerNorm's
+parameters, as Flax does).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jax.experimental import pallas as pl
 from .common import compiler_params
 
 HIDDEN_TILE = 32  # hidden units per program: 128 programs for GPT-2 Medium's 4,096
+MAX_WIDTH = 1024  # a program holds two [HIDDEN_TILE, D] tiles in registers; measured at GPT-2 Medium's 1024
 
 
 def _power_of_two(n: int) -> bool:
@@ -31,9 +33,9 @@ def _power_of_two(n: int) -> bool:
 
 
 def supports(x, hidden_units: int) -> bool:
-    """x ``[rows, D]``: one row, D a power of two, the hidden units a multiple of the tile."""
+    """x ``[rows, D]``: one row, D a power of two up to MAX_WIDTH, the hidden units a multiple of the tile."""
     rows, d = x.shape
-    return rows == 1 and _power_of_two(d) and hidden_units % HIDDEN_TILE == 0
+    return rows == 1 and _power_of_two(d) and d <= MAX_WIDTH and hidden_units % HIDDEN_TILE == 0
 
 
 def _kernel(x_ref, scale_ref, bias_ref, w_fc_ref, w_proj_ref, out_ref, *, eps: float, dtype):
@@ -54,7 +56,7 @@ def decode_mlp(x, ln_scale, ln_bias, w_fc_t, w_proj, *, eps: float, interpret: b
     in the compute dtype."""
     if not supports(x, w_fc_t.shape[0]):
         raise ValueError(f"decode_mlp: unsupported x {x.shape} with {w_fc_t.shape[0]} hidden units: one row, a "
-                         f"power-of-two width and hidden units a multiple of {HIDDEN_TILE}")
+                         f"power-of-two width up to {MAX_WIDTH} and hidden units a multiple of {HIDDEN_TILE}")
     d = x.shape[1]
     tiles = w_fc_t.shape[0] // HIDDEN_TILE
     f32 = jnp.float32

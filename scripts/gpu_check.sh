@@ -20,7 +20,8 @@
 # fp8_loss.png; `long-train` runs configs/small_gla_8k.py and small_softmax_8k.py side by side likewise. Each of a
 # pair gets PAIR_MEM_FRACTION (default 0.45) of the GPU's memory. `fp8-profile` prints where the fp8 step's
 # time goes, kernel by kernel (`profile` does the same at bf16); `decode-tests` compiles the fused decode step
-# (kernels/decode_step.py) at GPT-2 Medium's width against the layers' XLA ops; `decode` runs the decode
+# (kernels/decode_step.py) and the one-row MLP kernel (kernels/decode_mlp.py) at GPT-2 Medium's width against
+# the layers' XLA ops; `decode` runs the decode
 # benchmark's grid from empty states (no prefill), each model's first row profiled (about 1.5 minutes on an H100);
 # `decode-ops` runs the recurrent models' rows again with their decode step in the layers' XLA ops (`--impl reference`);
 # `decode-prefill` adds the prefill and the naive full-forward columns at batch 1, context 1k (the prefill's
@@ -113,7 +114,8 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
                --config configs/gpt2_medium_gla.py --config.model.matmul_precision=fp8 \
                --profile /tmp/fp8_profile --json "$out/fp8_profile.json" ;;  # where the fp8 step's time goes
     decode-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage decode-tests 240 python3 -m pytest \
-             tests/kernels/test_decode_step.py -vv -p no:cacheprovider -W ignore -k "not lowers" ;;
+             tests/kernels/test_decode_step.py tests/kernels/test_decode_mlp.py -vv -p no:cacheprovider -W ignore \
+             -k "not lowers" ;;
     decode-ops) stage decode-ops 200 python3 -m jaxlin.bench.decode --decode_only --impl reference \
              --models gla,gated_deltanet --time_budget 150 --json "$out/decode_ops.json" ;;
     decode) stage decode 240 python3 -m jaxlin.bench.decode --decode_only --time_budget 180 \

@@ -25,8 +25,9 @@ def for_decoding(model: GPT) -> GPT:
     kernels an attention layer multiplies in one product (`joined_projections`) are stored joined, once,
     rather than joined again in every step (a copy of them per token, 11 % of a GLA step at batch 1), and
     with them its output gate's, one product fewer a step (training keeps that one apart, see
-    `project_qkv`); not in FP8, where the gate's product has scales of its own. Each MLP's c_fc kernel is
-    stored transposed (`UnitMajorKernel`), as `kernels.decode_mlp` reads it; not in FP8 either."""
+    `project_qkv`); not in FP8, where the gate's product has scales of its own. An MLP that may decode in
+    `kernels.decode_mlp` (its `decode_impl` not "xla", not in FP8) stores c_fc's kernel transposed
+    (`UnitMajorKernel`), as the kernel reads it."""
     model = nnx.clone(model)
     modules = [module for _, module in nnx.iter_graph(model)]
     for module in modules:
@@ -40,7 +41,7 @@ def for_decoding(model: GPT) -> GPT:
                                                 names=tuple(names))
             for projection in projections:
                 del projection.kernel
-        if isinstance(module, MLP) and not fp8.runs_in_fp8(module.c_fc):
+        if isinstance(module, MLP) and module.decode_impl != "xla" and not fp8.runs_in_fp8(module.c_fc):
             module.fc_by_unit = UnitMajorKernel(module.c_fc.kernel.get_value().T)
             del module.c_fc.kernel
     return model

@@ -78,13 +78,24 @@ def test_prefill_and_decode_match_the_full_forward(name, prompt_len, chunk):
     np.testing.assert_allclose(np.asarray(got), full[:, prompt_len - 1:], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("name", [pytest.param("gla", marks=pytest.mark.slow), "hybrid"])
-def test_steps_in_the_fused_kernels_continue_the_full_forward(name):
-    """Every recurrent layer with a short conv decodes in kernels.decode_step and every block's MLP in
-    kernels.decode_mlp (interpret mode, impl="pallas"; one row, the MLP kernel's); the hybrid's conv-less GLA
-    layer and its softmax layer keep their own ops."""
-    model = tiny_model(name)
-    tokens = jnp.asarray(random_tokens(11, (1, 24)))
+def _random_layer_norms(model, seed):
+    """A copy of `model` whose LayerNorms are not the identity they start as."""
+    model = nnx.clone(model)
+    keys = iter(jax.random.split(jax.random.key(seed), 4 * len(model.h) + 2))
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.LayerNorm):
+            module.scale.set_value(1 + 0.3 * jax.random.normal(next(keys), module.scale.shape))
+            module.bias.set_value(0.3 * jax.random.normal(next(keys), module.bias.shape))
+    return model
+
+
+@pytest.mark.parametrize("name,rows", [pytest.param("gla", 2, marks=pytest.mark.slow), ("hybrid", 1)])
+def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows):
+    """Every recurrent layer with a short conv decodes in kernels.decode_step (interpret mode, impl="pallas"),
+    and at one row every block's MLP in kernels.decode_mlp; the hybrid's conv-less GLA layer and its softmax
+    layer keep their own ops. LayerNorms away from the identity, so that each block's own are the ones used."""
+    model = _random_layer_norms(tiny_model(name), seed=rows)
+    tokens = jnp.asarray(random_tokens(11, (rows, 24)))
     decoding = for_decoding(model)
     fused = nnx.clone(decoding)
     kernel_layers = [block.attn for block in fused.h if getattr(block.attn, "conv", None) is not None]
@@ -93,12 +104,12 @@ def test_steps_in_the_fused_kernels_continue_the_full_forward(name):
     for block in fused.h:
         block.mlp.decode_impl = "pallas"
     head = model.wte[...]
-    cache = init_cache(fused, jnp.zeros(1, jnp.int32), 24)
+    cache = init_cache(fused, jnp.zeros(rows, jnp.int32), 24)
     traced = jax.make_jaxpr(lambda token, cache: decode_step(fused, head, token, cache))(tokens[:, 0], cache)
     kernels = [eqn.params["name"] for eqn in traced.jaxpr.eqns if eqn.primitive.name == "pallas_call"]
     assert len(kernel_layers) > 0
     assert len(kernels) - kernels.count("decode_mlp") == len(kernel_layers)
-    assert kernels.count("decode_mlp") == len(fused.h)
+    assert kernels.count("decode_mlp") == (len(fused.h) if rows == 1 else 0)
     stepping, step_params = nnx.split(fused)
     got = _teacher_forced(*nnx.split(decoding), head, tokens, prompt_len=9, chunk=16, stepping=stepping,
                           step_params=step_params)
@@ -168,6 +179,16 @@ def test_decoding_stores_each_layers_joined_kernel_once(name):
     assert not any(hasattr(getattr(attn, n), "kernel") for n in names)  # read once a step, stored once
     fp8_attn = for_decoding(tiny_model(name, matmul_precision="fp8")).h[0].attn
     assert fp8_attn.joined_kernel.names == tuple(names[:-1])  # the gate's FP8 product keeps its own scales
+
+
+def test_decoding_stores_c_fc_transposed_where_the_mlp_kernel_may_read_it():
+    model = tiny_model("gla")
+    mlp = for_decoding(model).h[0].mlp
+    np.testing.assert_array_equal(mlp.fc_by_unit[...], model.h[0].mlp.c_fc.kernel[...].T)
+    assert not hasattr(mlp.c_fc, "kernel")
+    for overrides in (dict(mlp_impl="xla"), dict(matmul_precision="fp8")):  # the kernel never runs
+        mlp = for_decoding(tiny_model("gla", **overrides)).h[0].mlp
+        assert not hasattr(mlp, "fc_by_unit") and hasattr(mlp.c_fc, "kernel")
 
 
 def test_an_fp8_model_computes_from_its_stored_joined_kernel_as_from_its_projections():
