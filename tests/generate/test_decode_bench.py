@@ -66,12 +66,19 @@ def test_a_decode_only_state_counts_the_context_as_written_in_every_kv_cache():
     assert not any(np.asarray(layer["k"]).any() for layer in cache["layers"])
 
 
-def test_decode_only_rows_time_decoding_from_an_empty_state_of_the_context():
+def test_decode_only_rows_time_decoding_from_an_empty_state_of_the_context(tmp_path, monkeypatch):
+    """With --mlp_impl xla each model is built with XLA's MLP, as the JSON records."""
+    built = []
+    generator = decode.Generator
+    monkeypatch.setattr(decode, "Generator", lambda model: built.append(model.config.mlp_impl) or generator(model))
+    out = tmp_path / "decode.json"
     rows = decode.main(["--tiny", "--models", "gla,softmax", "--batch", "1", "--context", "24", "--new_tokens", "2",
-                        "--repeats", "2", "--prefill_chunk", "16", "--decode_only"])  # no prefill: any context
+                        "--repeats", "2", "--prefill_chunk", "16", "--decode_only", "--mlp_impl", "xla",
+                        "--json", str(out)])  # no prefill: any context
     for row in rows:
         assert "note" not in row and row["decode_tok_s"] > 0 and 0 < row["bound_fraction"] < 1
         assert not {"prefill_tok_s", "naive_ms_per_token", "speedup_vs_naive", "naive_measured_ms"} & set(row)
+    assert built == ["xla", "xla"] and json.loads(out.read_text())["mlp_impl"] == "xla"
 
 
 def test_the_layers_ops_decode_only(capsys):
