@@ -1,8 +1,8 @@
 """A one-row decoding step's MLP in one kernel (Pallas, Triton lowering): the block's second LayerNorm, c_fc,
 GELU (tanh form) and c_proj, split over the hidden units.
 
-At one row XLA's GPU compiler runs a product as a reduction, which streamed GPT-2 Medium's MLP weights (16 MB
-in bf16) at under half the speed of its GEMMs at two rows. Here program j owns hidden units ``[j t, (j + 1) t)``:
+At one row XLA's GPU compiler runs a product as a reduction, which took GPT-2 Medium's MLP (16 MB of weights in
+bf16) about twice as long as its GEMMs at two rows. Here program j owns hidden units ``[j t, (j + 1) t)``:
 it normalises the row itself (a few kilobytes), loads those units' rows of c_fc's kernel (stored transposed,
 ``[F, D]``, so that a unit's weights are contiguous) and of c_proj's ``[F, D]`` whole, so that every load is
 in flight at once, and writes its share of the output, ``gelu(ln(x) w_fc[:, j]) w_proj[j]``, as float32 partial
