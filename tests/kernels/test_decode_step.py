@@ -101,7 +101,8 @@ def test_which_calls_take_the_kernel(monkeypatch):
     assert applies("auto") == (jax.default_backend() == "gpu")  # auto takes it on one GPU only
     monkeypatch.setattr(dispatch, "on_one_gpu", lambda: True)
     assert applies("auto")
-    with jax.set_mesh(jax.make_mesh((2,), ("data",))):  # several devices: the layers' ops, whatever the impl
+    # Several devices (an abstract mesh, so that the check also runs on one GPU): the layers' ops, whatever the impl.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
         assert not applies("auto") and not applies("pallas")
     assert not dispatch.decode_kernel_applies("pallas", dataclasses.replace(step, key_dim=24), one,
                                               segment_ids=None, state=state, return_state=True)
