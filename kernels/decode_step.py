@@ -78,66 +78,117 @@ def _l2_normed(x):
     return x * jax.lax.rsqrt(jnp.sum(x * x) + L2_EPS)
 
 
-def _kernel(*refs, step: Step, dtype, interpret: bool):
+@dataclasses.dataclass(frozen=True)
+class HeadRefs:
+    """The refs one (row, head) of a step reads and writes, each whole (the kernels index rows and heads):
+    y ``[B, W]``, the separate gate ``[B, H*V]`` (or None), the q, k and v conv caches ``[B, (conv_width - 1)
+    * C]`` and their kernels ``[conv_width * C]``, the state ``[B, H, K, V]``, the norm's weight ``[V]``, the
+    rule's params (GLA's up kernel ``[rank, H*K]`` and bias ``[H*K]``, the gated delta rule's ``[H]`` A_log
+    and dt_bias), the output ``[B, H*V]`` and the state and caches written (in place: aliased)."""
+    y: object
+    gate: object
+    caches: tuple
+    weights: tuple
+    state: object
+    norm: object
+    params: tuple
+    out: object
+    state_out: object
+    caches_out: tuple
+
+
+def head_step(step: Step, refs: HeadRefs, row, h, *, dtype, interpret: bool):
+    """Row ``row``'s head ``h`` of the step (scalars: program ids, or an index a block kernel derives)."""
     f32 = jnp.float32
     rounded = lambda x: x.astype(dtype).astype(f32)
-    h = pl.program_id(1)
     K, V, H = step.key_dim, step.value_dim, step.heads
-    refs = list(refs)
-    y_ref = refs.pop(0)
-    gate_ref = refs.pop(0) if _separate_gate(step) else None
-    caches, weights = refs[0:3], refs[3:6]
-    state_ref, norm_ref = refs[6:8]
-    params, (o_ref, state_out, *caches_out) = refs[8:-5], refs[-5:]
+    caches, weights = refs.caches, refs.weights
 
     def taps(piece, column, channels, dim):
         """This head's ``dim`` channels of a piece (starting at y's ``column``; its cache's rows of ``channels``,
         oldest first): the conv's inputs, the new one last."""
         start = h * dim
-        rows = [caches[piece][pl.ds(j * channels + start, dim)] for j in range(step.conv_width - 1)]
-        return [r.astype(f32) for r in rows] + [y_ref[pl.ds(column + start, dim)].astype(f32)]
+        rows = [caches[piece][row, pl.ds(j * channels + start, dim)] for j in range(step.conv_width - 1)]
+        return [r.astype(f32) for r in rows] + [refs.y[row, pl.ds(column + start, dim)].astype(f32)]
 
     def conv(piece, inputs, channels, dim):
         """silu of the causal conv; shifts the piece's cache by the new input."""
         start = h * dim
+        cache_out = refs.caches_out[piece]
         for j in range(step.conv_width - 1):
-            caches_out[piece][pl.ds(j * channels + start, dim)] = inputs[j + 1].astype(caches_out[piece].dtype)
+            cache_out[row, pl.ds(j * channels + start, dim)] = inputs[j + 1].astype(cache_out.dtype)
         pre = sum(tap * weights[piece][pl.ds(j * channels + start, dim)] for j, tap in enumerate(inputs))
         return rounded(pre * jax.nn.sigmoid(pre))
 
     Dk, Dv = H * K, H * V
     pieces = [(0, Dk, K), (Dk, Dk, K), (2 * Dk, Dv, V)]  # q, k, v: first column in y, channels, per head
     inputs = [taps(piece, *layout) for piece, layout in enumerate(pieces)]
-    S = state_ref[...]
+    S = refs.state[row, h]
     # The caches and the state are updated in place (aliased): every thread's loads of them are done before
     # any thread stores, since a value of a short row is held by several threads and the one that stores it
     # need not be the one whose load is still in flight. (Interpret mode runs a program's steps in order.)
     if not interpret:
         plgpu_triton.debug_barrier()
     q, k, v = (conv(piece, inputs[piece], channels, dim) for piece, (_, channels, dim) in enumerate(pieces))
+    extra = lambda column, width: refs.y[row, pl.ds(step.extras_column + column, width)].astype(f32)
     if step.rule == "gla":
-        up_ref, bias_ref = params
-        low = y_ref[pl.ds(step.extras_column, step.gate_rank)].astype(f32)
-        pre = rounded(jnp.sum(low[:, None] * up_ref[...].astype(f32), axis=0))
-        gate = rounded(_log_sigmoid(pre + bias_ref[...]) / step.gate_normalizer)
+        up_ref, bias_ref = refs.params
+        low = extra(0, step.gate_rank)
+        pre = rounded(jnp.sum(low[:, None] * up_ref[:, pl.ds(h * K, K)].astype(f32), axis=0))
+        gate = rounded(_log_sigmoid(pre + bias_ref[pl.ds(h * K, K)]) / step.gate_normalizer)
         S = jnp.exp(gate)[:, None] * S + k[:, None] * v[None, :]
     else:
         q, k = rounded(_l2_normed(q)), rounded(_l2_normed(k))
-        beta = jax.nn.sigmoid(jnp.sum(y_ref[pl.ds(step.extras_column + h, 1)].astype(f32)))
+        beta = jax.nn.sigmoid(jnp.sum(extra(h, 1)))
         if step.rule == "gated_delta":
-            a_log_ref, dt_bias_ref = params
-            a = jnp.sum(y_ref[pl.ds(step.extras_column + H + h, 1)].astype(f32) + dt_bias_ref[...])
-            S = jnp.exp(-jnp.exp(jnp.sum(a_log_ref[...])) * _softplus(a)) * S
+            a_log_ref, dt_bias_ref = refs.params
+            a = jnp.sum(extra(H + h, 1) + dt_bias_ref[pl.ds(h, 1)])
+            S = jnp.exp(-jnp.exp(jnp.sum(a_log_ref[pl.ds(h, 1)])) * _softplus(a)) * S
         u = beta * (v - jnp.sum(k[:, None] * S, axis=0))
         S = S + k[:, None] * u[None, :]
-    state_out[...] = S
+    refs.state_out[row, h] = S
     o = rounded(K ** -0.5 * jnp.sum(q[:, None] * S, axis=0))
-    o = o * jax.lax.rsqrt(jnp.sum(o * o) / V + step.eps) * norm_ref[...]
+    o = o * jax.lax.rsqrt(jnp.sum(o * o) / V + step.eps) * refs.norm[...]
     if step.gated_norm:
-        g = gate_ref[...] if gate_ref is not None else y_ref[pl.ds(step.gate_column + h * V, V)]
+        if refs.gate is not None:
+            g = refs.gate[row, pl.ds(h * V, V)]
+        else:
+            g = refs.y[row, pl.ds(step.gate_column + h * V, V)]
         g = g.astype(f32)
         o = o * g * jax.nn.sigmoid(g)
-    o_ref[...] = o.astype(o_ref.dtype)
+    refs.out[row, pl.ds(h * V, V)] = o.astype(refs.out.dtype)
+
+
+def step_operands(step: Step, y, gate, caches, weights, state, norm_weight, params):
+    """The step's inputs as its kernels take them, in `HeadRefs` order (up to the outputs): caches flattened
+    to ``[B, (conv_width - 1) * C]``, the conv kernels, norm weight and float params in float32."""
+    B = y.shape[0]
+    f32 = jnp.float32
+    if step.rule == "gla":
+        up, bias = params
+        params = (up, bias.astype(f32))
+    else:
+        params = tuple(p.astype(f32) for p in params)
+    return (y, gate, tuple(c.reshape(B, -1) for c in caches), tuple(w.reshape(-1).astype(f32) for w in weights),
+            state, norm_weight.astype(f32), params)
+
+
+def unflatten_refs(step: Step, refs) -> HeadRefs:
+    """`HeadRefs` from a kernel's flat refs: the operands of `step_operands` (the gate only when apart), then
+    the output, state and caches written."""
+    refs = list(refs)
+    take = lambda n: tuple(refs.pop(0) for _ in range(n))
+    y, = take(1)
+    gate = refs.pop(0) if _separate_gate(step) else None
+    caches, weights, (state, norm) = take(3), take(3), take(2)
+    params = take(len(refs) - 5)
+    out, state_out, *caches_out = refs
+    return HeadRefs(y, gate, caches, weights, state, norm, params, out, state_out, tuple(caches_out))
+
+
+def _kernel(*refs, step: Step, dtype, interpret: bool):
+    head_step(step, unflatten_refs(step, refs), pl.program_id(0), pl.program_id(1), dtype=dtype,
+              interpret=interpret)
 
 
 def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params=(), *, interpret=False):
@@ -152,36 +203,21 @@ def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params
     if not supports(step):
         raise ValueError(f"decode_step: unsupported {step}: per-head dims (and the gate rank) must be powers of "
                          "two and the layer must have a short conv")
-    B, W = y.shape
-    H, K, V = step.heads, step.key_dim, step.value_dim
-    f32 = jnp.float32
-    row = lambda width: pl.BlockSpec((None, width), lambda b, h: (b, 0))
-    head_values = pl.BlockSpec((None, V), lambda b, h: (b, h))
-    whole = lambda a: pl.BlockSpec(a.shape, lambda b, h: (0,) * a.ndim)
-    flat_caches = [c.reshape(B, -1) for c in caches]
-    flat_weights = [w.reshape(-1).astype(f32) for w in weights]
-    if step.rule == "gla":
-        up, bias = params
-        params = (up, bias.astype(f32))
-        param_specs = [pl.BlockSpec((step.gate_rank, K), lambda b, h: (0, h)), pl.BlockSpec((K,), lambda b, h: (h,))]
-    else:
-        params = tuple(p.astype(f32) for p in params)
-        param_specs = [pl.BlockSpec((1,), lambda b, h: (h,)) for _ in params]
+    B = y.shape[0]
+    H, V = step.heads, step.value_dim
+    y, gate, flat_caches, flat_weights, state, norm_weight, params = step_operands(
+        step, y, gate, caches, weights, state, norm_weight, params)
     separate = _separate_gate(step)
-    cache_specs = [row(c.shape[1]) for c in flat_caches]  # each aliased to its output
-    inputs = [y, *([gate] if separate else []), *flat_caches, *flat_weights, state, norm_weight.astype(f32),
-              *params]
-    in_specs = [row(W), *([head_values] if separate else []), *cache_specs,
-                *[whole(w) for w in flat_weights], pl.BlockSpec((None, None, K, V), lambda b, h: (b, h, 0, 0)),
-                whole(norm_weight), *param_specs]
+    inputs = [y, *([gate] if separate else []), *flat_caches, *flat_weights, state, norm_weight, *params]
+    whole = lambda a: pl.BlockSpec(a.shape, lambda b, h: (0,) * len(a.shape))
     first_cache = 1 + separate
     state_index = first_cache + 6
     aliases = {state_index: 1, first_cache: 2, first_cache + 1: 3, first_cache + 2: 4}
+    outputs = [jax.ShapeDtypeStruct((B, H * V), y.dtype), jax.ShapeDtypeStruct(state.shape, jnp.float32),
+               *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in flat_caches]]
     o, state, *flat_caches = pl.pallas_call(
-        functools.partial(_kernel, step=step, dtype=y.dtype, interpret=interpret), grid=(B, H), in_specs=in_specs,
-        out_specs=[head_values, in_specs[state_index], *cache_specs],
-        out_shape=[jax.ShapeDtypeStruct((B, H * V), y.dtype), jax.ShapeDtypeStruct(state.shape, f32),
-                   *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in flat_caches]],
+        functools.partial(_kernel, step=step, dtype=y.dtype, interpret=interpret), grid=(B, H),
+        in_specs=[whole(a) for a in inputs], out_specs=[whole(a) for a in outputs], out_shape=outputs,
         input_output_aliases=aliases, compiler_params=compiler_params(num_warps=4, num_stages=1),
         interpret=interpret, name=f"{step.rule}_decode_step",
     )(*inputs)
