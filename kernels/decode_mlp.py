@@ -38,13 +38,19 @@ def supports(x, hidden_units: int) -> bool:
     return rows == 1 and _power_of_two(d) and d <= MAX_WIDTH and hidden_units % HIDDEN_TILE == 0
 
 
+def layer_norm_row(x, scale, bias, eps: float, dtype):
+    """A block's LayerNorm of one row ``x [D]`` (float32) as Flax's (its fast variance), rounded to ``dtype``
+    (returned in float32)."""
+    mean = jnp.mean(x)
+    variance = jnp.maximum(jnp.mean(x * x) - mean * mean, 0.0)
+    normed = (x - mean) * (jax.lax.rsqrt(variance + eps) * scale) + bias
+    return normed.astype(dtype).astype(jnp.float32)
+
+
 def _kernel(x_ref, scale_ref, bias_ref, w_fc_ref, w_proj_ref, out_ref, *, eps: float, dtype):
     f32 = jnp.float32
     rounded = lambda v: v.astype(dtype).astype(f32)
-    x = x_ref[0, :].astype(f32)
-    mean = jnp.mean(x)
-    variance = jnp.maximum(jnp.mean(x * x) - mean * mean, 0.0)  # as Flax's LayerNorm (fast variance)
-    normed = rounded((x - mean) * (jax.lax.rsqrt(variance + eps) * scale_ref[...]) + bias_ref[...])
+    normed = layer_norm_row(x_ref[0, :].astype(f32), scale_ref[...], bias_ref[...], eps, dtype)
     hidden = rounded(jnp.sum(w_fc_ref[...].astype(f32) * normed[None, :], axis=1))  # [t]
     hidden = rounded(jax.nn.gelu(hidden, approximate=True))
     out_ref[0, :] = jnp.sum(hidden[:, None] * w_proj_ref[...].astype(f32), axis=0)

@@ -15,19 +15,20 @@ from flax import nnx
 
 from jaxlin.layers import CausalSelfAttention
 from jaxlin.layers import fp8
-from jaxlin.layers.common import JoinedKernel, joined_projections
-from jaxlin.model import GPT, MLP, UnitMajorKernel
+from jaxlin.layers.common import JoinedKernel, OutputMajorKernel, joined_projections
+from jaxlin.model import GPT, Block
 
 
-def for_decoding(model: GPT) -> GPT:
+def for_decoding(model: nnx.Module) -> nnx.Module:
     """A copy whose projection kernels are stored in the compute dtype, as every use casts them: a decode
     step then reads each weight once in that dtype instead of converting float32 weights every token. The
     kernels an attention layer multiplies in one product (`joined_projections`) are stored joined, once,
     rather than joined again in every step (a copy of them per token, 11 % of a GLA step at batch 1), and
     with them its output gate's, one product fewer a step (training keeps that one apart, see
-    `project_qkv`); not in FP8, where the gate's product has scales of its own. An MLP that may decode in
-    `kernels.decode_mlp` (its `decode_impl` not "xla", not in FP8) stores c_fc's kernel transposed
-    (`UnitMajorKernel`), as the kernel reads it."""
+    `project_qkv`); not in FP8, where the gate's product has scales of its own. Output-major (transposed,
+    `OutputMajorKernel`), as the decoding kernels read them: the joined kernel; a block's output projection
+    and MLP kernels where it may decode in `kernels.decode_block` (`Block.may_decode_in_kernel`); c_fc's
+    kernel where the MLP may decode in `kernels.decode_mlp` (its `decode_impl` not "xla", not in FP8)."""
     model = nnx.clone(model)
     modules = [module for _, module in nnx.iter_graph(model)]
     for module in modules:
@@ -37,14 +38,23 @@ def for_decoding(model: GPT) -> GPT:
         if hasattr(module, "JOINED_EXTRAS"):
             names = joined_projections(module, with_gate=not fp8.runs_in_fp8(module.q_proj))
             projections = [getattr(module, name) for name in names]
-            module.joined_kernel = JoinedKernel(jnp.concatenate([p.kernel.get_value() for p in projections], axis=1),
-                                                names=tuple(names))
+            joined = jnp.concatenate([p.kernel.get_value() for p in projections], axis=1)
+            module.joined_kernel = JoinedKernel(joined.T, names=tuple(names))
             for projection in projections:
                 del projection.kernel
-        if isinstance(module, MLP) and module.decode_impl != "xla" and not fp8.runs_in_fp8(module.c_fc):
-            module.fc_by_unit = UnitMajorKernel(module.c_fc.kernel.get_value().T)
-            del module.c_fc.kernel
+    for block in [module for module in modules if isinstance(module, Block)]:
+        mlp = block.mlp
+        if block.may_decode_in_kernel():
+            _store_output_major(block.attn, "o_by_output", block.attn.o_proj)
+            _store_output_major(mlp, "proj_by_output", mlp.c_proj)
+        if mlp.decode_impl != "xla" and not fp8.runs_in_fp8(mlp.c_fc):
+            _store_output_major(mlp, "fc_by_output", mlp.c_fc)
     return model
+
+
+def _store_output_major(owner: nnx.Module, name: str, linear: nnx.Linear):
+    setattr(owner, name, OutputMajorKernel(linear.kernel.get_value().T))
+    del linear.kernel
 
 
 def init_cache(model: GPT, start, size: int) -> dict:
@@ -58,7 +68,10 @@ def init_cache(model: GPT, start, size: int) -> dict:
             layers.append(attn.init_cache(start, size))
         else:
             shapes = jax.eval_shape(lambda: attn(x, return_state=True)[1])
-            layers.append(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+            state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            if block.may_decode_in_kernel():
+                state["sync"] = jnp.zeros((), jnp.int32)  # the block kernel's barrier word (kernels.decode_block)
+            layers.append(state)
     return {"layers": layers, "length": jnp.zeros((), jnp.int32), "start": start.astype(jnp.int32)}
 
 
@@ -91,7 +104,8 @@ def _restart_rows(cache: dict, rows) -> dict:
     def restart(state):
         if "recurrent" not in state:
             return state  # a KV cache: its padding slots are masked instead
-        return jax.tree.map(lambda s: jnp.where(rows.reshape(-1, *[1] * (s.ndim - 1)), 0, s), state)
+        rows_of = {key: state[key] for key in ("recurrent", "conv")}  # not the block kernel's "sync"
+        return state | jax.tree.map(lambda s: jnp.where(rows.reshape(-1, *[1] * (s.ndim - 1)), 0, s), rows_of)
     return cache | {"layers": [restart(state) for state in cache["layers"]]}
 
 

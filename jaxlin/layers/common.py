@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +91,24 @@ class QKVConv(nnx.Module):
 
 
 class JoinedKernel(nnx.Param):
-    """Kernels of a layer's projections joined along the outputs, stored once: decoding stores them so
+    """Kernels of a layer's projections joined along the outputs, stored once and output-major (``[outputs,
+    d]``, the transpose of a Linear's kernel, as ``kernels.decode_block`` reads it): decoding stores them so
     (jaxlin.generate.cache.for_decoding), where joining them in every step cost a copy of them per token.
     Metadata ``names``: the projections, in order."""
+
+
+class OutputMajorKernel(nnx.Param):
+    """A projection's kernel stored transposed, ``[out, in]``, so that each output's weights are contiguous:
+    decoding stores the products of a block that may decode in ``kernels.decode_block`` so, and c_fc's where
+    the MLP may decode in ``kernels.decode_mlp`` (jaxlin.generate.cache.for_decoding)."""
+
+
+def stored_kernel(linear: nnx.Linear, owner: nnx.Module, name: str):
+    """``linear``'s kernel ``[in, out]`` in its compute dtype, from ``owner``'s `OutputMajorKernel` ``name``
+    where decoding stores one (its transpose: XLA's products read either layout)."""
+    stored = getattr(owner, name, None)
+    kernel = linear.kernel[...] if stored is None else stored[...].T
+    return kernel.astype(linear.dtype)
 
 
 def joined_projections(layer: nnx.Module, *, with_gate: bool = False) -> list[str]:
@@ -115,8 +131,16 @@ def joined_product(layer: nnx.Module, x, *, with_gate: bool = False):
     if joined is None:
         kernel = jnp.concatenate([p.kernel[...] for p in projections], axis=1).astype(projections[0].dtype)
     else:
-        kernel = joined[...]
+        kernel = joined[...].T
     return fp8.matmul(x.astype(projections[0].dtype), kernel, projections[0]), names
+
+
+def project_out(layer: nnx.Module, o):
+    """The layer's output projection of ``o``: its o_proj, or the `OutputMajorKernel` ``o_by_output`` decoding
+    stores in its place (jaxlin.generate.cache.for_decoding)."""
+    if getattr(layer, "o_by_output", None) is None:
+        return layer.o_proj(o)
+    return jnp.dot(o.astype(layer.o_proj.dtype), stored_kernel(layer.o_proj, layer, "o_by_output"))
 
 
 def project_qkv(layer: nnx.Module, x, *, segment_ids, state: dict, return_state: bool):
@@ -146,6 +170,14 @@ def output_gate(layer: nnx.Module, x, extras: dict):
     return None if layer.g_proj is None else layer.g_proj(x)
 
 
+class Decoding(NamedTuple):
+    """What the decoding kernels take of a recurrent layer (its ``decoding()``): the step's static description,
+    the output norm, the rule's params (``kernels.decode_step.decode_step``)."""
+    step: ops.DecodeStep
+    norm: GatedRMSNorm
+    params: tuple
+
+
 def decode_step_of(layer: nnx.Module, rule: str, norm: GatedRMSNorm, *, gated_norm: bool, **gla) -> ops.DecodeStep:
     """The static description of a recurrent layer's decoding step (``kernels.decode_step``); ``gla``: GLA's
     ``gate_normalizer`` and ``gate_rank``."""
@@ -162,19 +194,23 @@ def decodes_in_kernel(layer: nnx.Module, step: ops.DecodeStep, x, *, segment_ids
                                           return_state=return_state)
 
 
-def decode_in_kernel(layer: nnx.Module, step: ops.DecodeStep, x, state: dict, norm: GatedRMSNorm, params=()):
+def step_with_gate_column(layer: nnx.Module, step: ops.DecodeStep, names) -> ops.DecodeStep:
+    """``step`` with the column of the joined product ``names`` where the output gate's starts (when in it)."""
+    if "g_proj" not in names:
+        return step
+    before = names[:names.index("g_proj")]
+    return dataclasses.replace(step, gate_column=sum(getattr(layer, name).out_features for name in before))
+
+
+def decode_in_kernel(layer: nnx.Module, decoding: Decoding, x, state: dict):
     """A decoding step ``x [B, 1, D]`` of a recurrent layer: its joined input product (the output gate's
     columns in it, except in FP8, where the gate's product has scales of its own), then everything up to the output
     projection in one kernel (``ops.decode_step``). Returns the layer's ``(y, new state)``."""
     y, names = joined_product(layer, x[:, 0], with_gate=not fp8.runs_in_fp8(layer.q_proj))
-    gate = None
-    if "g_proj" in names:
-        before = names[:names.index("g_proj")]
-        step = dataclasses.replace(step, gate_column=sum(getattr(layer, name).out_features for name in before))
-    elif step.gated_norm:
-        gate = layer.g_proj(x[:, 0])
+    step = step_with_gate_column(layer, decoding.step, names)
+    gate = None if "g_proj" in names or not step.gated_norm else layer.g_proj(x[:, 0])
     conv = layer.conv
     o, recurrent, caches = ops.decode_step(
         step, y, gate, [state["conv"][name] for name in "qkv"], [c.kernel[...] for c in (conv.q, conv.k, conv.v)],
-        state["recurrent"], norm.weight[...], params)
-    return layer.o_proj(o)[:, None], {"recurrent": recurrent, "conv": dict(zip("qkv", caches))}
+        state["recurrent"], decoding.norm.weight[...], decoding.params)
+    return project_out(layer, o)[:, None], {"recurrent": recurrent, "conv": dict(zip("qkv", caches))}

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
-from jaxlin.layers.common import (GatedRMSNorm, QKVConv, decode_in_kernel, decode_step_of, decodes_in_kernel,
-                                  linear, merge_heads, output_gate, project_qkv, split_heads)
+from jaxlin.layers.common import (Decoding, GatedRMSNorm, QKVConv, decode_in_kernel, decode_step_of,
+                                  decodes_in_kernel, linear, merge_heads, output_gate, project_out, project_qkv,
+                                  split_heads)
 
 
 class DeltaNet(nnx.Module):
@@ -47,13 +48,18 @@ class DeltaNet(nnx.Module):
         self.o_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps, impl=elementwise_impl)
         self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
-    def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
-        state = state or {}
+    def decoding(self) -> Decoding:
+        """What the decoding kernels take of this layer (``kernels.decode_step``): the step's description, its
+        norm, the gated rule's decay parameters."""
         step = decode_step_of(self, "gated_delta" if self.gated else "delta", self.o_norm,
                               gated_norm=self.g_proj is not None)
-        if decodes_in_kernel(self, step, x, segment_ids=segment_ids, state=state, return_state=return_state):
-            params = (self.A_log[...], self.dt_bias[...]) if self.gated else ()
-            return decode_in_kernel(self, step, x, state, self.o_norm, params)
+        return Decoding(step, self.o_norm, (self.A_log[...], self.dt_bias[...]) if self.gated else ())
+
+    def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
+        state = state or {}
+        decoding = self.decoding()
+        if decodes_in_kernel(self, decoding.step, x, segment_ids=segment_ids, state=state, return_state=return_state):
+            return decode_in_kernel(self, decoding, x, state)
         (q, k, v), extras, conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
                                                     return_state=return_state)
         b, a, gate = extras["b_proj"], extras.get("a_proj"), output_gate(self, x, extras)
@@ -67,7 +73,7 @@ class DeltaNet(nnx.Module):
         else:
             o, recurrent = ops.delta_rule(q, k, v, beta, **common)
         gate = None if gate is None else split_heads(gate, self.n_head)
-        y = self.o_proj(merge_heads(self.o_norm(o, gate)))
+        y = project_out(self, merge_heads(self.o_norm(o, gate)))
         return y, ({"recurrent": recurrent, "conv": conv_cache} if return_state else None)
 
 

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlin import ops
-from jaxlin.layers.common import (GatedRMSNorm, QKVConv, activation, decode_in_kernel, decode_step_of,
-                                  decodes_in_kernel, linear, merge_heads, output_gate, project_qkv, split_heads)
+from jaxlin.layers.common import (Decoding, GatedRMSNorm, QKVConv, activation, decode_in_kernel, decode_step_of,
+                                  decodes_in_kernel, linear, merge_heads, output_gate, project_out, project_qkv,
+                                  split_heads)
 from jaxlin.ops import gates
 
 
@@ -40,13 +41,19 @@ class GatedLinearAttention(nnx.Module):
         self.g_norm = GatedRMSNorm(value_dim // n_head, eps=norm_eps, impl=elementwise_impl)
         self.o_proj = linear(value_dim, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
-    def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
-        state = state or {}
+    def decoding(self) -> Decoding:
+        """What the decoding kernels take of this layer (``kernels.decode_step``): the step's description, its
+        norm, the forget gate's up projection."""
         step = decode_step_of(self, "gla", self.g_norm, gated_norm=True, gate_normalizer=self.gate_logit_normalizer,
                               gate_rank=self.gk_down.out_features)
-        if decodes_in_kernel(self, step, x, segment_ids=segment_ids, state=state, return_state=return_state):
-            up = self.gk_up
-            return decode_in_kernel(self, step, x, state, self.g_norm, (up.kernel[...].astype(up.dtype), up.bias[...]))
+        up = self.gk_up
+        return Decoding(step, self.g_norm, (up.kernel[...].astype(up.dtype), up.bias[...]))
+
+    def __call__(self, x, *, segment_ids=None, state=None, return_state=False):
+        state = state or {}
+        decoding = self.decoding()
+        if decodes_in_kernel(self, decoding.step, x, segment_ids=segment_ids, state=state, return_state=return_state):
+            return decode_in_kernel(self, decoding, x, state)
         (q, k, v), extras, conv_cache = project_qkv(self, x, segment_ids=segment_ids, state=state,
                                                     return_state=return_state)
         gk, g = extras["gk_down"], output_gate(self, x, extras)
@@ -61,5 +68,5 @@ class GatedLinearAttention(nnx.Module):
             output_final_state=return_state, segment_ids=segment_ids, impl=self.impl,
         )
         o = self.g_norm(o, split_heads(g, self.n_head))
-        y = self.o_proj(merge_heads(o))
+        y = project_out(self, merge_heads(o))
         return y, ({"recurrent": recurrent, "conv": conv_cache} if return_state else None)

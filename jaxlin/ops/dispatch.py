@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels.delta
 import kernels.gla
-from kernels import decode_mlp, decode_step, gated_norm, gelu_matmul, layer_norm
+from kernels import decode_block, decode_mlp, decode_step, gated_norm, gelu_matmul, layer_norm
 
 from . import chunked, context_parallel, reference
 from .mesh_axes import batch_axes
@@ -209,3 +209,34 @@ def decode_kernel_applies(impl: str, step: decode_step.Step, x, *, segment_ids, 
     if not decode_step.supports(step) or jax.sharding.get_abstract_mesh().size > 1:
         return False
     return impl.startswith("pallas") or (impl == "auto" and on_one_gpu())
+
+
+DECODE_BLOCK_MAX_ROWS = 2  # measured: see decode_block_applies
+INTERPRET_PROGRAMS = 8  # the block kernel's grid off the GPU (interpret mode runs it one program at a time)
+
+
+def decode_block_programs() -> int:
+    """The block kernel's grid: one program per SM of the GPU, so that all of them are resident at once (its
+    barriers wait for every program); `INTERPRET_PROGRAMS` elsewhere."""
+    if jax.default_backend() != "gpu":
+        return INTERPRET_PROGRAMS
+    return jax.local_devices()[0].core_count
+
+
+def decode_block_possible(impl: str, mlp_impl: str, step: decode_step.Step) -> bool:
+    """Whether a recurrent block may decode in ``kernels.decode_block`` on some device (for the layout
+    `for_decoding` stores): the impls allow the step's and the MLP's kernels, the step kernel supports the
+    layer."""
+    return (impl == "auto" or impl.startswith("pallas")) and mlp_impl in ("auto", "pallas") and \
+        decode_step.supports(step)
+
+
+def decode_block_applies(impl: str, mlp_impl: str, block: decode_block.Block, rows: int, itemsize: int) -> bool:
+    """Whether a recurrent block's decoding step (the layer's step kernel applies: ``decode_kernel_applies``)
+    of ``rows`` rows runs whole in ``kernels.decode_block``: the layer's ``impl`` and the MLP's ``mlp_impl``
+    both take their kernels, at most ``DECODE_BLOCK_MAX_ROWS`` rows, shapes the kernel supports."""
+    if not decode_block_possible(impl, mlp_impl, block.step) or rows > DECODE_BLOCK_MAX_ROWS:
+        return False
+    if not _kernel_applies(mlp_impl, "the decoding block kernel", "model.mlp_impl"):
+        return False
+    return decode_block.supports(block, rows, itemsize)

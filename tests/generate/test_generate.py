@@ -89,11 +89,14 @@ def _random_layer_norms(model, seed):
     return model
 
 
-@pytest.mark.parametrize("name,rows", [pytest.param("gla", 2, marks=pytest.mark.slow), ("hybrid", 1)])
-def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows):
-    """Every recurrent layer with a short conv decodes in kernels.decode_step (interpret mode, impl="pallas"),
-    and at one row every block's MLP in kernels.decode_mlp; the hybrid's conv-less GLA layer and its softmax
-    layer keep their own ops. LayerNorms away from the identity, so that each block's own are the ones used."""
+@pytest.mark.parametrize("name,rows,mlp_impl", [pytest.param("gla", 2, "pallas", marks=pytest.mark.slow),
+                                                ("hybrid", 1, "pallas"), ("hybrid", 2, "xla")])
+def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows, mlp_impl):
+    """Interpret mode, impl="pallas": with the MLP's kernels allowed, every block whose recurrent layer has a
+    short conv decodes whole in kernels.decode_block, and at one row every other block's MLP in
+    kernels.decode_mlp; with XLA's MLP, those layers' steps run in kernels.decode_step. The hybrid's
+    conv-less GLA layer and its softmax layer keep their own ops. LayerNorms away from the identity, so that
+    each block's own are the ones used."""
     model = _random_layer_norms(tiny_model(name), seed=rows)
     tokens = jnp.asarray(random_tokens(11, (rows, 24)))
     decoding = for_decoding(model)
@@ -102,14 +105,17 @@ def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows):
     for layer in kernel_layers:
         layer.impl = "pallas"
     for block in fused.h:
-        block.mlp.decode_impl = "pallas"
+        block.mlp.decode_impl = mlp_impl
     head = model.wte[...]
     cache = init_cache(fused, jnp.zeros(rows, jnp.int32), 24)
     traced = jax.make_jaxpr(lambda token, cache: decode_step(fused, head, token, cache))(tokens[:, 0], cache)
     kernels = [eqn.params["name"] for eqn in traced.jaxpr.eqns if eqn.primitive.name == "pallas_call"]
     assert len(kernel_layers) > 0
-    assert len(kernels) - kernels.count("decode_mlp") == len(kernel_layers)
-    assert kernels.count("decode_mlp") == (len(fused.h) if rows == 1 else 0)
+    whole_blocks = mlp_impl == "pallas"
+    suffix = "_decode_block" if whole_blocks else "_decode_step"
+    assert sum(kernel.endswith(suffix) for kernel in kernels) == len(kernel_layers)
+    mlp_kernels = len(fused.h) - len(kernel_layers) if whole_blocks and rows == 1 else 0
+    assert len(kernels) == len(kernel_layers) + mlp_kernels == len(kernel_layers) + kernels.count("decode_mlp")
     stepping, step_params = nnx.split(fused)
     got = _teacher_forced(*nnx.split(decoding), head, tokens, prompt_len=9, chunk=16, stepping=stepping,
                           step_params=step_params)
@@ -174,21 +180,33 @@ def test_decoding_stores_each_layers_joined_kernel_once(name):
     attn, original = decoding.h[0].attn, model.h[0].attn
     names = ["q_proj", "k_proj", "v_proj", *(["gk_down"] if name == "gla" else ["b_proj", "a_proj"]), "g_proj"]
     assert attn.joined_kernel.names == tuple(names)
-    expected = jnp.concatenate([getattr(original, n).kernel[...] for n in names], axis=1)
+    expected = jnp.concatenate([getattr(original, n).kernel[...] for n in names], axis=1).T  # output-major
     np.testing.assert_array_equal(attn.joined_kernel[...], expected.astype(attn.joined_kernel[...].dtype))
     assert not any(hasattr(getattr(attn, n), "kernel") for n in names)  # read once a step, stored once
     fp8_attn = for_decoding(tiny_model(name, matmul_precision="fp8")).h[0].attn
     assert fp8_attn.joined_kernel.names == tuple(names[:-1])  # the gate's FP8 product keeps its own scales
 
 
-def test_decoding_stores_c_fc_transposed_where_the_mlp_kernel_may_read_it():
-    model = tiny_model("gla")
-    mlp = for_decoding(model).h[0].mlp
-    np.testing.assert_array_equal(mlp.fc_by_unit[...], model.h[0].mlp.c_fc.kernel[...].T)
-    assert not hasattr(mlp.c_fc, "kernel")
-    for overrides in (dict(mlp_impl="xla"), dict(matmul_precision="fp8")):  # the kernel never runs
-        mlp = for_decoding(tiny_model("gla", **overrides)).h[0].mlp
-        assert not hasattr(mlp, "fc_by_unit") and hasattr(mlp.c_fc, "kernel")
+def test_decoding_stores_kernels_output_major_where_the_decoding_kernels_read_them():
+    """A recurrent block that may decode in kernels.decode_block: its output projection and both MLP kernels;
+    a softmax block's MLP: c_fc, which kernels.decode_mlp reads so; none where no kernel runs."""
+    model = tiny_model("recurrent_and_softmax")
+    decoding = for_decoding(model)
+    for block, original in zip(decoding.h, model.h):
+        stored = {"fc_by_output": (block.mlp, original.mlp.c_fc)}
+        if block.may_decode_in_kernel():
+            stored |= {"proj_by_output": (block.mlp, original.mlp.c_proj), "o_by_output": (block.attn, original.attn.o_proj)}
+        else:
+            assert not hasattr(block.mlp, "proj_by_output") and hasattr(block.mlp.c_proj, "kernel")
+        for name, (owner, linear) in stored.items():
+            np.testing.assert_array_equal(getattr(owner, name)[...], linear.kernel[...].T, err_msg=name)
+    assert any(block.may_decode_in_kernel() for block in decoding.h)
+    assert not all(block.may_decode_in_kernel() for block in decoding.h)  # the softmax block's
+    for overrides in (dict(mlp_impl="xla"), dict(matmul_precision="fp8")):  # the kernels never run
+        block = for_decoding(tiny_model("gla", **overrides)).h[0]
+        assert not block.may_decode_in_kernel()
+        assert not any(hasattr(block.mlp, name) for name in ("fc_by_output", "proj_by_output"))
+        assert hasattr(block.mlp.c_fc, "kernel") and hasattr(block.attn.o_proj, "kernel")
 
 
 def test_an_fp8_model_computes_from_its_stored_joined_kernel_as_from_its_projections():
@@ -300,7 +318,9 @@ def test_prefill_through_the_pallas_kernels_gives_the_reference_state():
         model = tiny_model("hybrid", impl=impl, n_layer=3, attn=("gla", "deltanet", "gated_deltanet"),
                            expand_k=1.0, conv_size=4)
         generator = Generator(model)
-        states[impl] = _prefill_state(generator.graphdef, generator.params, generator.head, jnp.asarray(tokens), start)
+        logits, cache = _prefill_state(generator.graphdef, generator.params, generator.head, jnp.asarray(tokens),
+                                       start)
+        states[impl] = logits, [{key: state[key] for key in ("recurrent", "conv")} for state in cache["layers"]]
     for got, want in zip(jax.tree.leaves(states["pallas"]), jax.tree.leaves(states["reference"])):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 

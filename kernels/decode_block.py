@@ -1,0 +1,272 @@
+"""A recurrent block's whole decoding step in one persistent kernel (Pallas, Triton lowering): the first
+LayerNorm, the joined input product, the layer's step (``decode_step.head_step``), the output product and
+residual add, the second LayerNorm, the MLP and its residual add.
+
+Run as a kernel per operation, a GPT-2 Medium layer's decoding step at a few rows is a dozen launches, each
+streaming its few megabytes of weights with a ramp at its start and idle memory at its end: the products
+read the weights at about 1.3 TB/s, 38 % of an H100's bandwidth (docs/generation.md). Here ``programs``
+programs (at most one per SM, so that all are resident at once) run five phases, a barrier over the grid
+between each two:
+
+1. ``y = ln_1(x) w_in^T``, each program a tile of y's columns;
+2. the step, a program per (row, head), writing ``o``;
+3. ``x2 = x + o w_o^T``, each program a tile of x2's columns;
+4. ``h = gelu(ln_2(x2) w_fc^T)``, each program a tile of hidden units;
+5. ``out = x2 + h w_proj^T``, each program a tile of out's columns.
+
+Every product's kernel is stored output-major (``[out, in]``, rows contiguous), so a tile is one contiguous
+block. A phase's weight tile is loaded before the barrier in front of it: the weights do not depend on the
+activations, so their reads are in flight while the grid waits. The products run on the CUDA cores, one row
+at a time (this is for a few rows). Values are rounded to the compute dtype where the XLA block rounds them.
+
+The barrier is one int32, ``sync`` (zero before first use, carried from call to call): arrivals count in its
+low bits, barriers passed above them; the last program to arrive resets the count and advances the generation
+in one add, the others spin until the generation moves, all with acquire-release atomics. Interpret mode runs programs one after another, which
+would spin forever; there the grid gets a leading phase axis instead, and iterating it in order is the barrier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
+
+from . import decode_step
+from .common import compiler_params
+from .decode_mlp import layer_norm_row
+
+TILE_BYTES = 64 * 1024  # a program's weight tile per phase, held in registers
+PHASES = 5
+MAX_TILES_PER_PROGRAM = 4  # past this the grid is too small for the widths: the block takes per-op kernels
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """A product with ``outputs`` rows of weights, each ``inputs`` wide, split over ``programs``: ``rows`` per
+    tile (a power of two), each program taking tiles ``pid, pid + programs, ...`` (``per_program`` of them,
+    the last masked past ``outputs``)."""
+    outputs: int
+    inputs: int
+    programs: int
+    itemsize: int
+
+    @property
+    def rows(self) -> int:
+        fit = max(1, _next_power_of_two(TILE_BYTES // (self.inputs * self.itemsize) + 1) // 2)
+        return min(_next_power_of_two(math.ceil(self.outputs / self.programs)), fit)
+
+    @property
+    def per_program(self) -> int:
+        return math.ceil(math.ceil(self.outputs / self.rows) / self.programs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """The static description of a block's step: the layer's `decode_step.Step`, the residual width, the joined
+    input product's, the MLP's hidden units, the LayerNorms' eps and the grid's programs."""
+    step: decode_step.Step
+    width: int
+    joined_width: int  # w_in's rows: q | k | v, the narrow projections, the output gate's
+    hidden: int
+    eps: float
+    programs: int
+
+    def tilings(self, itemsize: int) -> tuple[Tiling, ...]:
+        """The four products': input, output, c_fc, c_proj."""
+        values = self.step.heads * self.step.value_dim
+        shapes = [(self.joined_width, self.width), (self.width, values), (self.hidden, self.width),
+                  (self.width, self.hidden)]
+        return tuple(Tiling(n, k, self.programs, itemsize) for n, k in shapes)
+
+
+def supports(block: Block, rows: int, itemsize: int) -> bool:
+    """The step kernel's layers with the output gate in the joined product; power-of-two widths (Triton's block
+    shapes); a grid large enough for a head's step per program and few tiles per program."""
+    step = block.step
+    if not decode_step.supports(step) or step.gated_norm != (step.gate_column is not None):
+        return False
+    widths = [block.width, block.hidden, step.heads * step.value_dim]
+    if not all(_power_of_two(w) for w in widths) or rows * step.heads > block.programs:
+        return False
+    return all(t.per_program <= MAX_TILES_PER_PROGRAM for t in block.tilings(itemsize))
+
+
+COUNT_BITS = 16  # sync's low bits count the arrivals, the high bits the barriers passed
+
+
+def _grid_barrier(sync_ref, programs: int):
+    """Waits until all ``programs`` have arrived. ``sync[0]``: arrivals in the low bits, the generation above;
+    the last to arrive resets the count and advances the generation in one add."""
+    plgpu_triton.debug_barrier()  # every thread's stores are issued before the program arrives
+    seen = plgpu_triton.atomic_add(sync_ref, 0, jnp.int32(1))
+    generation = seen >> COUNT_BITS
+    last = (seen & ((1 << COUNT_BITS) - 1)) == programs - 1
+
+    @pl.when(last)
+    def _release():
+        plgpu_triton.atomic_add(sync_ref, 0, jnp.int32((1 << COUNT_BITS) - programs))
+
+    @pl.when(jnp.logical_not(last))
+    def _wait():
+        lax.while_loop(lambda now: (now >> COUNT_BITS) == generation,
+                       lambda _: plgpu_triton.atomic_add(sync_ref, 0, jnp.int32(0)), seen)
+
+    plgpu_triton.debug_barrier()
+
+
+def _load_tiles(w_ref, tiling: Tiling, pid):
+    """This program's tiles of a product's weights ``[outputs, inputs]``, with the first output row of each."""
+    tiles = []
+    for i in range(tiling.per_program):
+        first = (pid + i * tiling.programs) * tiling.rows
+        shape = (tiling.rows, tiling.inputs)
+        mask = (first + lax.broadcasted_iota(jnp.int32, shape, 0)) < tiling.outputs
+        tiles.append((first, plgpu_triton.load(w_ref.at[pl.ds(first, tiling.rows), :], mask=mask, other=0)))
+    return tiles
+
+
+def _product_phase(tiles, tiling: Tiling, row_inputs, finish, out_ref):
+    """For each row r and tile: ``out[r, tile] = finish(r, columns, inputs_r w_tile^T)`` (float32), stored
+    where the tile's rows exist; ``columns`` is ``(first, mask)`` of the tile's output columns."""
+    f32 = jnp.float32
+    for first, w in tiles:
+        w = w.astype(f32)
+        valid = (first + lax.broadcasted_iota(jnp.int32, (tiling.rows,), 0)) < tiling.outputs
+        for r, inputs in enumerate(row_inputs):
+            value = finish(r, (first, valid), jnp.sum(w * inputs[None, :], axis=1))
+            plgpu_triton.store(out_ref.at[jnp.int32(r), pl.ds(first, tiling.rows)], value.astype(out_ref.dtype), mask=valid)
+
+
+def _columns(ref, r, columns, n, *, fresh: bool):
+    """Row r's columns ``(first, mask)`` (n of them) of ref in float32; ``fresh``: written by other programs in
+    this kernel, so loaded volatile, past the SM's L1."""
+    first, mask = columns
+    return plgpu_triton.load(ref.at[jnp.int32(r), pl.ds(first, n)], mask=mask, other=0,
+                             volatile=fresh).astype(jnp.float32)
+
+
+def _row(ref, r, *, fresh: bool):
+    """Row r of ref in float32 (``fresh``: as `_columns`)."""
+    return plgpu_triton.load(ref.at[jnp.int32(r), :], volatile=fresh).astype(jnp.float32)
+
+
+def _kernel(*refs, block: Block, rows: int, dtype, interpret: bool, n_params: int):
+    step = block.step
+    f32 = jnp.float32
+    rounded = lambda v: v.astype(dtype).astype(f32)
+    refs = list(refs)
+    x, s1, b1, w_in, w_o, s2, b2, w_fc, w_proj = refs[:9]
+    step_in = refs[9:9 + 8 + n_params]  # caches, conv weights, state, norm, params
+    sync_in = refs[9 + 8 + n_params]
+    out, state_out, c0, c1, c2, sync, y, o, x2, hidden = refs[-10:]
+    head = decode_step.unflatten_refs(step, [y, *step_in, o, state_out, c0, c1, c2])
+    t_in, t_o, t_fc, t_proj = block.tilings(jnp.dtype(dtype).itemsize)
+    phase, pid = (pl.program_id(0), pl.program_id(1)) if interpret else (None, pl.program_id(0))
+    del sync_in
+
+    fresh = not interpret
+
+    def phase_in(tiles):
+        normed = [layer_norm_row(_row(x, r, fresh=False), s1[...], b1[...], block.eps, dtype) for r in range(rows)]
+        _product_phase(tiles, t_in, normed, lambda r, c, v: rounded(v), y)
+
+    def phase_step():
+        for i in range(math.ceil(rows * step.heads / block.programs)):
+            pair = pid + i * block.programs
+
+            @pl.when(pair < rows * step.heads)
+            def _():
+                decode_step.head_step(step, head, pair // step.heads, pair % step.heads, dtype=dtype,
+                                      interpret=interpret)
+
+    def phase_out(tiles):
+        values = [_row(o, r, fresh=fresh) for r in range(rows)]
+        residual = lambda r, c, v: rounded(_columns(x, r, c, t_o.rows, fresh=False) + rounded(v))
+        _product_phase(tiles, t_o, values, residual, x2)
+
+    def phase_fc(tiles):
+        normed = [layer_norm_row(_row(x2, r, fresh=fresh), s2[...], b2[...], block.eps, dtype) for r in range(rows)]
+        gelu = lambda r, c, v: rounded(jax.nn.gelu(rounded(v), approximate=True))
+        _product_phase(tiles, t_fc, normed, gelu, hidden)
+
+    def phase_proj(tiles):
+        values = [_row(hidden, r, fresh=fresh) for r in range(rows)]
+        residual = lambda r, c, v: rounded(_columns(x2, r, c, t_proj.rows, fresh=fresh) + rounded(v))
+        _product_phase(tiles, t_proj, values, residual, out)
+
+    if interpret:  # the grid's leading axis is the phase
+        for p, run in enumerate([lambda: phase_in(_load_tiles(w_in, t_in, pid)), phase_step,
+                                 lambda: phase_out(_load_tiles(w_o, t_o, pid)),
+                                 lambda: phase_fc(_load_tiles(w_fc, t_fc, pid)),
+                                 lambda: phase_proj(_load_tiles(w_proj, t_proj, pid))]):
+            pl.when(phase == p)(run)
+        return
+    barrier = functools.partial(_grid_barrier, sync, block.programs)
+    phase_in(_load_tiles(w_in, t_in, pid))
+    tiles_o = _load_tiles(w_o, t_o, pid)
+    barrier()
+    phase_step()
+    barrier()
+    phase_out(tiles_o)
+    tiles_fc = _load_tiles(w_fc, t_fc, pid)
+    barrier()
+    phase_fc(tiles_fc)
+    tiles_proj = _load_tiles(w_proj, t_proj, pid)
+    barrier()
+    phase_proj(tiles_proj)
+
+
+def decode_block(block: Block, x, ln_1, w_in, w_o, ln_2, w_fc, w_proj, caches, weights, state, norm_weight,
+                 params, sync, *, interpret: bool = False, num_warps: int = 8):
+    """One decoding step of a block for every row of ``x [B, D]`` (compute dtype): ``(out [B, D], state,
+    caches, sync)``.
+
+    ln_1, ln_2: the LayerNorms' ``(scale, bias)`` ``[D]``; w_in ``[W, D]`` the joined input kernel
+    (q | k | v | the narrow projections | the output gate's) transposed, w_o ``[D, H*V]``, w_fc ``[F, D]`` and
+    w_proj ``[D, F]`` the other products' kernels transposed, all in the compute dtype; caches, weights,
+    state, norm_weight and params as `decode_step.decode_step` takes them; sync an int32 scalar, zero before
+    the first call, then each call's output.
+    """
+    rows = x.shape[0]
+    dtype = x.dtype
+    if not supports(block, rows, dtype.itemsize):
+        raise ValueError(f"decode_block: unsupported {block} at {rows} rows: see kernels.decode_block.supports")
+    f32 = jnp.float32
+    step = block.step
+    _, _, flat_caches, flat_weights, state, norm_weight, params = decode_step.step_operands(
+        step, x, None, caches, weights, state, norm_weight, params)
+    lns = [tuple(p.astype(f32) for p in ln) for ln in (ln_1, ln_2)]
+    inputs = [x, *lns[0], w_in, w_o, *lns[1], w_fc, w_proj, *flat_caches, *flat_weights, state, norm_weight,
+              *params, sync.reshape(1)]
+    first_cache = 9
+    state_index = first_cache + 6
+    sync_index = len(inputs) - 1
+    aliases = {state_index: 1, first_cache: 2, first_cache + 1: 3, first_cache + 2: 4, sync_index: 5}
+    values = step.heads * step.value_dim
+    outputs = [jax.ShapeDtypeStruct((rows, block.width), dtype), jax.ShapeDtypeStruct(state.shape, f32),
+               *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in flat_caches], jax.ShapeDtypeStruct((1,), jnp.int32),
+               *[jax.ShapeDtypeStruct((rows, n), dtype) for n in (block.joined_width, values, block.width,
+                                                                   block.hidden)]]  # y, o, x2, hidden
+    grid = (PHASES, block.programs) if interpret else (block.programs,)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * len(a.shape))
+    out, state, *flat_caches, sync = pl.pallas_call(
+        functools.partial(_kernel, block=block, rows=rows, dtype=dtype, interpret=interpret, n_params=len(params)),
+        grid=grid, in_specs=[whole(a) for a in inputs], out_specs=[whole(a) for a in outputs], out_shape=outputs,
+        input_output_aliases=aliases, compiler_params=compiler_params(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name=f"{step.rule}_decode_block",
+    )(*inputs)[:6]
+    return out, state, [c.reshape(cache.shape) for c, cache in zip(flat_caches, caches)], sync.reshape(())
