@@ -29,6 +29,11 @@ there in float32 and bf16 (docs/generation.md). A one-row decoding step runs eac
 MLP in ``kernels.decode_mlp`` under the MLP's impl (``auto`` on one GPU): at one row XLA's products are
 reductions, and the kernel took softmax's batch-1 step from 1.275 to 0.974 ms on an H100 (GPT-2 Medium's
 width; the kernel takes power-of-two widths up to 1024).
+
+Where both of those kernels are allowed (the layer's impl and the MLP's), a recurrent block's decoding step of
+at most ``DECODE_BLOCK_MAX_ROWS`` rows runs whole in ``kernels.decode_block``: both LayerNorms, all four
+products, the step and the residual adds in one persistent kernel (``decode_block_applies``), on the layout
+``jaxlin.generate.cache.for_decoding`` stores for it (``Block.may_decode_in_kernel``).
 """
 
 from __future__ import annotations
@@ -217,10 +222,11 @@ INTERPRET_PROGRAMS = 8  # the block kernel's grid off the GPU (interpret mode ru
 
 def decode_block_programs() -> int:
     """The block kernel's grid: one program per SM of the GPU, so that all of them are resident at once (its
-    barriers wait for every program); `INTERPRET_PROGRAMS` elsewhere."""
+    barriers wait for every program; 0, which no block supports, where the device does not say);
+    `INTERPRET_PROGRAMS` elsewhere."""
     if jax.default_backend() != "gpu":
         return INTERPRET_PROGRAMS
-    return jax.local_devices()[0].core_count
+    return getattr(jax.local_devices()[0], "core_count", None) or 0
 
 
 def decode_block_possible(impl: str, mlp_impl: str, step: decode_step.Step) -> bool:

@@ -1,0 +1,160 @@
+"""A recurrent block's whole decoding step in one kernel (kernels.decode_block) against the block's own ops:
+interpret mode on CPU at a small width, compiled at GPT-2 Medium's with ``KERNELS_ON_GPU=1``; the Triton
+lowering against an abstract H100 on any machine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kernels.decode_block
+from jaxlin.generate.cache import for_decoding
+from jaxlin.model import Block, ModelConfig
+from jaxlin.ops import dispatch
+from kernels import decode_block, decode_step
+from tests.kernels.kernel_checks import ON_GPU, lower_triton_for_cuda
+
+WIDTH, HEADS = (1024, 16) if ON_GPU else (64, 2)
+KINDS = ("gla", "deltanet", "gated_deltanet")
+
+
+def _block(kind, dtype="float32", **overrides):
+    """A decoding block (`for_decoding`'s layout) with LayerNorms away from the identity; its layer takes the
+    step kernel (impl "pallas") and its MLP's decoding the kernels (``mlp_impl`` "pallas"; its training
+    kernel, the fused GELU products, stays off)."""
+    fields = dict(n_layer=2, n_head=HEADS, n_embd=WIDTH, attn=kind, dtype=dtype, impl="pallas") | overrides
+    block = Block(ModelConfig(**fields | {"mlp_impl": "xla"}), 0, rngs=nnx.Rngs(1))
+    block.mlp.decode_impl = fields.get("mlp_impl", "pallas")
+    dtype = jnp.dtype(dtype)
+    keys = iter(jax.random.split(jax.random.key(2), 4))
+    for ln in (block.ln_1, block.ln_2):
+        ln.scale.set_value(1 + 0.3 * jax.random.normal(next(keys), (WIDTH,)))
+        ln.bias.set_value(0.3 * jax.random.normal(next(keys), (WIDTH,)))
+    return for_decoding(block)
+
+
+def _state(block, rows, dtype, seed):
+    """A layer state far from zero, with the block kernel's barrier word."""
+    shapes = jax.eval_shape(lambda: block.attn(jnp.zeros((rows, 1, WIDTH), dtype), return_state=True)[1])
+    keys = iter(jax.random.split(jax.random.key(seed), 8))
+    state = jax.tree.map(lambda s: (2 * jax.random.normal(next(keys), s.shape)).astype(s.dtype), shapes)
+    return state | {"sync": jnp.zeros((), jnp.int32)}
+
+
+def _step(block, x, state, *, in_kernel: bool):
+    """The block's decoding step: whole in the kernel, or in its layer's ops (the token scan) and XLA's MLP.
+    Products in true float32 (a GPU's default TF32 would round the two paths' differently)."""
+    block = nnx.clone(block)
+    if not in_kernel:
+        block.attn.impl, block.mlp.decode_impl = "reference", "xla"
+    assert (block.decode_description(x.shape[0]) is not None) == in_kernel
+    with jax.default_matmul_precision("float32"):
+        return jax.jit(lambda x, state: block(x, None, state, True))(x, state)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("dtype,tol", [("float32", 2e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_the_blocks_ops(kind, dtype, tol, rows):
+    """Output, recurrent state and conv caches. bf16 outputs within an ulp of the largest (a value rounded the
+    other way on either path)."""
+    block = _block(kind, dtype)
+    dtype = jnp.dtype(dtype)
+    x = (1 + 2 * jax.random.normal(jax.random.key(3), (rows, 1, WIDTH))).astype(dtype)
+    state = _state(block, rows, dtype, seed=4)
+    (want, want_state), (got, got_state) = (_step(block, x, state, in_kernel=k) for k in (False, True))
+    scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(got, np.float32) / scale, np.asarray(want, np.float32) / scale,
+                               atol=tol, rtol=0)
+    for key in ("recurrent", "conv"):
+        for g, w in zip(jax.tree.leaves(got_state[key]), jax.tree.leaves(want_state[key])):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=1e-4, rtol=1e-4)
+    # Four barriers a call, each back to no arrivals and one generation on (interpret mode has none).
+    assert int(got_state["sync"]) == (4 << decode_block.COUNT_BITS if ON_GPU else 0)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the tiling is the GPU's own there")
+def test_programs_with_several_tiles_each(monkeypatch):
+    """Tiles a quarter of the interpret default and 8 programs: up to four tiles a program, the last ones past
+    the products' rows (q|k|v|... is 208 rows at this width)."""
+    monkeypatch.setattr(kernels.decode_block, "TILE_BYTES", 2048)
+    block = _block("gla")
+    description = block.decode_description(2)
+    assert [t.per_program for t in description.tilings(4)] == [4, 1, 4, 4]
+    x = jax.random.normal(jax.random.key(5), (2, 1, WIDTH))
+    state = _state(block, 2, jnp.float32, seed=6)
+    (want, _), (got, _) = (_step(block, x, state, in_kernel=k) for k in (False, True))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+def test_which_steps_take_the_kernel(monkeypatch):
+    block = _block("gla")
+    assert block.may_decode_in_kernel()
+    assert block.decode_description(2) is not None
+    assert block.decode_description(dispatch.DECODE_BLOCK_MAX_ROWS + 1) is None  # XLA's GEMMs from there
+    for overrides in (dict(mlp_impl="xla"), dict(impl="chunked"), dict(matmul_precision="fp8"), dict(conv_size=0)):
+        other = _block("gla", **overrides)
+        assert not other.may_decode_in_kernel() and other.decode_description(1) is None, overrides
+    assert nnx.clone(block).decode_description(1) is not None
+    config = ModelConfig(n_layer=2, n_head=HEADS, n_embd=WIDTH, impl="pallas", mlp_impl="xla", dtype="float32")
+    unprepared = Block(config, 0, rngs=nnx.Rngs(0))
+    unprepared.mlp.decode_impl = "pallas"
+    assert unprepared.may_decode_in_kernel() and unprepared.decode_description(1) is None  # no output-major kernels
+    auto = nnx.clone(block)
+    auto.attn.impl, auto.mlp.decode_impl = "auto", "auto"
+    assert (auto.decode_description(1) is not None) == (jax.default_backend() == "gpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # a GPU stand-in
+    monkeypatch.setattr(dispatch, "decode_block_programs", lambda: 132)
+    assert auto.decode_description(1) is not None
+    description = auto.decode_description(1)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):  # several devices
+        assert not dispatch.decode_block_applies("auto", "auto", description, 1, 4)
+        with pytest.raises(ValueError, match="one device only"):
+            dispatch.decode_block_applies("pallas", "pallas", description, 1, 4)
+
+
+def test_a_state_without_the_barrier_word_takes_the_blocks_ops():
+    """States that `init_cache` did not make (evaluation's state reuse, say) carry no "sync"."""
+    block = _block("gla")
+    x = jax.random.normal(jax.random.key(7), (1, 1, WIDTH))
+    state = _state(block, 1, jnp.float32, seed=8)
+    del state["sync"]
+    traced = jax.make_jaxpr(lambda x, state: block(x, None, state, True))(x, state)
+    assert not any(eqn.params.get("name", "").endswith("_decode_block") for eqn in traced.jaxpr.eqns)
+
+
+def test_refuses_what_it_does_not_support():
+    step = decode_step.Step("gla", 16, 32, 64, 4, 1e-5, True, gate_column=2064, gate_normalizer=16.0, gate_rank=16)
+    block = decode_block.Block(step, 1024, 3088, 4096, 1e-5, programs=132)
+    assert decode_block.supports(block, 2, 2)
+    assert not decode_block.supports(block, 9, 2)  # a (row, head) pair for every program at most
+    assert not decode_block.supports(decode_block.Block(step, 1024, 3088, 4096, 1e-5, programs=16), 1, 2)  # tiles
+    apart = decode_block.Block(decode_step.Step("gla", 16, 32, 64, 4, 1e-5, True, gate_rank=16), 1024, 3088,
+                               4096, 1e-5, programs=132)
+    assert not decode_block.supports(apart, 1, 2)  # the output gate outside the joined product (FP8)
+    assert not decode_block.supports(decode_block.Block(step, 1000, 3088, 4000, 1e-5, programs=132), 1, 2)
+
+
+@pytest.mark.parametrize("rule,key_dim", [("gla", 32), ("gated_delta", 64), ("delta", 64)])
+def test_lowers_for_an_h100_at_gpt2_medium_width(rule, key_dim):
+    """Two rows, bf16, GPT-2 Medium's widths, a program per SM of an H100."""
+    spec, bf16, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    heads, value_dim, rows = 16, 64, 2
+    extras = {"gla": 16, "gated_delta": 2 * heads, "delta": heads}[rule]
+    gated = rule != "delta"
+    gate_column = heads * (2 * key_dim + value_dim) + extras
+    step = decode_step.Step(rule, heads, key_dim, value_dim, 4, 1e-5, gated, gate_column=gate_column if gated else None,
+                            gate_normalizer=16.0, gate_rank=16 if rule == "gla" else 0)
+    joined = gate_column + (heads * value_dim if gated else 0)
+    block = decode_block.Block(step, 1024, joined, 4096, 1e-5, programs=132)
+    keys, values = heads * key_dim, heads * value_dim
+    params = {"gla": (spec((16, keys), bf16), spec((keys,), f32)), "gated_delta": (spec((heads,), f32),) * 2,
+              "delta": ()}[rule]
+    args = (spec((rows, 1024), bf16), (spec((1024,), bf16),) * 2, spec((joined, 1024), bf16), spec((1024, values), bf16),
+            (spec((1024,), bf16),) * 2, spec((4096, 1024), bf16), spec((1024, 4096), bf16),
+            [spec((rows, 3, n), bf16) for n in (keys, keys, values)], [spec((4, n), f32) for n in (keys, keys, values)],
+            spec((rows, heads, key_dim, value_dim), f32), spec((value_dim,), f32), params, spec((), jnp.int32))
+    text = lower_triton_for_cuda(lambda *a: decode_block.decode_block(block, *a), *args)
+    assert f"{rule}_decode_block" in text
