@@ -245,12 +245,16 @@ class Block(nnx.Module):
             return False
         return dispatch.decode_block_possible(attn.impl, self.mlp.decode_impl, attn.decoding().step)
 
+    def holds_block_kernel_layout(self) -> bool:
+        """Whether `for_decoding` stored this block's products as ``kernels.decode_block`` reads them."""
+        return getattr(self.mlp, "proj_by_output", None) is not None
+
     def decode_description(self, rows: int) -> ops.DecodeBlock | None:
         """The block kernel's description of this block where a decoding step of ``rows`` rows runs in it
         (`for_decoding` stored its products output-major, the layer's step kernel applies and
         ``dispatch.decode_block_applies``), else None."""
         attn, mlp = self.attn, self.mlp
-        if not self.may_decode_in_kernel() or getattr(mlp, "proj_by_output", None) is None:
+        if not self.holds_block_kernel_layout() or not self.may_decode_in_kernel():
             return None
         step = step_with_gate_column(attn, attn.decoding().step, joined_projections(attn))
         if not dispatch.decode_kernel_applies(attn.impl, step, jnp.zeros((rows, 1, 0)), segment_ids=None,

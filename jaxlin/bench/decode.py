@@ -2,7 +2,7 @@
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
         [--context 1024,4096,16384,32768] [--new_tokens 32] [--repeats 3] [--bandwidth B]
-        [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl reference] [--mlp_impl xla]
+        [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl pallas|reference] [--mlp_impl xla]
         [--json decode.json] [--profile DIR] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
@@ -307,10 +307,11 @@ def main(argv=None):
                         help="rows up to this context also time the full forward and compare its logits (0: none)")
     parser.add_argument("--decode_only", action="store_true",
                         help="time decoding alone, from an empty state of the context's length (no prefill)")
-    parser.add_argument("--impl", default="auto", choices=("auto", "reference"),
+    parser.add_argument("--impl", default="auto", choices=("auto", "pallas", "reference"),
                         help="the recurrent layers' impl: auto runs a decode step's convs, recurrence and norm in one "
-                             "kernel on a GPU (kernels/decode_step.py); reference, in the layers' XLA ops (the token "
-                             "scan; with --decode_only only, since the prefill would run it too)")
+                             "kernel on a GPU (kernels/decode_step.py); pallas also runs a step of one or two rows "
+                             "of each block whole in one kernel (kernels/decode_block.py); reference, in the layers' "
+                             "XLA ops (the token scan; with --decode_only only, since the prefill would run it too)")
     parser.add_argument("--mlp_impl", default="auto", choices=("auto", "xla"),
                         help="the MLP's impl: auto runs a one-row decode step's second LayerNorm and MLP in one kernel "
                              "on a GPU (kernels/decode_mlp.py: softmax at batch 1); xla, in XLA's products")

@@ -91,10 +91,10 @@ class QKVConv(nnx.Module):
 
 
 class JoinedKernel(nnx.Param):
-    """Kernels of a layer's projections joined along the outputs, stored once and output-major (``[outputs,
-    d]``, the transpose of a Linear's kernel, as ``kernels.decode_block`` reads it): decoding stores them so
+    """Kernels of a layer's projections joined along the outputs, stored once: decoding stores them so
     (jaxlin.generate.cache.for_decoding), where joining them in every step cost a copy of them per token.
-    Metadata ``names``: the projections, in order."""
+    Metadata ``names``: the projections, in order; ``output_major``: stored transposed (``[outputs, d]``), as
+    ``kernels.decode_block`` reads it."""
 
 
 class OutputMajorKernel(nnx.Param):
@@ -131,7 +131,7 @@ def joined_product(layer: nnx.Module, x, *, with_gate: bool = False):
     if joined is None:
         kernel = jnp.concatenate([p.kernel[...] for p in projections], axis=1).astype(projections[0].dtype)
     else:
-        kernel = joined[...].T
+        kernel = joined[...].T if joined.output_major else joined[...]
     return fp8.matmul(x.astype(projections[0].dtype), kernel, projections[0]), names
 
 

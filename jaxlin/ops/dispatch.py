@@ -30,9 +30,10 @@ MLP in ``kernels.decode_mlp`` under the MLP's impl (``auto`` on one GPU): at one
 reductions, and the kernel took softmax's batch-1 step from 1.275 to 0.974 ms on an H100 (GPT-2 Medium's
 width; the kernel takes power-of-two widths up to 1024).
 
-Where both of those kernels are allowed (the layer's impl and the MLP's), a recurrent block's decoding step of
-at most ``DECODE_BLOCK_MAX_ROWS`` rows runs whole in ``kernels.decode_block``: both LayerNorms, all four
-products, the step and the residual adds in one persistent kernel (``decode_block_applies``), on the layout
+With a "pallas" impl for the layer (``model.impl``; ``auto`` does not take it: its compiled checks and timings
+have not run on a GPU) and the MLP's kernels allowed, a recurrent block's decoding step of at most
+``DECODE_BLOCK_MAX_ROWS`` rows runs whole in ``kernels.decode_block``: both LayerNorms, all four products, the
+step and the residual adds in one persistent kernel (``decode_block_applies``), on the layout
 ``jaxlin.generate.cache.for_decoding`` stores for it (``Block.may_decode_in_kernel``).
 """
 
@@ -216,7 +217,7 @@ def decode_kernel_applies(impl: str, step: decode_step.Step, x, *, segment_ids, 
     return impl.startswith("pallas") or (impl == "auto" and on_one_gpu())
 
 
-DECODE_BLOCK_MAX_ROWS = 2  # measured: see decode_block_applies
+DECODE_BLOCK_MAX_ROWS = 2  # a lone prompt, decoded beside its copy; more rows keep the per-op path
 INTERPRET_PROGRAMS = 8  # the block kernel's grid off the GPU (interpret mode runs it one program at a time)
 
 
@@ -230,17 +231,17 @@ def decode_block_programs() -> int:
 
 
 def decode_block_possible(impl: str, mlp_impl: str, step: decode_step.Step) -> bool:
-    """Whether a recurrent block may decode in ``kernels.decode_block`` on some device (for the layout
-    `for_decoding` stores): the impls allow the step's and the MLP's kernels, the step kernel supports the
-    layer."""
-    return (impl == "auto" or impl.startswith("pallas")) and mlp_impl in ("auto", "pallas") and \
-        decode_step.supports(step)
+    """Whether a recurrent block may decode in ``kernels.decode_block`` (for the layout `for_decoding`
+    stores): its layer's ``impl`` a "pallas" one (``auto`` does not take the kernel: its compiled checks and
+    timings have not run on a GPU), its MLP's not "xla", a step the step kernel supports."""
+    return impl.startswith("pallas") and mlp_impl != "xla" and decode_step.supports(step)
 
 
 def decode_block_applies(impl: str, mlp_impl: str, block: decode_block.Block, rows: int, itemsize: int) -> bool:
     """Whether a recurrent block's decoding step (the layer's step kernel applies: ``decode_kernel_applies``)
-    of ``rows`` rows runs whole in ``kernels.decode_block``: the layer's ``impl`` and the MLP's ``mlp_impl``
-    both take their kernels, at most ``DECODE_BLOCK_MAX_ROWS`` rows, shapes the kernel supports."""
+    of ``rows`` rows runs whole in ``kernels.decode_block``: `decode_block_possible`, the MLP's kernels
+    allowed (``mlp_impl`` "pallas", or "auto" on one GPU), at most ``DECODE_BLOCK_MAX_ROWS`` rows, shapes the
+    kernel supports."""
     if not decode_block_possible(impl, mlp_impl, block.step) or rows > DECODE_BLOCK_MAX_ROWS:
         return False
     if not _kernel_applies(mlp_impl, "the decoding block kernel", "model.mlp_impl"):

@@ -87,3 +87,11 @@ def test_the_layers_ops_decode_only(capsys):
     with pytest.raises(SystemExit):
         decode.main(["--tiny", "--impl", "reference"])
     assert "add --decode_only" in capsys.readouterr().err
+
+
+def test_decode_only_rows_with_the_pallas_impl(tmp_path):
+    """`--impl pallas`: the layers' steps in their kernels (interpret mode here), recorded in the JSON."""
+    out = tmp_path / "decode.json"
+    rows = decode.main(["--tiny", "--models", "gla", "--batch", "1", "--context", "16", "--new_tokens", "2",
+                        "--repeats", "1", "--decode_only", "--impl", "pallas", "--json", str(out)])
+    assert rows[0]["decode_tok_s"] > 0 and json.loads(out.read_text())["impl"] == "pallas"

@@ -99,15 +99,19 @@ def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows, mlp_im
     each block's own are the ones used."""
     model = _random_layer_norms(tiny_model(name), seed=rows)
     tokens = jnp.asarray(random_tokens(11, (rows, 24)))
-    decoding = for_decoding(model)
-    fused = nnx.clone(decoding)
-    kernel_layers = [block.attn for block in fused.h if getattr(block.attn, "conv", None) is not None]
-    for layer in kernel_layers:
+    prepared = nnx.clone(model)
+    kernel_layers = lambda m: [block.attn for block in m.h if getattr(block.attn, "conv", None) is not None]
+    for layer in kernel_layers(prepared):
         layer.impl = "pallas"
-    for block in fused.h:
+    for block in prepared.h:
         block.mlp.decode_impl = mlp_impl
+    fused = for_decoding(prepared)  # the layout the block kernel reads, where it may run
+    decoding = nnx.clone(fused)
+    for layer in kernel_layers(decoding):
+        layer.impl = "auto"  # the prompt in XLA's ops (the Pallas prefill has a test of its own)
+    kernel_layers = kernel_layers(fused)
     head = model.wte[...]
-    cache = init_cache(fused, jnp.zeros(rows, jnp.int32), 24)
+    cache = init_cache(decoding, jnp.zeros(rows, jnp.int32), 24)
     traced = jax.make_jaxpr(lambda token, cache: decode_step(fused, head, token, cache))(tokens[:, 0], cache)
     kernels = [eqn.params["name"] for eqn in traced.jaxpr.eqns if eqn.primitive.name == "pallas_call"]
     assert len(kernel_layers) > 0
@@ -180,33 +184,39 @@ def test_decoding_stores_each_layers_joined_kernel_once(name):
     attn, original = decoding.h[0].attn, model.h[0].attn
     names = ["q_proj", "k_proj", "v_proj", *(["gk_down"] if name == "gla" else ["b_proj", "a_proj"]), "g_proj"]
     assert attn.joined_kernel.names == tuple(names)
-    expected = jnp.concatenate([getattr(original, n).kernel[...] for n in names], axis=1).T  # output-major
+    expected = jnp.concatenate([getattr(original, n).kernel[...] for n in names], axis=1)
     np.testing.assert_array_equal(attn.joined_kernel[...], expected.astype(attn.joined_kernel[...].dtype))
+    assert not attn.joined_kernel.output_major
     assert not any(hasattr(getattr(attn, n), "kernel") for n in names)  # read once a step, stored once
     fp8_attn = for_decoding(tiny_model(name, matmul_precision="fp8")).h[0].attn
     assert fp8_attn.joined_kernel.names == tuple(names[:-1])  # the gate's FP8 product keeps its own scales
 
 
 def test_decoding_stores_kernels_output_major_where_the_decoding_kernels_read_them():
-    """A recurrent block that may decode in kernels.decode_block: its output projection and both MLP kernels;
-    a softmax block's MLP: c_fc, which kernels.decode_mlp reads so; none where no kernel runs."""
-    model = tiny_model("recurrent_and_softmax")
+    """A recurrent block that may decode in kernels.decode_block (a "pallas" impl): its joined kernel, output
+    projection and both MLP kernels; a softmax block's MLP: c_fc, which kernels.decode_mlp reads so; none
+    where no kernel runs."""
+    model = tiny_model("recurrent_and_softmax", impl="pallas")
     decoding = for_decoding(model)
+    assert [block.may_decode_in_kernel() for block in decoding.h] == [True, False]  # gated DeltaNet, softmax
     for block, original in zip(decoding.h, model.h):
         stored = {"fc_by_output": (block.mlp, original.mlp.c_fc)}
         if block.may_decode_in_kernel():
-            stored |= {"proj_by_output": (block.mlp, original.mlp.c_proj), "o_by_output": (block.attn, original.attn.o_proj)}
+            stored |= {"proj_by_output": (block.mlp, original.mlp.c_proj),
+                       "o_by_output": (block.attn, original.attn.o_proj)}
+            names = block.attn.joined_kernel.names
+            joined = jnp.concatenate([getattr(original.attn, n).kernel[...] for n in names], axis=1)
+            assert block.attn.joined_kernel.output_major
+            np.testing.assert_array_equal(block.attn.joined_kernel[...], joined.T)
         else:
             assert not hasattr(block.mlp, "proj_by_output") and hasattr(block.mlp.c_proj, "kernel")
         for name, (owner, linear) in stored.items():
             np.testing.assert_array_equal(getattr(owner, name)[...], linear.kernel[...].T, err_msg=name)
-    assert any(block.may_decode_in_kernel() for block in decoding.h)
-    assert not all(block.may_decode_in_kernel() for block in decoding.h)  # the softmax block's
-    for overrides in (dict(mlp_impl="xla"), dict(matmul_precision="fp8")):  # the kernels never run
-        block = for_decoding(tiny_model("gla", **overrides)).h[0]
-        assert not block.may_decode_in_kernel()
-        assert not any(hasattr(block.mlp, name) for name in ("fc_by_output", "proj_by_output"))
-        assert hasattr(block.mlp.c_fc, "kernel") and hasattr(block.attn.o_proj, "kernel")
+    for overrides in (dict(impl="auto"), dict(mlp_impl="xla"), dict(matmul_precision="fp8")):
+        block = for_decoding(tiny_model("gla", **dict(impl="pallas") | overrides)).h[0]
+        assert not block.may_decode_in_kernel() and not block.holds_block_kernel_layout()
+        assert not block.attn.joined_kernel.output_major and hasattr(block.attn.o_proj, "kernel")
+        assert hasattr(block.mlp, "fc_by_output") == (overrides == dict(impl="auto"))  # the one-row MLP kernel's
 
 
 def test_an_fp8_model_computes_from_its_stored_joined_kernel_as_from_its_projections():

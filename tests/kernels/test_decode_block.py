@@ -94,7 +94,8 @@ def test_which_steps_take_the_kernel(monkeypatch):
     assert block.may_decode_in_kernel()
     assert block.decode_description(2) is not None
     assert block.decode_description(dispatch.DECODE_BLOCK_MAX_ROWS + 1) is None  # XLA's GEMMs from there
-    for overrides in (dict(mlp_impl="xla"), dict(impl="chunked"), dict(matmul_precision="fp8"), dict(conv_size=0)):
+    for overrides in (dict(mlp_impl="xla"), dict(impl="chunked"), dict(impl="auto"), dict(matmul_precision="fp8"),
+                      dict(conv_size=0)):
         other = _block("gla", **overrides)
         assert not other.may_decode_in_kernel() and other.decode_description(1) is None, overrides
     assert nnx.clone(block).decode_description(1) is not None
@@ -102,15 +103,17 @@ def test_which_steps_take_the_kernel(monkeypatch):
     unprepared = Block(config, 0, rngs=nnx.Rngs(0))
     unprepared.mlp.decode_impl = "pallas"
     assert unprepared.may_decode_in_kernel() and unprepared.decode_description(1) is None  # no output-major kernels
-    auto = nnx.clone(block)
-    auto.attn.impl, auto.mlp.decode_impl = "auto", "auto"
-    assert (auto.decode_description(1) is not None) == (jax.default_backend() == "gpu")
+    auto = _block("gla", impl="auto")  # the kernel's compiled checks have not run on a GPU: auto keeps per-op
+    assert not auto.may_decode_in_kernel()
+    gpu_auto_mlp = nnx.clone(block)
+    gpu_auto_mlp.mlp.decode_impl = "auto"
+    assert (gpu_auto_mlp.decode_description(1) is not None) == (jax.default_backend() == "gpu")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # a GPU stand-in
     monkeypatch.setattr(dispatch, "decode_block_programs", lambda: 132)
-    assert auto.decode_description(1) is not None
-    description = auto.decode_description(1)
+    description = gpu_auto_mlp.decode_description(1)
+    assert description is not None and description.programs == 132
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):  # several devices
-        assert not dispatch.decode_block_applies("auto", "auto", description, 1, 4)
+        assert not dispatch.decode_block_applies("pallas", "auto", description, 1, 4)
         with pytest.raises(ValueError, match="one device only"):
             dispatch.decode_block_applies("pallas", "pallas", description, 1, 4)
 
