@@ -220,7 +220,7 @@ class Block(nnx.Module):
             if description is not None:
                 return self._decode_in_kernel(description, x, state)
         x, new_state = self._forward(x, segment_ids, state, return_state)
-        return x, (new_state if sync is None else {**new_state, "sync": sync})
+        return x, (new_state if sync is None or new_state is None else {**new_state, "sync": sync})
 
     def _forward(self, x, segment_ids, state, return_state):
         attend = lambda h: self.attn(activation(h), segment_ids=segment_ids, state=state, return_state=return_state)
@@ -257,8 +257,7 @@ class Block(nnx.Module):
         if not self.holds_block_kernel_layout() or not self.may_decode_in_kernel():
             return None
         step = step_with_gate_column(attn, attn.decoding().step, joined_projections(attn))
-        if not dispatch.decode_kernel_applies(attn.impl, step, jnp.zeros((rows, 1, 0)), segment_ids=None,
-                                              state={"recurrent": True}, return_state=True):
+        if not dispatch.decode_step_kernel_allowed(attn.impl, step):
             return None
         description = ops.DecodeBlock(step, self.ln_1.num_features, attn.joined_kernel.shape[0],
                                       mlp.c_fc.out_features, self.ln_1.epsilon, dispatch.decode_block_programs())

@@ -53,6 +53,11 @@ def matmul(a, b, dot_dtype, *, trans_a=False, trans_b=False):
                             precision=precision)
 
 
+def is_power_of_two(n: int) -> bool:
+    """Triton's block shapes: a tensor a kernel loads has power-of-two dims."""
+    return n > 0 and n & (n - 1) == 0
+
+
 def compiler_params(num_warps=4, num_stages=2):
     return plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 

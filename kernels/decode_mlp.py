@@ -22,20 +22,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import compiler_params
+from .common import compiler_params, is_power_of_two
 
 HIDDEN_TILE = 32  # hidden units per program: 128 programs for GPT-2 Medium's 4,096
 MAX_WIDTH = 1024  # a program holds two [HIDDEN_TILE, D] tiles in registers; measured at GPT-2 Medium's 1024
 
 
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def supports(x, hidden_units: int) -> bool:
     """x ``[rows, D]``: one row, D a power of two up to MAX_WIDTH, the hidden units a multiple of the tile."""
     rows, d = x.shape
-    return rows == 1 and _power_of_two(d) and d <= MAX_WIDTH and hidden_units % HIDDEN_TILE == 0
+    return rows == 1 and is_power_of_two(d) and d <= MAX_WIDTH and hidden_units % HIDDEN_TILE == 0
 
 
 def layer_norm_row(x, scale, bias, eps: float, dtype):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from .common import compiler_params
+from .common import compiler_params, is_power_of_two
 
 RULES = ("gla", "delta", "gated_delta")
 L2_EPS = 1e-6  # the ops' q/k L2 normalisation
@@ -52,14 +52,10 @@ class Step:
         return self.heads * (2 * self.key_dim + self.value_dim)
 
 
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def supports(step: Step) -> bool:
     """Triton's block shapes: per-head dims (and GLA's gate rank) powers of two; a short conv to cache."""
     dims = [step.key_dim, step.value_dim] + ([step.gate_rank] if step.rule == "gla" else [])
-    return step.rule in RULES and step.conv_width > 1 and all(_power_of_two(d) for d in dims)
+    return step.rule in RULES and step.conv_width > 1 and all(is_power_of_two(d) for d in dims)
 
 
 def _separate_gate(step: Step) -> bool:

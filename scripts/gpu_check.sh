@@ -115,7 +115,7 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     fp8-profile) stage fp8-profile 240 python3 -m jaxlin.bench.train_step --steps 10 --nophases \
                --config configs/gpt2_medium_gla.py --config.model.matmul_precision=fp8 \
                --profile /tmp/fp8_profile --json "$out/fp8_profile.json" ;;  # where the fp8 step's time goes
-    decode-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage decode-tests 240 python3 -m pytest \
+    decode-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage decode-tests 480 python3 -m pytest \
              tests/kernels/test_decode_step.py tests/kernels/test_decode_mlp.py tests/kernels/test_decode_block.py \
              -vv -p no:cacheprovider -W ignore -k "not lowers" ;;
     decode-ops) stage decode-ops 200 python3 -m jaxlin.bench.decode --decode_only --impl reference \

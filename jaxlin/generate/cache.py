@@ -106,8 +106,8 @@ def _restart_rows(cache: dict, rows) -> dict:
     def restart(state):
         if "recurrent" not in state:
             return state  # a KV cache: its padding slots are masked instead
-        rows_of = {key: state[key] for key in ("recurrent", "conv")}  # not the block kernel's "sync"
-        return state | jax.tree.map(lambda s: jnp.where(rows.reshape(-1, *[1] * (s.ndim - 1)), 0, s), rows_of)
+        per_row = {key: value for key, value in state.items() if key != "sync"}  # the block kernel's barrier word
+        return state | jax.tree.map(lambda s: jnp.where(rows.reshape(-1, *[1] * (s.ndim - 1)), 0, s), per_row)
     return cache | {"layers": [restart(state) for state in cache["layers"]]}
 
 

@@ -212,6 +212,12 @@ def decode_kernel_applies(impl: str, step: decode_step.Step, x, *, segment_ids, 
     (see the module's docstring); ``step`` describes the layer."""
     if x.shape[1] != 1 or segment_ids is not None or not return_state or state.get("recurrent") is None:
         return False
+    return decode_step_kernel_allowed(impl, step)
+
+
+def decode_step_kernel_allowed(impl: str, step: decode_step.Step) -> bool:
+    """Whether a decoding step of a layer that ``step`` describes may run in ``kernels.decode_step``: a layer
+    the kernel supports, on one device, a "pallas" impl or ``auto`` on a GPU."""
     if not decode_step.supports(step) or jax.sharding.get_abstract_mesh().size > 1:
         return False
     return impl.startswith("pallas") or (impl == "auto" and on_one_gpu())

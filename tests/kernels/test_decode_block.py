@@ -57,8 +57,8 @@ def _step(block, x, state, *, in_kernel: bool):
 @pytest.mark.parametrize("dtype,tol", [("float32", 2e-5), ("bfloat16", 2e-2)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_the_blocks_ops(kind, dtype, tol, rows):
-    """Output, recurrent state and conv caches. bf16 outputs within an ulp of the largest (a value rounded the
-    other way on either path)."""
+    """Output, recurrent state and conv caches. bf16 outputs within about two ulps of the largest (a value
+    rounded the other way on either path moves the ones after it), and nearly all equal."""
     block = _block(kind, dtype)
     dtype = jnp.dtype(dtype)
     x = (1 + 2 * jax.random.normal(jax.random.key(3), (rows, 1, WIDTH))).astype(dtype)
@@ -67,26 +67,24 @@ def test_matches_the_blocks_ops(kind, dtype, tol, rows):
     scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
     np.testing.assert_allclose(np.asarray(got, np.float32) / scale, np.asarray(want, np.float32) / scale,
                                atol=tol, rtol=0)
+    if dtype == jnp.bfloat16 and not ON_GPU:  # 0-5 % differ at this width's draws (not measured at 1024)
+        assert np.mean(np.asarray(got) != np.asarray(want)) <= 0.1
     for key in ("recurrent", "conv"):
         for g, w in zip(jax.tree.leaves(got_state[key]), jax.tree.leaves(want_state[key])):
             assert g.dtype == w.dtype and g.shape == w.shape
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=1e-4, rtol=1e-4)
-    # Four barriers a call, each back to no arrivals and one generation on (interpret mode has none).
-    assert int(got_state["sync"]) == (4 << decode_block.COUNT_BITS if ON_GPU else 0)
+    if ON_GPU:  # four barriers a call, each leaving no arrivals and the generation one on
+        assert int(got_state["sync"]) == 4 << decode_block.COUNT_BITS
+        _, again = _step(block, x, got_state, in_kernel=True)
+        assert int(again["sync"]) == 8 << decode_block.COUNT_BITS
 
 
-@pytest.mark.skipif(ON_GPU, reason="the tiling is the GPU's own there")
-def test_programs_with_several_tiles_each(monkeypatch):
-    """Tiles a quarter of the interpret default and 8 programs: up to four tiles a program, the last ones past
-    the products' rows (q|k|v|... is 208 rows at this width)."""
-    monkeypatch.setattr(kernels.decode_block, "TILE_BYTES", 2048)
+def test_a_forward_without_state_out_keeps_the_barrier_word_out_of_it():
+    """A call that returns no state (a forward continuing a decoding state) takes the block's ops."""
     block = _block("gla")
-    description = block.decode_description(2)
-    assert [t.per_program for t in description.tilings(4)] == [4, 1, 4, 4]
-    x = jax.random.normal(jax.random.key(5), (2, 1, WIDTH))
-    state = _state(block, 2, jnp.float32, seed=6)
-    (want, _), (got, _) = (_step(block, x, state, in_kernel=k) for k in (False, True))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    x = jax.random.normal(jax.random.key(9), (1, 3, WIDTH))
+    y, new_state = block(x, None, _state(block, 1, jnp.float32, seed=10), False)
+    assert y.shape == x.shape and new_state is None
 
 
 def test_which_steps_take_the_kernel(monkeypatch):
@@ -155,9 +153,10 @@ def test_lowers_for_an_h100_at_gpt2_medium_width(rule, key_dim):
     keys, values = heads * key_dim, heads * value_dim
     params = {"gla": (spec((16, keys), bf16), spec((keys,), f32)), "gated_delta": (spec((heads,), f32),) * 2,
               "delta": ()}[rule]
-    args = (spec((rows, 1024), bf16), (spec((1024,), bf16),) * 2, spec((joined, 1024), bf16), spec((1024, values), bf16),
+    args = (spec((rows, 1024), bf16), (spec((1024,), bf16),) * 2, spec((joined, 1024), bf16),
+            spec((1024, values), bf16),
             (spec((1024,), bf16),) * 2, spec((4096, 1024), bf16), spec((1024, 4096), bf16),
             [spec((rows, 3, n), bf16) for n in (keys, keys, values)], [spec((4, n), f32) for n in (keys, keys, values)],
             spec((rows, heads, key_dim, value_dim), f32), spec((value_dim,), f32), params, spec((), jnp.int32))
     text = lower_triton_for_cuda(lambda *a: decode_block.decode_block(block, *a), *args)
-    assert f"{rule}_decode_block" in text
+    assert f"{rule}_decode_block" in text and "atomic_rmw" in text  # the grid barriers: one kernel, not phases
