@@ -105,7 +105,7 @@ class OutputMajorKernel(nnx.Param):
 
 def stored_kernel(linear: nnx.Linear, owner: nnx.Module, name: str):
     """``linear``'s kernel ``[in, out]`` in its compute dtype, from ``owner``'s `OutputMajorKernel` ``name``
-    where decoding stores one (its transpose: XLA's products read either layout)."""
+    (its transpose) where decoding stores one."""
     stored = getattr(owner, name, None)
     kernel = linear.kernel[...] if stored is None else stored[...].T
     return kernel.astype(linear.dtype)

@@ -23,8 +23,8 @@ from kernels.common import RESIDUAL_NAME
 from . import context_parallel, dispatch
 from .checks import check_inputs
 
-__all__ = ["gla", "delta_rule", "gated_delta_rule", "decode_step", "DecodeStep", "decode_block", "DecodeBlock", "l2norm",
-           "SAVEABLE_NAMES"]
+__all__ = ["gla", "delta_rule", "gated_delta_rule", "decode_step", "DecodeStep", "decode_block", "DecodeBlock",
+           "l2norm", "SAVEABLE_NAMES"]
 
 # `jax.checkpoint` names: every op's output, and the Pallas kernels' backward residuals (chunk states).
 OUTPUT_NAME = "linear_attention_output"

@@ -25,10 +25,10 @@ input and output products in ``kernels.decode_step`` where the kernel supports t
 ``"auto"`` on a GPU and for the ``"pallas"`` impls anywhere (``"pallas:mosaic"`` too: the step has a Triton
 kernel only); otherwise the layer's own ops (the token scan). On an H100 the kernel took GPT-2 Medium's
 batch-1 GLA step from 1.168 to 0.910 ms, and its compiled checks (``scripts/gpu_check.sh decode-tests``) passed
-there in float32 and bf16 (docs/generation.md; before its body moved to whole refs). A one-row decoding step runs each block's second LayerNorm and
-MLP in ``kernels.decode_mlp`` under the MLP's impl (``auto`` on one GPU): at one row XLA's products are
-reductions, and the kernel took softmax's batch-1 step from 1.275 to 0.974 ms on an H100 (GPT-2 Medium's
-width; the kernel takes power-of-two widths up to 1024).
+there in float32 and bf16 (docs/generation.md; before its body moved to whole refs). A one-row decoding step
+runs each block's second LayerNorm and MLP in ``kernels.decode_mlp`` under the MLP's impl (``auto`` on one
+GPU): at one row XLA's products are reductions, and the kernel took softmax's batch-1 step from 1.275 to
+0.974 ms on an H100 (GPT-2 Medium's width; the kernel takes power-of-two widths up to 1024).
 
 With a "pallas" impl for the layer (``model.impl``; ``auto`` does not take it: its compiled checks and timings
 have not run on a GPU) and the MLP's kernels allowed, a recurrent block's decoding step of at most
