@@ -126,10 +126,13 @@ def _grid_barrier(sync_ref, programs: int):
         plgpu_triton.atomic_add(sync_ref, 0, jnp.int32((1 << COUNT_BITS) - programs))
 
     @pl.when(jnp.logical_not(last))
-    def _wait():  # volatile loads, which leave the word's L2 line to the arrivals, then one acquire
-        lax.while_loop(lambda now: (now >> COUNT_BITS) == generation,
-                       lambda _: plgpu_triton.load(sync_ref.at[0], volatile=True), seen)
-        plgpu_triton.atomic_add(sync_ref, 0, jnp.int32(0))
+    def _wait():
+        waiting = lambda now: (now >> COUNT_BITS) == generation
+        # Volatile loads, which leave the word's L2 line to the arrivals; then an acquire, as an atomic read
+        # whose value a loop tests, so that it stays an acquiring atomic (one with its value unused may be
+        # emitted as a reduction, which cannot acquire).
+        lax.while_loop(waiting, lambda _: plgpu_triton.load(sync_ref.at[0], volatile=True), seen)
+        lax.while_loop(waiting, lambda _: plgpu_triton.atomic_add(sync_ref, 0, jnp.int32(0)), seen)
 
     plgpu_triton.debug_barrier()
 
