@@ -254,7 +254,7 @@ class Block(nnx.Module):
         (`for_decoding` stored its products output-major, the layer's step kernel applies and
         ``dispatch.decode_block_applies``), else None."""
         attn, mlp = self.attn, self.mlp
-        if not self.holds_block_kernel_layout() or not self.may_decode_in_kernel():
+        if not self.holds_block_kernel_layout():  # stored only where `may_decode_in_kernel` (not in FP8)
             return None
         step = step_with_gate_column(attn, attn.decoding().step, joined_projections(attn))
         if not dispatch.decode_step_kernel_allowed(attn.impl, step):

@@ -248,10 +248,7 @@ def decode_block(block: Block, x, ln_1, w_in, w_o, ln_2, w_fc, w_proj, caches, w
     lns = [tuple(p.astype(f32) for p in ln) for ln in (ln_1, ln_2)]
     inputs = [x, *lns[0], w_in, w_o, *lns[1], w_fc, w_proj, *flat_caches, *flat_weights, state, norm_weight,
               *params, sync.reshape(1)]
-    first_cache = BLOCK_OPERANDS
-    state_index = first_cache + 6
-    sync_index = len(inputs) - 1
-    aliases = {state_index: 1, first_cache: 2, first_cache + 1: 3, first_cache + 2: 4, sync_index: 5}
+    aliases = decode_step.step_aliases(BLOCK_OPERANDS, 0) | {len(inputs) - 1: 5}  # and sync, the last input
     values = step.heads * step.value_dim
     outputs = [jax.ShapeDtypeStruct((rows, block.width), dtype), jax.ShapeDtypeStruct(state.shape, f32),
                *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in flat_caches], jax.ShapeDtypeStruct((1,), jnp.int32),

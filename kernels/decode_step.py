@@ -182,6 +182,13 @@ def unflatten_refs(step: Step, refs) -> HeadRefs:
     return HeadRefs(y, gate, caches, weights, state, norm, params, out, state_out, tuple(caches_out))
 
 
+def step_aliases(first_cache: int, first_output: int) -> dict:
+    """``input_output_aliases`` of a kernel that takes `step_operands` from input ``first_cache`` on (from the
+    caches) and writes the output, then the state and the caches, from output ``first_output`` on."""
+    state = first_cache + 6  # after the three caches and the three conv kernels
+    return {state: first_output + 1, **{first_cache + i: first_output + 2 + i for i in range(3)}}
+
+
 def _kernel(*refs, step: Step, dtype, interpret: bool):
     head_step(step, unflatten_refs(step, refs), pl.program_id(0), pl.program_id(1), dtype=dtype,
               interpret=interpret)
@@ -206,9 +213,7 @@ def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params
     separate = _separate_gate(step)
     inputs = [y, *([gate] if separate else []), *flat_caches, *flat_weights, state, norm_weight, *params]
     whole = lambda a: pl.BlockSpec(a.shape, lambda b, h: (0,) * len(a.shape))
-    first_cache = 1 + separate
-    state_index = first_cache + 6
-    aliases = {state_index: 1, first_cache: 2, first_cache + 1: 3, first_cache + 2: 4}
+    aliases = step_aliases(1 + separate, 0)
     outputs = [jax.ShapeDtypeStruct((B, H * V), y.dtype), jax.ShapeDtypeStruct(state.shape, jnp.float32),
                *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in flat_caches]]
     o, state, *flat_caches = pl.pallas_call(
