@@ -13,6 +13,7 @@ from jaxlin.generate.cache import for_decoding, forward
 from jaxlin.generate.loop import MIN_DECODE_ROWS, prompt_length_bucket
 from jaxlin.generate.sampling import row_keys, sample
 from jaxlin.model import GPT, ModelConfig
+from tests.kernels.kernel_checks import random_layer_norms
 
 VOCAB = 97  # padded to 128: the padding columns must never be chosen
 CONFIGS = {
@@ -78,17 +79,6 @@ def test_prefill_and_decode_match_the_full_forward(name, prompt_len, chunk):
     np.testing.assert_allclose(np.asarray(got), full[:, prompt_len - 1:], atol=2e-5, rtol=2e-5)
 
 
-def _random_layer_norms(model, seed):
-    """A copy of `model` whose LayerNorms are not the identity they start as."""
-    model = nnx.clone(model)
-    keys = iter(jax.random.split(jax.random.key(seed), 4 * len(model.h) + 2))
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, nnx.LayerNorm):
-            module.scale.set_value(1 + 0.3 * jax.random.normal(next(keys), module.scale.shape))
-            module.bias.set_value(0.3 * jax.random.normal(next(keys), module.bias.shape))
-    return model
-
-
 @pytest.mark.parametrize("name,rows,mlp_impl", [pytest.param("gla", 2, "pallas", marks=pytest.mark.slow),
                                                 ("hybrid", 1, "pallas"), ("hybrid", 2, "xla")])
 def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows, mlp_impl):
@@ -97,7 +87,7 @@ def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows, mlp_im
     kernels.decode_mlp; with XLA's MLP, those layers' steps run in kernels.decode_step. The hybrid's
     conv-less GLA layer and its softmax layer keep their own ops. LayerNorms away from the identity, so that
     each block's own are the ones used."""
-    model = _random_layer_norms(tiny_model(name), seed=rows)
+    model = random_layer_norms(tiny_model(name), seed=rows)
     tokens = jnp.asarray(random_tokens(11, (rows, 24)))
     prepared = nnx.clone(model)
     kernel_layers = lambda m: [block.attn for block in m.h if getattr(block.attn, "conv", None) is not None]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax._src.mesh import AbstractDevice
 
 ON_GPU = os.environ.get("KERNELS_ON_GPU") == "1"
@@ -40,6 +41,18 @@ def rel_error(x, ref):
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     assert np.all(np.isfinite(x)), "non-finite values"
     return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def random_layer_norms(module, seed):
+    """A copy of ``module`` whose LayerNorms are not the identity they start as (scales about 1 +- 0.3, biases
+    about +-0.3), so that a check sees which LayerNorm a kernel used and how it rounded its parameters."""
+    module = nnx.clone(module)
+    norms = [m for _, m in nnx.iter_graph(module) if isinstance(m, nnx.LayerNorm)]
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(norms)))
+    for ln in norms:
+        ln.scale.set_value(1 + 0.3 * jax.random.normal(next(keys), ln.scale.shape))
+        ln.bias.set_value(0.3 * jax.random.normal(next(keys), ln.bias.shape))
+    return module
 
 
 def lower_triton_for_cuda(f, *args):

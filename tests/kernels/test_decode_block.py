@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import kernels.decode_block
 from jaxlin.generate.cache import for_decoding
 from jaxlin.model import Block, ModelConfig
 from jaxlin.ops import dispatch
 from kernels import decode_block, decode_step
-from tests.kernels.kernel_checks import ON_GPU, lower_triton_for_cuda
+from tests.kernels.kernel_checks import ON_GPU, lower_triton_for_cuda, random_layer_norms
 
 WIDTH, HEADS = (1024, 16) if ON_GPU else (64, 2)
 KINDS = ("gla", "deltanet", "gated_deltanet")
@@ -26,12 +25,7 @@ def _block(kind, dtype="float32", **overrides):
     fields = dict(n_layer=2, n_head=HEADS, n_embd=WIDTH, attn=kind, dtype=dtype, impl="pallas") | overrides
     block = Block(ModelConfig(**fields | {"mlp_impl": "xla"}), 0, rngs=nnx.Rngs(1))
     block.mlp.decode_impl = fields.get("mlp_impl", "pallas")
-    dtype = jnp.dtype(dtype)
-    keys = iter(jax.random.split(jax.random.key(2), 4))
-    for ln in (block.ln_1, block.ln_2):
-        ln.scale.set_value(1 + 0.3 * jax.random.normal(next(keys), (WIDTH,)))
-        ln.bias.set_value(0.3 * jax.random.normal(next(keys), (WIDTH,)))
-    return for_decoding(block)
+    return for_decoding(random_layer_norms(block, seed=2))
 
 
 def _state(block, rows, dtype, seed):

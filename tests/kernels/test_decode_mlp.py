@@ -12,7 +12,7 @@ from jaxlin.layers import fp8
 from jaxlin.model import MLP, layer_norm
 from jaxlin.ops import dispatch
 from kernels import decode_mlp
-from tests.kernels.kernel_checks import ON_GPU, lower_triton_for_cuda
+from tests.kernels.kernel_checks import ON_GPU, lower_triton_for_cuda, random_layer_norms
 
 WIDTH = 1024 if ON_GPU else 64
 
@@ -20,11 +20,7 @@ WIDTH = 1024 if ON_GPU else 64
 def _mlp_and_norm(dtype, seed=0):
     rngs = nnx.Rngs(seed)
     mlp = MLP(WIDTH, out_std=0.02, dtype=dtype, rngs=rngs, impl="xla", decode_impl="pallas")
-    ln = layer_norm(WIDTH, 1e-5, dtype, rngs)
-    keys = jax.random.split(jax.random.key(seed + 1), 2)
-    ln.scale.set_value(1 + 0.3 * jax.random.normal(keys[0], (WIDTH,)))  # not the identity the init gives
-    ln.bias.set_value(0.3 * jax.random.normal(keys[1], (WIDTH,)))
-    return mlp, ln
+    return mlp, random_layer_norms(layer_norm(WIDTH, 1e-5, dtype, rngs), seed + 1)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)])
