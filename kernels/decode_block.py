@@ -128,11 +128,13 @@ def _grid_barrier(sync_ref, programs: int):
     @pl.when(jnp.logical_not(last))
     def _wait():
         waiting = lambda now: (now >> COUNT_BITS) == generation
-        # Volatile loads, which leave the word's L2 line to the arrivals; then an acquire, as an atomic read
-        # whose value a loop tests, so that it stays an acquiring atomic (one with its value unused may be
-        # emitted as a reduction, which cannot acquire).
-        lax.while_loop(waiting, lambda _: plgpu_triton.load(sync_ref.at[0], volatile=True), seen)
-        lax.while_loop(waiting, lambda _: plgpu_triton.atomic_add(sync_ref, 0, jnp.int32(0)), seen)
+        # Volatile loads, which leave the word's L2 line to the arrivals; then an acquire: an atomic read whose
+        # value a loop tests, so that it stays an acquiring atomic (one with its value unused may be emitted as
+        # a reduction, which cannot acquire). Its mask, true once the spin ends, is the spin's only use: a
+        # loop whose value goes unused is dropped before it reaches Triton.
+        spun = lax.while_loop(waiting, lambda _: plgpu_triton.load(sync_ref.at[0], volatile=True), seen)
+        acquire = lambda _: plgpu_triton.atomic_add(sync_ref, 0, jnp.int32(0), mask=spun != seen)
+        lax.while_loop(waiting, acquire, seen)
 
     plgpu_triton.debug_barrier()
 

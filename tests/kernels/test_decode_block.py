@@ -12,7 +12,7 @@ from jaxlin.generate.cache import for_decoding
 from jaxlin.model import Block, ModelConfig
 from jaxlin.ops import dispatch
 from kernels import decode_block, decode_step
-from tests.kernels.kernel_checks import ON_GPU, lower_triton_for_cuda, random_layer_norms
+from tests.kernels.kernel_checks import ON_GPU, random_layer_norms, triton_modules_for_cuda
 
 WIDTH, HEADS = (1024, 16) if ON_GPU else (64, 2)
 KINDS = ("gla", "deltanet", "gated_deltanet")
@@ -152,5 +152,8 @@ def test_lowers_for_an_h100_at_gpt2_medium_width(rule, key_dim):
             (spec((1024,), bf16),) * 2, spec((4096, 1024), bf16), spec((1024, 4096), bf16),
             [spec((rows, 3, n), bf16) for n in (keys, keys, values)], [spec((4, n), f32) for n in (keys, keys, values)],
             spec((rows, heads, key_dim, value_dim), f32), spec((value_dim,), f32), params, spec((), jnp.int32))
-    text = lower_triton_for_cuda(lambda *a: decode_block.decode_block(block, *a), *args)
-    assert f"{rule}_decode_block" in text and "atomic_rmw" in text  # the grid barriers: one kernel, not phases
+    [module] = triton_modules_for_cuda(lambda *a: decode_block.decode_block(block, *a), *args)
+    # One kernel, not phases, with four grid barriers: each an arrival, a release, and a spin on volatile loads
+    # before an acquiring read
+    assert f"@{rule}_decode_block" in module
+    assert module.count("tt.atomic_rmw") == 12 and module.count("isVolatile = true") == 4
