@@ -132,11 +132,13 @@ def test_refuses_what_it_does_not_support():
     assert not decode_block.supports(decode_block.Block(step, 1000, 3088, 4000, 1e-5, programs=132), 1, 2)
 
 
-@pytest.mark.parametrize("rule,key_dim", [("gla", 32), ("gated_delta", 64), ("delta", 64)])
-def test_lowers_for_an_h100_at_gpt2_medium_width(rule, key_dim):
-    """Two rows, bf16, GPT-2 Medium's widths, a program per SM of an H100."""
+RULE_KEY_DIMS = {"gla": 32, "gated_delta": 64, "delta": 64}  # GPT-2 Medium's configs
+
+
+def gpt2_medium_call(rule: str, rows: int = 2):
+    """The kernel at GPT-2 Medium's widths in bf16, a program per SM of an H100: ``(f, abstract args)``."""
     spec, bf16, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
-    heads, value_dim, rows = 16, 64, 2
+    heads, key_dim, value_dim = 16, RULE_KEY_DIMS[rule], 64
     extras = {"gla": 16, "gated_delta": 2 * heads, "delta": heads}[rule]
     gated = rule != "delta"
     gate_column = heads * (2 * key_dim + value_dim) + extras
@@ -152,8 +154,14 @@ def test_lowers_for_an_h100_at_gpt2_medium_width(rule, key_dim):
             (spec((1024,), bf16),) * 2, spec((4096, 1024), bf16), spec((1024, 4096), bf16),
             [spec((rows, 3, n), bf16) for n in (keys, keys, values)], [spec((4, n), f32) for n in (keys, keys, values)],
             spec((rows, heads, key_dim, value_dim), f32), spec((value_dim,), f32), params, spec((), jnp.int32))
-    [module] = triton_modules_for_cuda(lambda *a: decode_block.decode_block(block, *a), *args)
-    # One kernel, not phases, with four grid barriers: each an arrival, a release, and a spin on volatile loads
-    # before an acquiring read
+    return lambda *a: decode_block.decode_block(block, *a), args
+
+
+@pytest.mark.parametrize("rule", RULE_KEY_DIMS)
+def test_lowers_for_an_h100_at_gpt2_medium_width(rule):
+    """Two rows: one kernel, not phases, with four grid barriers, each an arrival, a release, and a spin on
+    volatile loads before an acquiring read."""
+    f, args = gpt2_medium_call(rule)
+    [module] = triton_modules_for_cuda(f, *args)
     assert f"@{rule}_decode_block" in module
     assert module.count("tt.atomic_rmw") == 12 and module.count("isVolatile = true") == 4
