@@ -25,17 +25,17 @@ REGISTERS_PER_SM = 65536
 
 for rule in RULE_KEY_DIMS:
     for rows in (1, 2):
-        f, args = gpt2_medium_call(rule, rows)
-        [module] = triton_modules_for_cuda(f, *args)
+        call, args = gpt2_medium_call(rule, rows)
+        [module] = triton_modules_for_cuda(call, *args)
         with tempfile.TemporaryDirectory() as folder:
             ttir = os.path.join(folder, f"{rule}.ttir")
-            with open(ttir, "w") as f:
-                f.write(module)
+            with open(ttir, "w") as out:
+                out.write(module)
             kernel = triton.compile(ttir, target=GPUTarget("cuda", 90, 32),
                                     options={"num_warps": decode_block.NUM_WARPS, "num_stages": 1})
             ptx = os.path.join(folder, f"{rule}.ptx")
-            with open(ptx, "w") as f:
-                f.write(kernel.asm["ptx"])
+            with open(ptx, "w") as out:
+                out.write(kernel.asm["ptx"])
             report = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True,
                                     text=True, check=True).stderr
         registers = int(re.search(r"Used (\d+) registers", report).group(1))
