@@ -76,9 +76,10 @@ def triton_modules_for_cuda(f, *args) -> list[str]:
 
     registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
-        lower_triton_for_cuda(f, *args)
+        lower_triton_for_cuda(lambda *a: f(*a), *args)  # a new function each time: jit caches lowerings
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
+    assert modules, "no Pallas Triton call in f"
     return modules
 
 
