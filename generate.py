@@ -1,6 +1,7 @@
 """Generate text from an exported jaxlin model:
 python generate.py --model DIR/export --prompt "The history of" [--max_new_tokens N] [--temperature T]
-[--top_k K] [--top_p P] [--seed S] [--num_samples N]. A single sample streams to the terminal."""
+[--top_k K] [--top_p P] [--seed S] [--num_samples N] [--exhaustive_autotune]. A single sample streams to
+the terminal."""
 
 import argparse
 import sys
@@ -21,6 +22,10 @@ def main(argv=None):
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable); "
                         "generation always stops at <|endoftext|>")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's)")
+    parser.add_argument("--exhaustive_autotune", action="store_true",
+                        help="on a GPU, let XLA's autotuner try every tiling of the decode step's products: GLA and "
+                             "Gated DeltaNet decode 10-16 %% faster at batch 1 (H100), after a first compile about a "
+                             "minute longer")
     parser.add_argument("--data_dir", help="where gpt2_tokenizer/ lies (default: $JAXLIN_DATA_DIR or ../shared/data)")
     args = parser.parse_args(argv)
     try:
@@ -35,7 +40,7 @@ def main(argv=None):
     from jaxlin.generate.text import encode
 
     try:
-        generator = Generator(load_model(args.model, dtype=args.dtype))
+        generator = Generator(load_model(args.model, dtype=args.dtype), exhaustive_autotune=args.exhaustive_autotune)
         tokenizer = get_tokenizer(args.data_dir)
         generator.check([encode(tokenizer, prompt)], args.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:

@@ -3,7 +3,7 @@
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
         [--context 1024,4096,16384,32768] [--new_tokens 32] [--repeats 3] [--bandwidth B]
         [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl pallas|reference] [--mlp_impl xla]
-        [--json decode.json] [--profile DIR] [--tiny]
+        [--exhaustive_autotune] [--json decode.json] [--profile DIR] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
 jitted call each), then greedy tokens are decoded in jitted blocks of --new_tokens steps: a warm-up block,
@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxlin.generate.cache import forward, init_cache, logits  # noqa: E402
-from jaxlin.generate.loop import NO_TOKEN, Generator, decode_block, start_decoding  # noqa: E402
+from jaxlin.generate.loop import NO_TOKEN, Generator, start_decoding  # noqa: E402
 from jaxlin.generate.sampling import GREEDY, row_keys  # noqa: E402
 from jaxlin.model import GPT, ModelConfig  # noqa: E402
 from jaxlin.train import profiling  # noqa: E402
@@ -202,7 +202,7 @@ def compile_shapes(generator: Generator, shapes, args) -> dict:
         carry = {"cache": _cache_shapes(generator, rows, shape.capacity),
                  "logits": sds((rows, cfg.padded_vocab_size), jnp.float32), "done": sds((rows,), bool),
                  "count": sds((), jnp.int32)}
-        lowered[shape, "decode"] = decode_block.lower(
+        lowered[shape, "decode"] = generator.decode_steps.lower(
             graphdef, params, head, jax.eval_shape(lambda: row_keys(0, range(rows))), carry, sds((), jnp.int32),
             sampling=GREEDY, vocab_size=cfg.vocab_size, steps=args.new_tokens, stop_tokens=(NO_TOKEN,))
         if shape.full_forward:
@@ -316,6 +316,9 @@ def main(argv=None):
     parser.add_argument("--mlp_impl", default="auto", choices=("auto", "xla"),
                         help="the MLP's impl: auto runs a one-row decode step's second LayerNorm and MLP in one kernel "
                              "on a GPU (kernels/decode_mlp.py: softmax at batch 1); xla, in XLA's products")
+    parser.add_argument("--exhaustive_autotune", action="store_true",
+                        help="decode as Generator(exhaustive_autotune=True) does: XLA's GPU autotuner tries every "
+                             "tiling of the step's products (a longer compile)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace one more decode block of each model's first row here; print its kernels per step")
@@ -337,7 +340,7 @@ def main(argv=None):
         deadline = began + args.time_budget * (i + 1) / len(models)
         config = model_config(kind, max(args.context) + blocks_run(args) * args.new_tokens, args.tiny, args.impl,
                               args.mlp_impl)
-        generator = Generator(GPT(config, rngs=nnx.Rngs(0)))
+        generator = Generator(GPT(config, rngs=nnx.Rngs(0)), exhaustive_autotune=args.exhaustive_autotune)
         print(f"{kind}: {weight_bytes(generator) / 1e9:.3f} GB of weights read per decode step, "
               f"{1e3 * weight_bytes(generator) / args.bandwidth:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s",
               flush=True)

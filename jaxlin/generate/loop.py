@@ -38,9 +38,7 @@ def _prefill(graphdef, params, head, tokens, start, *, chunk, padded, cache_size
     return prefill(model, head, tokens, init_cache(model, start, cache_size), chunk=chunk, padded=padded)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "vocab_size", "steps", "stop_tokens"),
-                   donate_argnames=("carry",))
-def decode_block(graphdef, params, head, keys, carry, limit, *, sampling, vocab_size, steps, stop_tokens):
+def _decode_steps(graphdef, params, head, keys, carry, limit, *, sampling, vocab_size, steps, stop_tokens):
     """`steps` decode steps. `carry`: the cache, the logits of each row's next token, `done` [B] and
     `count` (tokens generated so far, the sampling step). Returns the new carry and the tokens [B, steps]:
     NO_TOKEN once a row is done and from step `limit` on. The steps from `limit` on still run (the loop
@@ -58,6 +56,17 @@ def decode_block(graphdef, params, head, keys, carry, limit, *, sampling, vocab_
 
     carry, tokens = jax.lax.scan(body, carry, jnp.arange(steps))
     return carry, tokens.T
+
+
+_DECODE_JIT = dict(static_argnames=("graphdef", "sampling", "vocab_size", "steps", "stop_tokens"),
+                   donate_argnames=("carry",))
+decode_block = jax.jit(_decode_steps, **_DECODE_JIT)
+# The same, with XLA's GPU autotuner trying every tiling of the decode step's products (split-K ones among
+# them), not just its short list. GPT-2 Medium on an H100 at batch 1: GLA 0.786-0.789 against 0.871-0.913 ms
+# a step, Gated DeltaNet 0.825 against 0.909-0.945, softmax the same; GLA's first compile 77-87 s against
+# 7-10 (docs/generation.md). Other backends ignore the option.
+decode_block_autotuned = jax.jit(_decode_steps, **_DECODE_JIT,
+                                 compiler_options={"xla_gpu_exhaustive_tiling_search": True})
 
 
 def pad_rows(tree, rows: int):
@@ -85,10 +94,13 @@ def prompt_length_bucket(n: int, chunk: int) -> int:
 
 
 class Generator:
-    """Generation from `model`, its weights cast once for decoding (see `for_decoding`)."""
+    """Generation from `model`, its weights cast once for decoding (see `for_decoding`). `exhaustive_autotune`:
+    decode with `decode_block_autotuned` (faster recurrent decoding at a few rows on a GPU, for a first compile
+    about a minute longer)."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, *, exhaustive_autotune: bool = False):
         self.config = model.config
+        self.decode_steps = decode_block_autotuned if exhaustive_autotune else decode_block
         model = for_decoding(model)
         self.graphdef, self.params = nnx.split(model)
         self.head = model.wte[...].astype(self.config.compute_dtype)
@@ -159,9 +171,9 @@ class Generator:
         outputs, finished, produced = [[] for _ in rows], [False] * asked + [True] * (decoded - asked), 0
         while produced < max_new_tokens and not all(finished):
             n = min(block, max_new_tokens - produced)
-            carry, out = decode_block(self.graphdef, self.params, self.head, keys, carry, jnp.int32(n),
-                                      sampling=sampling, vocab_size=self.config.vocab_size, steps=block,
-                                      stop_tokens=stop_tokens or (NO_TOKEN,))
+            carry, out = self.decode_steps(self.graphdef, self.params, self.head, keys, carry, jnp.int32(n),
+                                           sampling=sampling, vocab_size=self.config.vocab_size, steps=block,
+                                           stop_tokens=stop_tokens or (NO_TOKEN,))
             out = np.asarray(out[:asked, :n])
             produced += n
             new = [[] for _ in rows]

@@ -27,9 +27,11 @@ def exported(tmp_path_factory):
     return model, export.save(model, tmp_path_factory.mktemp("export"))
 
 
-def test_streams_the_greedy_continuation(exported, tokenizer, capsys):
+@pytest.mark.parametrize("extra", [[], ["--exhaustive_autotune"]])  # an XLA GPU option, ignored on CPU
+def test_streams_the_greedy_continuation(exported, tokenizer, capsys, extra):
     model, path = exported
-    cli.main(["--model", str(path), "--prompt", "The history of", "--max_new_tokens", "6", "--temperature", "0"])
+    cli.main(["--model", str(path), "--prompt", "The history of", "--max_new_tokens", "6", "--temperature", "0",
+              *extra])
     want = generate_text(model, tokenizer, ["The history of"], max_new_tokens=6, sampling=GREEDY)[0]
     assert capsys.readouterr().out == "The history of" + want + "\n"
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxlin.generate import GREEDY, Generator, Sampling, decode_step, generate, init_cache, prefill
 from jaxlin.generate.cache import for_decoding, forward
-from jaxlin.generate.loop import MIN_DECODE_ROWS, prompt_length_bucket
+from jaxlin.generate.loop import MIN_DECODE_ROWS, decode_block, decode_block_autotuned, prompt_length_bucket
 from jaxlin.generate.sampling import row_keys, sample
 from jaxlin.model import GPT, ModelConfig
 from tests.kernels.kernel_checks import random_layer_norms
@@ -228,6 +228,15 @@ def test_a_lone_prompt_of_a_recurrent_model_decodes_beside_a_stopped_copy():
     alone = gla.generate([prompt], max_new_tokens=6, stop_tokens=(), block=3, on_tokens=blocks.append)
     assert [len(block) for block in blocks] == [1, 1]  # the copy's tokens are never reported
     assert alone == [gla.generate([prompt, prompt], max_new_tokens=6, stop_tokens=())[0]]
+
+
+def test_the_exhaustive_autotune_decodes_the_same_tokens():
+    """It only widens XLA's GPU autotuning of the products (other backends ignore it)."""
+    model = tiny_model("gla")
+    prompts = [random_tokens(12, (9,)).tolist(), random_tokens(13, (4,)).tolist()]
+    tuned, plain = Generator(model, exhaustive_autotune=True), Generator(model)
+    assert (tuned.decode_steps, plain.decode_steps) == (decode_block_autotuned, decode_block)
+    assert tuned.generate(prompts, max_new_tokens=5) == plain.generate(prompts, max_new_tokens=5)
 
 
 def test_rows_stop_in_different_blocks_and_generation_ends_with_the_last():
