@@ -16,8 +16,7 @@ from jaxlin.ops import dispatch
 from jaxlin.ops import mlp as mlp_ops
 from jaxlin.ops import norm as norm_ops
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS, fp8
-from jaxlin.layers.common import (ACTIVATION_NAME, INIT_STD, activation, joined_projections, linear,
-                                  step_with_gate_column, stored_kernel)
+from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear, stored_kernel
 
 # Attention settings that may be given per layer: a scalar applies to every layer, a tuple lists one per layer.
 PER_LAYER_FIELDS = ("attn", "expand_k", "expand_v", "conv_size")
@@ -161,8 +160,8 @@ class MLP(nnx.Module):
         return stored_kernel(self.c_fc, self, "fc_by_output")
 
     def proj_kernel(self):
-        """c_proj's kernel ``[4 d, d]`` in the compute dtype (from ``proj_by_output`` where decoding stores one)."""
-        return stored_kernel(self.c_proj, self, "proj_by_output")
+        """c_proj's kernel ``[4 d, d]`` in the compute dtype."""
+        return self.c_proj.kernel[...].astype(self.c_proj.dtype)
 
     def decodes_in_kernel(self, x, decoding: bool) -> bool:
         """Whether `decode` runs this call on ``x [B, T, D]`` (``dispatch.decode_mlp_applies``; not in FP8)."""
@@ -212,17 +211,7 @@ class Block(nnx.Module):
         self.layer_norm_impl = config.layer_norm_impl
 
     def __call__(self, x, segment_ids=None, state=None, return_state=False):
-        """``(x out, the layer's new state)``. A decoding step's state may carry "sync" for the block kernel
-        (jaxlin.generate.cache.init_cache); other paths pass it through."""
-        sync = None if state is None else state.get("sync")
-        if sync is not None and return_state and segment_ids is None and x.shape[1] == 1:
-            description = self.decode_description(x.shape[0])
-            if description is not None:
-                return self._decode_in_kernel(description, x, state)
-        x, new_state = self._forward(x, segment_ids, state, return_state)
-        return x, (new_state if sync is None or new_state is None else {**new_state, "sync": sync})
-
-    def _forward(self, x, segment_ids, state, return_state):
+        """``(x out, the layer's new state)``."""
         attend = lambda h: self.attn(activation(h), segment_ids=segment_ids, state=state, return_state=return_state)
         if dispatch.layer_norm_applies(x, self.layer_norm_impl):
             x, h = self._norm(self.ln_1, x, None)
@@ -235,46 +224,6 @@ class Block(nnx.Module):
                 return x + self.mlp.decode(x, self.ln_2), new_state
             h = self.ln_2(x)
         return x + self.mlp(activation(h)), new_state
-
-    def may_decode_in_kernel(self) -> bool:
-        """Whether this block's decoding steps may run whole in ``kernels.decode_block`` on some device: a
-        recurrent layer whose step the step kernel supports, not in FP8, impls that allow the kernels
-        (``dispatch.decode_block_possible``). `for_decoding` stores its products output-major for it."""
-        attn = self.attn
-        if not hasattr(attn, "decoding") or fp8.runs_in_fp8(attn.q_proj) or fp8.runs_in_fp8(self.mlp.c_fc):
-            return False
-        return dispatch.decode_block_possible(attn.impl, self.mlp.decode_impl, attn.decoding().step)
-
-    def holds_block_kernel_layout(self) -> bool:
-        """Whether `for_decoding` stored this block's products as ``kernels.decode_block`` reads them."""
-        return getattr(self.mlp, "proj_by_output", None) is not None
-
-    def decode_description(self, rows: int) -> ops.DecodeBlock | None:
-        """The block kernel's description of this block where a decoding step of ``rows`` rows runs in it
-        (`for_decoding` stored its products output-major, the layer's step kernel applies and
-        ``dispatch.decode_block_applies``), else None."""
-        attn, mlp = self.attn, self.mlp
-        if not self.holds_block_kernel_layout():  # stored only where `may_decode_in_kernel` (not in FP8)
-            return None
-        step = step_with_gate_column(attn, attn.decoding().step, joined_projections(attn))
-        if not dispatch.decode_step_kernel_allowed(attn.impl, step):
-            return None
-        description = ops.DecodeBlock(step, self.ln_1.num_features, attn.joined_kernel.shape[0],
-                                      mlp.c_fc.out_features, self.ln_1.epsilon, dispatch.decode_block_programs())
-        applies = dispatch.decode_block_applies(attn.impl, mlp.decode_impl, description, rows,
-                                                jnp.dtype(mlp.c_fc.dtype).itemsize)
-        return description if applies else None
-
-    def _decode_in_kernel(self, description, x, state):
-        """A decoding step ``x [B, 1, D]`` of the whole block in one kernel (``ops.decode_block``)."""
-        attn, mlp = self.attn, self.mlp
-        decoding, conv = attn.decoding(), attn.conv
-        out, recurrent, caches, sync = ops.decode_block(
-            description, x[:, 0], rounded_params(self.ln_1), attn.joined_kernel[...], attn.o_by_output[...],
-            rounded_params(self.ln_2), mlp.fc_by_output[...], mlp.proj_by_output[...],
-            [state["conv"][name] for name in "qkv"], [c.kernel[...] for c in (conv.q, conv.k, conv.v)],
-            state["recurrent"], decoding.norm.weight[...], decoding.params, state["sync"])
-        return out[:, None], {"recurrent": recurrent, "conv": dict(zip("qkv", caches)), "sync": sync}
 
     @staticmethod
     def _norm(ln: nnx.LayerNorm, x, residual):

@@ -94,7 +94,7 @@ class HeadRefs:
 
 
 def head_step(step: Step, refs: HeadRefs, row, h, *, dtype, interpret: bool):
-    """Row ``row``'s head ``h`` of the step (scalars: program ids, or an index a block kernel derives)."""
+    """Row ``row``'s head ``h`` of the step (scalars: the program ids)."""
     f32 = jnp.float32
     rounded = lambda x: x.astype(dtype).astype(f32)
     K, V, H = step.key_dim, step.value_dim, step.heads

@@ -7,7 +7,7 @@
 #   scripts/gpu_check.sh [STAGE ...]    STAGE: tests, delta-tests, gelu-tests, elementwise-tests, gla, delta,
 #   gelu, elementwise, train, train-xla-norms, train-xla-mlp, train-delta, train-all, profile, reference,
 #   attention-tests, train-softmax, seq-sweep, seq-sweep-recurrent, attention-layer, long-train, fp8, fp8-run,
-#   fp8-profile, decode-tests, decode, decode-ops, decode-block, decode-prefill
+#   fp8-profile, decode-tests, decode, decode-ops, decode-autotune, decode-prefill
 #   (default: tests, delta-tests, gelu-tests, gla, delta, gelu, train)
 # `tests` runs the GLA Mosaic and bf16 cases (15 tests, about 5 minutes on an H200 with both Mosaic kernels
 # compiling), so give it a stage of its own where time is short. `delta-tests` runs the
@@ -20,10 +20,9 @@
 # fp8_loss.png; `long-train` runs configs/small_gla_8k.py and small_softmax_8k.py side by side likewise. Each of a
 # pair gets PAIR_MEM_FRACTION (default 0.45) of the GPU's memory. `fp8-profile` prints where the fp8 step's
 # time goes, kernel by kernel (`profile` does the same at bf16); `decode-tests` compiles the fused decode step
-# (kernels/decode_step.py), the one-row MLP kernel (kernels/decode_mlp.py) and the whole-block kernel
-# (kernels/decode_block.py) at GPT-2 Medium's width against the layers' XLA ops; `decode-block` times the
-# recurrent models' batch-1 rows with each block's step in the block kernel (`--impl pallas`) beside `auto`'s,
-# both profiled; `decode` runs the decode
+# (kernels/decode_step.py) and the one-row MLP kernel (kernels/decode_mlp.py) at GPT-2 Medium's width against
+# the layers' XLA ops; `decode-autotune` times the batch-1 and batch-64 rows at 1k decoded with XLA's exhaustive
+# tiling search (`--exhaustive_autotune`, a minute of compiling for GLA) beside the default; `decode` runs the decode
 # benchmark's grid from empty states (no prefill), each model's first row profiled (about 1.5 minutes on an H100);
 # `decode-ops` runs the recurrent models' rows again with their decode step in the layers' XLA ops (`--impl reference`);
 # `decode-prefill` adds the prefill and the naive full-forward columns at batch 1, context 1k (the prefill's
@@ -34,7 +33,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gelu-tests gla delta gelu train)
 known=" tests delta-tests gelu-tests elementwise-tests gla delta gelu elementwise train train-xla-norms train-xla-mlp "
 known+="train-delta train-all profile reference attention-tests train-softmax seq-sweep seq-sweep-recurrent "
-known+="attention-layer long-train fp8 fp8-run fp8-profile decode-tests decode decode-ops decode-block decode-prefill "
+known+="attention-layer long-train fp8 fp8-run fp8-profile decode-tests decode decode-ops decode-autotune decode-prefill "
 for name in "${stages[@]}"; do  # every name checked before any stage runs
   [[ "$known" == *" $name "* ]] || { echo "error: unknown stage '$name' (expected one of:$known)" >&2; exit 2; }
 done
@@ -116,15 +115,15 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
                --config configs/gpt2_medium_gla.py --config.model.matmul_precision=fp8 \
                --profile /tmp/fp8_profile --json "$out/fp8_profile.json" ;;  # where the fp8 step's time goes
     decode-tests) JAX_PLATFORMS=cuda KERNELS_ON_GPU=1 stage decode-tests 480 python3 -m pytest \
-             tests/kernels/test_decode_step.py tests/kernels/test_decode_mlp.py tests/kernels/test_decode_block.py \
-             -vv -p no:cacheprovider -W ignore -k "not lowers" ;;
+             tests/kernels/test_decode_step.py tests/kernels/test_decode_mlp.py -vv -p no:cacheprovider -W ignore \
+             -k "not lowers" ;;
     decode-ops) stage decode-ops 200 python3 -m jaxlin.bench.decode --decode_only --impl reference \
              --models gla,gated_deltanet --time_budget 150 --json "$out/decode_ops.json" ;;
-    decode-block)
-      for impl in pallas auto; do  # the block kernel, then the per-op step it replaces, on the same GPU
-        stage "decode-block-$impl" 120 python3 -m jaxlin.bench.decode --decode_only --impl $impl --batch 1 \
-          --context 1024 --models gla,gated_deltanet --time_budget 90 --profile "/tmp/decode_block_$impl" \
-          --json "$out/decode_block_$impl.json"
+    decode-autotune)
+      for tuning in exhaustive default; do  # the same rows, one compile each way, on the same GPU
+        flag=$([ $tuning = exhaustive ] && echo --exhaustive_autotune)
+        stage "decode-$tuning" 300 python3 -m jaxlin.bench.decode --decode_only $flag --batch 1,64 --context 1024 \
+          --models gla,gated_deltanet,softmax --time_budget 280 --json "$out/decode_$tuning.json"
       done ;;
     decode) stage decode 240 python3 -m jaxlin.bench.decode --decode_only --time_budget 180 \
                --profile /tmp/decode_profile --json "$out/decode.json" ;;  # the whole grid; each model's first row profiled

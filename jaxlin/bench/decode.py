@@ -309,10 +309,9 @@ def main(argv=None):
                         help="time decoding alone, from an empty state of the context's length (no prefill)")
     parser.add_argument("--impl", default="auto", choices=("auto", "pallas", "reference"),
                         help="the recurrent layers' impl: auto runs a decode step's convs, recurrence and norm in one "
-                             "kernel on a GPU (kernels/decode_step.py); pallas also runs a step of one or two rows "
-                             "of each block whole in one kernel (kernels/decode_block.py; with the MLP's kernels "
-                             "allowed: --mlp_impl auto, on a GPU); reference, in the layers' "
-                             "XLA ops (the token scan; with --decode_only only, since the prefill would run it too)")
+                             "kernel on a GPU (kernels/decode_step.py); pallas, in that kernel anywhere (interpret "
+                             "mode off the GPU); reference, in the layers' XLA ops (the token scan; with "
+                             "--decode_only only, since the prefill would run it too)")
     parser.add_argument("--mlp_impl", default="auto", choices=("auto", "xla"),
                         help="the MLP's impl: auto runs a one-row decode step's second LayerNorm and MLP in one kernel "
                              "on a GPU (kernels/decode_mlp.py: softmax at batch 1); xla, in XLA's products")

@@ -16,7 +16,7 @@ from flax import nnx
 from jaxlin.layers import CausalSelfAttention
 from jaxlin.layers import fp8
 from jaxlin.layers.common import JoinedKernel, OutputMajorKernel, joined_projections
-from jaxlin.model import GPT, MLP, Block
+from jaxlin.model import GPT, MLP
 
 
 def for_decoding(model: nnx.Module) -> nnx.Module:
@@ -25,38 +25,26 @@ def for_decoding(model: nnx.Module) -> nnx.Module:
     kernels an attention layer multiplies in one product (`joined_projections`) are stored joined, once,
     rather than joined again in every step (a copy of them per token, 11 % of a GLA step at batch 1), and
     with them its output gate's, one product fewer a step (training keeps that one apart, see
-    `project_qkv`); not in FP8, where the gate's product has scales of its own. Output-major (transposed), as
-    the decoding kernels read them: a block's joined kernel, output projection and MLP kernels where it may
-    decode in `kernels.decode_block` (`Block.may_decode_in_kernel`); c_fc's kernel where the MLP may decode
-    in `kernels.decode_mlp` (its `decode_impl` not "xla", not in FP8)."""
+    `project_qkv`); not in FP8, where the gate's product has scales of its own. An MLP that may decode in
+    `kernels.decode_mlp` (its `decode_impl` not "xla", not in FP8) stores c_fc's kernel output-major
+    (`OutputMajorKernel`), as the kernel reads it."""
     model = nnx.clone(model)
     modules = [module for _, module in nnx.iter_graph(model)]
     for module in modules:
         if isinstance(module, nnx.Linear):
             module.kernel.set_value(module.kernel.get_value().astype(module.dtype))
-    whole_blocks = [module for module in modules if isinstance(module, Block) and module.may_decode_in_kernel()]
     for module in modules:
         if hasattr(module, "JOINED_EXTRAS"):
             names = joined_projections(module, with_gate=not fp8.runs_in_fp8(module.q_proj))
             projections = [getattr(module, name) for name in names]
-            joined = jnp.concatenate([p.kernel.get_value() for p in projections], axis=1)
-            output_major = any(block.attn is module for block in whole_blocks)
-            module.joined_kernel = JoinedKernel(joined.T if output_major else joined, names=tuple(names),
-                                                output_major=output_major)
+            module.joined_kernel = JoinedKernel(jnp.concatenate([p.kernel.get_value() for p in projections], axis=1),
+                                                names=tuple(names))
             for projection in projections:
                 del projection.kernel
-    for block in whole_blocks:
-        _store_output_major(block.attn, "o_by_output", block.attn.o_proj)
-        _store_output_major(block.mlp, "proj_by_output", block.mlp.c_proj)
-    for mlp in [module for module in modules if isinstance(module, MLP)]:
-        if mlp.decode_impl != "xla" and not fp8.runs_in_fp8(mlp.c_fc):
-            _store_output_major(mlp, "fc_by_output", mlp.c_fc)
+        if isinstance(module, MLP) and module.decode_impl != "xla" and not fp8.runs_in_fp8(module.c_fc):
+            module.fc_by_output = OutputMajorKernel(module.c_fc.kernel.get_value().T)
+            del module.c_fc.kernel
     return model
-
-
-def _store_output_major(owner: nnx.Module, name: str, linear: nnx.Linear):
-    setattr(owner, name, OutputMajorKernel(linear.kernel.get_value().T))
-    del linear.kernel
 
 
 def init_cache(model: GPT, start, size: int) -> dict:
@@ -70,10 +58,7 @@ def init_cache(model: GPT, start, size: int) -> dict:
             layers.append(attn.init_cache(start, size))
         else:
             shapes = jax.eval_shape(lambda: attn(x, return_state=True)[1])
-            state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            if block.holds_block_kernel_layout():
-                state["sync"] = jnp.zeros((), jnp.int32)  # the block kernel's barrier word (kernels.decode_block)
-            layers.append(state)
+            layers.append(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
     return {"layers": layers, "length": jnp.zeros((), jnp.int32), "start": start.astype(jnp.int32)}
 
 
@@ -106,8 +91,7 @@ def _restart_rows(cache: dict, rows) -> dict:
     def restart(state):
         if "recurrent" not in state:
             return state  # a KV cache: its padding slots are masked instead
-        per_row = {key: value for key, value in state.items() if key != "sync"}  # the block kernel's barrier word
-        return state | jax.tree.map(lambda s: jnp.where(rows.reshape(-1, *[1] * (s.ndim - 1)), 0, s), per_row)
+        return jax.tree.map(lambda s: jnp.where(rows.reshape(-1, *[1] * (s.ndim - 1)), 0, s), state)
     return cache | {"layers": [restart(state) for state in cache["layers"]]}
 
 

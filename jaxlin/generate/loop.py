@@ -63,8 +63,8 @@ _DECODE_JIT = dict(static_argnames=("graphdef", "sampling", "vocab_size", "steps
 decode_block = jax.jit(_decode_steps, **_DECODE_JIT)
 # The same, with XLA's GPU autotuner trying every tiling of the decode step's products (split-K ones among
 # them), not just its short list. GPT-2 Medium on an H100 at batch 1: GLA 0.786-0.789 against 0.871-0.913 ms
-# a step, Gated DeltaNet 0.825 against 0.909-0.945, softmax the same; GLA's first compile 77-87 s against
-# 7-10 (docs/generation.md). Other backends ignore the option.
+# a step, Gated DeltaNet 0.825 against 0.909-0.945, softmax the same; the compile several times longer (GLA's
+# loops for batch 1 and 64: 77-87 s against 7-10; docs/generation.md). Other backends ignore the option.
 decode_block_autotuned = jax.jit(_decode_steps, **_DECODE_JIT,
                                  compiler_options={"xla_gpu_exhaustive_tiling_search": True})
 
@@ -96,7 +96,7 @@ def prompt_length_bucket(n: int, chunk: int) -> int:
 class Generator:
     """Generation from `model`, its weights cast once for decoding (see `for_decoding`). `exhaustive_autotune`:
     decode with `decode_block_autotuned` (faster recurrent decoding at a few rows on a GPU, for a first compile
-    about a minute longer)."""
+    several times longer)."""
 
     def __init__(self, model: GPT, *, exhaustive_autotune: bool = False):
         self.config = model.config

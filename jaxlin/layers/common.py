@@ -93,14 +93,13 @@ class QKVConv(nnx.Module):
 class JoinedKernel(nnx.Param):
     """Kernels of a layer's projections joined along the outputs, stored once: decoding stores them so
     (jaxlin.generate.cache.for_decoding), where joining them in every step cost a copy of them per token.
-    Metadata ``names``: the projections, in order; ``output_major``: stored transposed (``[outputs, d]``), as
-    ``kernels.decode_block`` reads it."""
+    Metadata ``names``: the projections, in order."""
 
 
 class OutputMajorKernel(nnx.Param):
     """A projection's kernel stored transposed, ``[out, in]``, so that each output's weights are contiguous:
-    decoding stores the products of a block that may decode in ``kernels.decode_block`` so, and c_fc's where
-    the MLP may decode in ``kernels.decode_mlp`` (jaxlin.generate.cache.for_decoding)."""
+    decoding stores c_fc's so where the MLP may decode in ``kernels.decode_mlp``
+    (jaxlin.generate.cache.for_decoding)."""
 
 
 def stored_kernel(linear: nnx.Linear, owner: nnx.Module, name: str):
@@ -131,16 +130,8 @@ def joined_product(layer: nnx.Module, x, *, with_gate: bool = False):
     if joined is None:
         kernel = jnp.concatenate([p.kernel[...] for p in projections], axis=1).astype(projections[0].dtype)
     else:
-        kernel = joined[...].T if joined.output_major else joined[...]
+        kernel = joined[...]
     return fp8.matmul(x.astype(projections[0].dtype), kernel, projections[0]), names
-
-
-def project_out(layer: nnx.Module, o):
-    """The layer's output projection of ``o``: its o_proj, or the `OutputMajorKernel` ``o_by_output`` decoding
-    stores in its place (jaxlin.generate.cache.for_decoding)."""
-    if getattr(layer, "o_by_output", None) is None:
-        return layer.o_proj(o)
-    return jnp.dot(o.astype(layer.o_proj.dtype), stored_kernel(layer.o_proj, layer, "o_by_output"))
 
 
 def project_qkv(layer: nnx.Module, x, *, segment_ids, state: dict, return_state: bool):
@@ -213,4 +204,4 @@ def decode_in_kernel(layer: nnx.Module, decoding: Decoding, x, state: dict):
     o, recurrent, caches = ops.decode_step(
         step, y, gate, [state["conv"][name] for name in "qkv"], [c.kernel[...] for c in (conv.q, conv.k, conv.v)],
         state["recurrent"], decoding.norm.weight[...], decoding.params)
-    return project_out(layer, o)[:, None], {"recurrent": recurrent, "conv": dict(zip("qkv", caches))}
+    return layer.o_proj(o)[:, None], {"recurrent": recurrent, "conv": dict(zip("qkv", caches))}

@@ -10,8 +10,7 @@ from flax import nnx
 
 from jaxlin import ops
 from jaxlin.layers.common import (Decoding, GatedRMSNorm, QKVConv, decode_in_kernel, decode_step_of,
-                                  decodes_in_kernel, linear, merge_heads, output_gate, project_out, project_qkv,
-                                  split_heads)
+                                  decodes_in_kernel, linear, merge_heads, output_gate, project_qkv, split_heads)
 
 
 class DeltaNet(nnx.Module):
@@ -73,7 +72,7 @@ class DeltaNet(nnx.Module):
         else:
             o, recurrent = ops.delta_rule(q, k, v, beta, **common)
         gate = None if gate is None else split_heads(gate, self.n_head)
-        y = project_out(self, merge_heads(self.o_norm(o, gate)))
+        y = self.o_proj(merge_heads(self.o_norm(o, gate)))
         return y, ({"recurrent": recurrent, "conv": conv_cache} if return_state else None)
 
 

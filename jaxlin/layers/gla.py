@@ -7,8 +7,7 @@ from flax import nnx
 
 from jaxlin import ops
 from jaxlin.layers.common import (Decoding, GatedRMSNorm, QKVConv, activation, decode_in_kernel, decode_step_of,
-                                  decodes_in_kernel, linear, merge_heads, output_gate, project_out, project_qkv,
-                                  split_heads)
+                                  decodes_in_kernel, linear, merge_heads, output_gate, project_qkv, split_heads)
 from jaxlin.ops import gates
 
 
@@ -68,5 +67,5 @@ class GatedLinearAttention(nnx.Module):
             output_final_state=return_state, segment_ids=segment_ids, impl=self.impl,
         )
         o = self.g_norm(o, split_heads(g, self.n_head))
-        y = project_out(self, merge_heads(o))
+        y = self.o_proj(merge_heads(o))
         return y, ({"recurrent": recurrent, "conv": conv_cache} if return_state else None)

@@ -16,21 +16,18 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-import kernels.decode_block
 import kernels.decode_step
 from kernels.common import RESIDUAL_NAME
 
 from . import context_parallel, dispatch
 from .checks import check_inputs
 
-__all__ = ["gla", "delta_rule", "gated_delta_rule", "decode_step", "DecodeStep", "decode_block", "DecodeBlock",
-           "l2norm", "SAVEABLE_NAMES"]
+__all__ = ["gla", "delta_rule", "gated_delta_rule", "decode_step", "DecodeStep", "l2norm", "SAVEABLE_NAMES"]
 
 # `jax.checkpoint` names: every op's output, and the Pallas kernels' backward residuals (chunk states).
 OUTPUT_NAME = "linear_attention_output"
 SAVEABLE_NAMES = (OUTPUT_NAME, RESIDUAL_NAME)
 DecodeStep = kernels.decode_step.Step  # the static description of a layer's decoding step
-DecodeBlock = kernels.decode_block.Block  # ... and of a whole block's
 
 
 def l2norm(x, eps=1e-6):
@@ -101,11 +98,3 @@ def decode_step(step, y, gate, caches, weights, state, norm_weight, params=()):
     ``dispatch.decode_kernel_applies``."""
     return kernels.decode_step.decode_step(step, y, gate, caches, weights, state, norm_weight, params,
                                            interpret=jax.default_backend() != "gpu")
-
-
-def decode_block(block, x, ln_1, w_in, w_o, ln_2, w_fc, w_proj, caches, weights, state, norm_weight, params, sync):
-    """A recurrent block's whole decoding step in one kernel (``kernels.decode_block``, whose docstring gives
-    the arguments; interpret mode off the GPU): ``(out [B, D], state, conv caches, sync)``. ``Block`` calls it
-    where ``dispatch.decode_block_applies``."""
-    return kernels.decode_block.decode_block(block, x, ln_1, w_in, w_o, ln_2, w_fc, w_proj, caches, weights, state,
-                                             norm_weight, params, sync, interpret=jax.default_backend() != "gpu")

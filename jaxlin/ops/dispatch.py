@@ -29,12 +29,6 @@ there in float32 and bf16 (docs/generation.md; before its body moved to whole re
 runs each block's second LayerNorm and MLP in ``kernels.decode_mlp`` under the MLP's impl (``auto`` on one
 GPU): at one row XLA's products are reductions, and the kernel took softmax's batch-1 step from 1.275 to
 0.974 ms on an H100 (GPT-2 Medium's width; the kernel takes power-of-two widths up to 1024).
-
-With a "pallas" impl for the layer (``model.impl``; ``auto`` does not take it: its compiled checks and timings
-have not run on a GPU) and the MLP's kernels allowed, a recurrent block's decoding step of at most
-``DECODE_BLOCK_MAX_ROWS`` rows runs whole in ``kernels.decode_block``: both LayerNorms, all four products, the
-step and the residual adds in one persistent kernel (``decode_block_applies``), on the layout
-``jaxlin.generate.cache.for_decoding`` stores for it (``Block.may_decode_in_kernel``).
 """
 
 from __future__ import annotations
@@ -47,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels.delta
 import kernels.gla
-from kernels import decode_block, decode_mlp, decode_step, gated_norm, gelu_matmul, layer_norm
+from kernels import decode_mlp, decode_step, gated_norm, gelu_matmul, layer_norm
 
 from . import chunked, context_parallel, reference
 from .mesh_axes import batch_axes
@@ -221,35 +215,3 @@ def decode_step_kernel_allowed(impl: str, step: decode_step.Step) -> bool:
     if not decode_step.supports(step) or jax.sharding.get_abstract_mesh().size > 1:
         return False
     return impl.startswith("pallas") or (impl == "auto" and on_one_gpu())
-
-
-DECODE_BLOCK_MAX_ROWS = 2  # a lone prompt, decoded beside its copy; more rows keep the per-op path
-INTERPRET_PROGRAMS = 8  # the block kernel's grid off the GPU (interpret mode runs it one program at a time)
-
-
-def decode_block_programs() -> int:
-    """The block kernel's grid: one program per SM of the GPU, so that all of them are resident at once (its
-    barriers wait for every program; 0, which no block supports, where the device does not say);
-    `INTERPRET_PROGRAMS` elsewhere."""
-    if jax.default_backend() != "gpu":
-        return INTERPRET_PROGRAMS
-    return getattr(jax.local_devices()[0], "core_count", None) or 0
-
-
-def decode_block_possible(impl: str, mlp_impl: str, step: decode_step.Step) -> bool:
-    """Whether a recurrent block may decode in ``kernels.decode_block`` (for the layout `for_decoding`
-    stores): its layer's ``impl`` a "pallas" one (``auto`` does not take the kernel: its compiled checks and
-    timings have not run on a GPU), its MLP's not "xla", a step the step kernel supports."""
-    return impl.startswith("pallas") and mlp_impl != "xla" and decode_step.supports(step)
-
-
-def decode_block_applies(impl: str, mlp_impl: str, block: decode_block.Block, rows: int, itemsize: int) -> bool:
-    """Whether a recurrent block's decoding step (the layer's step kernel applies: ``decode_kernel_applies``)
-    of ``rows`` rows runs whole in ``kernels.decode_block``: `decode_block_possible`, the MLP's kernels
-    allowed (``mlp_impl`` "pallas", or "auto" on one GPU), at most ``DECODE_BLOCK_MAX_ROWS`` rows, shapes the
-    kernel supports."""
-    if not decode_block_possible(impl, mlp_impl, block.step) or rows > DECODE_BLOCK_MAX_ROWS:
-        return False
-    if not _kernel_applies(mlp_impl, "the decoding block kernel", "model.mlp_impl"):
-        return False
-    return decode_block.supports(block, rows, itemsize)

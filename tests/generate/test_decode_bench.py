@@ -70,7 +70,8 @@ def test_decode_only_rows_time_decoding_from_an_empty_state_of_the_context(tmp_p
     """With --mlp_impl xla each model is built with XLA's MLP, as the JSON records."""
     built = []
     generator = decode.Generator
-    monkeypatch.setattr(decode, "Generator", lambda model: built.append(model.config.mlp_impl) or generator(model))
+    monkeypatch.setattr(decode, "Generator",
+                        lambda model, **kw: built.append(model.config.mlp_impl) or generator(model, **kw))
     out = tmp_path / "decode.json"
     rows = decode.main(["--tiny", "--models", "gla,softmax", "--batch", "1", "--context", "24", "--new_tokens", "2",
                         "--repeats", "2", "--prefill_chunk", "16", "--decode_only", "--mlp_impl", "xla",

@@ -82,9 +82,8 @@ def test_prefill_and_decode_match_the_full_forward(name, prompt_len, chunk):
 @pytest.mark.parametrize("name,rows,mlp_impl", [pytest.param("gla", 2, "pallas", marks=pytest.mark.slow),
                                                 ("hybrid", 1, "pallas"), ("hybrid", 2, "xla")])
 def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows, mlp_impl):
-    """Interpret mode, impl="pallas": with the MLP's kernels allowed, every block whose recurrent layer has a
-    short conv decodes whole in kernels.decode_block, and at one row every other block's MLP in
-    kernels.decode_mlp; with XLA's MLP, those layers' steps run in kernels.decode_step. The hybrid's
+    """Interpret mode, impl="pallas": every recurrent layer with a short conv decodes in kernels.decode_step,
+    and with the MLP's kernels allowed, at one row every block's MLP in kernels.decode_mlp. The hybrid's
     conv-less GLA layer and its softmax layer keep their own ops. LayerNorms away from the identity, so that
     each block's own are the ones used."""
     model = random_layer_norms(tiny_model(name), seed=rows)
@@ -95,7 +94,7 @@ def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows, mlp_im
         layer.impl = "pallas"
     for block in prepared.h:
         block.mlp.decode_impl = mlp_impl
-    fused = for_decoding(prepared)  # the layout the block kernel reads, where it may run
+    fused = for_decoding(prepared)  # c_fc stored as the MLP kernel reads it, where that may run
     decoding = nnx.clone(fused)
     for layer in kernel_layers(decoding):
         layer.impl = "auto"  # the prompt in XLA's ops (the Pallas prefill has a test of its own)
@@ -105,11 +104,9 @@ def test_steps_in_the_fused_kernels_continue_the_full_forward(name, rows, mlp_im
     traced = jax.make_jaxpr(lambda token, cache: decode_step(fused, head, token, cache))(tokens[:, 0], cache)
     kernels = [eqn.params["name"] for eqn in traced.jaxpr.eqns if eqn.primitive.name == "pallas_call"]
     assert len(kernel_layers) > 0
-    whole_blocks = mlp_impl == "pallas"
-    suffix = "_decode_block" if whole_blocks else "_decode_step"
-    assert sum(kernel.endswith(suffix) for kernel in kernels) == len(kernel_layers)
-    mlp_kernels = len(fused.h) - len(kernel_layers) if whole_blocks and rows == 1 else 0
-    assert len(kernels) == len(kernel_layers) + mlp_kernels == len(kernel_layers) + kernels.count("decode_mlp")
+    assert sum(kernel.endswith("_decode_step") for kernel in kernels) == len(kernel_layers)
+    mlp_kernels = len(fused.h) if mlp_impl == "pallas" and rows == 1 else 0
+    assert kernels.count("decode_mlp") == mlp_kernels and len(kernels) == len(kernel_layers) + mlp_kernels
     stepping, step_params = nnx.split(fused)
     got = _teacher_forced(*nnx.split(decoding), head, tokens, prompt_len=9, chunk=16, stepping=stepping,
                           step_params=step_params)
@@ -176,37 +173,21 @@ def test_decoding_stores_each_layers_joined_kernel_once(name):
     assert attn.joined_kernel.names == tuple(names)
     expected = jnp.concatenate([getattr(original, n).kernel[...] for n in names], axis=1)
     np.testing.assert_array_equal(attn.joined_kernel[...], expected.astype(attn.joined_kernel[...].dtype))
-    assert not attn.joined_kernel.output_major
     assert not any(hasattr(getattr(attn, n), "kernel") for n in names)  # read once a step, stored once
     fp8_attn = for_decoding(tiny_model(name, matmul_precision="fp8")).h[0].attn
     assert fp8_attn.joined_kernel.names == tuple(names[:-1])  # the gate's FP8 product keeps its own scales
 
 
-def test_decoding_stores_kernels_output_major_where_the_decoding_kernels_read_them():
-    """A recurrent block that may decode in kernels.decode_block (a "pallas" impl): its joined kernel, output
-    projection and both MLP kernels; a softmax block's MLP: c_fc, which kernels.decode_mlp reads so; none
-    where no kernel runs."""
-    model = tiny_model("recurrent_and_softmax", impl="pallas")
-    decoding = for_decoding(model)
-    assert [block.may_decode_in_kernel() for block in decoding.h] == [True, False]  # gated DeltaNet, softmax
-    for block, original in zip(decoding.h, model.h):
-        stored = {"fc_by_output": (block.mlp, original.mlp.c_fc)}
-        if block.may_decode_in_kernel():
-            stored |= {"proj_by_output": (block.mlp, original.mlp.c_proj),
-                       "o_by_output": (block.attn, original.attn.o_proj)}
-            names = block.attn.joined_kernel.names
-            joined = jnp.concatenate([getattr(original.attn, n).kernel[...] for n in names], axis=1)
-            assert block.attn.joined_kernel.output_major
-            np.testing.assert_array_equal(block.attn.joined_kernel[...], joined.T)
-        else:
-            assert not hasattr(block.mlp, "proj_by_output") and hasattr(block.mlp.c_proj, "kernel")
-        for name, (owner, linear) in stored.items():
-            np.testing.assert_array_equal(getattr(owner, name)[...], linear.kernel[...].T, err_msg=name)
-    for overrides in (dict(impl="auto"), dict(mlp_impl="xla"), dict(matmul_precision="fp8")):
-        block = for_decoding(tiny_model("gla", **dict(impl="pallas") | overrides)).h[0]
-        assert not block.may_decode_in_kernel() and not block.holds_block_kernel_layout()
-        assert not block.attn.joined_kernel.output_major and hasattr(block.attn.o_proj, "kernel")
-        assert hasattr(block.mlp, "fc_by_output") == (overrides == dict(impl="auto"))  # the one-row MLP kernel's
+def test_decoding_stores_c_fc_output_major_where_the_mlp_kernel_reads_it():
+    """c_fc's kernel transposed, as kernels.decode_mlp reads it, where the MLP may decode in it (its decode_impl
+    not "xla", not in FP8); every other kernel as training stores it."""
+    model = tiny_model("recurrent_and_softmax")
+    for block, original in zip(for_decoding(model).h, model.h):
+        np.testing.assert_array_equal(block.mlp.fc_by_output[...], original.mlp.c_fc.kernel[...].T)
+        assert not hasattr(block.mlp.c_fc, "kernel") and hasattr(block.mlp.c_proj, "kernel")
+    for overrides in (dict(mlp_impl="xla"), dict(matmul_precision="fp8")):
+        mlp = for_decoding(tiny_model("gla", **overrides)).h[0].mlp
+        assert not hasattr(mlp, "fc_by_output") and hasattr(mlp.c_fc, "kernel")
 
 
 def test_an_fp8_model_computes_from_its_stored_joined_kernel_as_from_its_projections():

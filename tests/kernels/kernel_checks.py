@@ -63,26 +63,6 @@ def lower_triton_for_cuda(f, *args):
         return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def triton_modules_for_cuda(f, *args) -> list[str]:
-    """The Triton modules (as text) of the Pallas calls in ``jax.jit(f)``, lowered as `lower_triton_for_cuda`
-    does: what reaches Triton's compiler, after JAX has dropped what it found unused."""
-    from jax._src.pallas.triton import pallas_call_registration as registration
-    lower, modules = registration.lowering.lower_jaxpr_to_triton_module, []
-
-    def capture(*a, **k):
-        result = lower(*a, **k)
-        modules.append(result.module.operation.get_asm())
-        return result
-
-    registration.lowering.lower_jaxpr_to_triton_module = capture
-    try:
-        lower_triton_for_cuda(lambda *a: f(*a), *args)  # a new function each time: jit caches lowerings
-    finally:
-        registration.lowering.lower_jaxpr_to_triton_module = lower
-    assert modules, "no Pallas Triton call in f"
-    return modules
-
-
 def fast_only_at(value, values):
     """Parameters for ``pytest.mark.parametrize``: ``value`` in the fast tier, the rest marked slow."""
     return [pytest.param(v, marks=() if v == value else pytest.mark.slow) for v in values]
