@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--exhaustive_autotune", action="store_true",
                         help="on a GPU, let XLA's autotuner try every tiling of the decode step's products: GLA and "
                              "Gated DeltaNet decode 10-16 %% faster at batch 1 (H100), after a first compile several "
-                             "times longer (about 18 s against 5 for GPT-2 Medium GLA)")
+                             "times longer")
     parser.add_argument("--data_dir", help="where gpt2_tokenizer/ lies (default: $JAXLIN_DATA_DIR or ../shared/data)")
     args = parser.parse_args(argv)
     try:

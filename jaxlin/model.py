@@ -16,7 +16,7 @@ from jaxlin.ops import dispatch
 from jaxlin.ops import mlp as mlp_ops
 from jaxlin.ops import norm as norm_ops
 from jaxlin.layers import ATTENTION_KINDS, RECURRENT_KINDS, fp8
-from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear, stored_kernel
+from jaxlin.layers.common import ACTIVATION_NAME, INIT_STD, activation, linear
 
 # Attention settings that may be given per layer: a scalar applies to every layer, a tuple lists one per layer.
 PER_LAYER_FIELDS = ("attn", "expand_k", "expand_v", "conv_size")
@@ -156,8 +156,10 @@ class MLP(nnx.Module):
         return fp8.matmul(h, w_proj, self.c_proj)
 
     def fc_kernel(self):
-        """c_fc's kernel ``[d, 4 d]`` in the compute dtype (from ``fc_by_output`` where decoding stores one)."""
-        return stored_kernel(self.c_fc, self, "fc_by_output")
+        """c_fc's kernel ``[d, 4 d]`` in the compute dtype: the transpose of ``fc_by_output`` where decoding stores
+        that (jaxlin.generate.cache.for_decoding)."""
+        stored = getattr(self, "fc_by_output", None)
+        return (self.c_fc.kernel[...] if stored is None else stored[...].T).astype(self.c_fc.dtype)
 
     def proj_kernel(self):
         """c_proj's kernel ``[4 d, d]`` in the compute dtype."""

@@ -76,7 +76,7 @@ def _l2_normed(x):
 
 @dataclasses.dataclass(frozen=True)
 class HeadRefs:
-    """The refs one (row, head) of a step reads and writes, each whole (the kernels index rows and heads):
+    """The refs one (row, head) of a step reads and writes, each whole (the kernel indexes rows and heads):
     y ``[B, W]``, the separate gate ``[B, H*V]`` (or None), the q, k and v conv caches ``[B, (conv_width - 1)
     * C]`` and their kernels ``[conv_width * C]``, the state ``[B, H, K, V]``, the norm's weight ``[V]``, the
     rule's params (GLA's up kernel ``[rank, H*K]`` and bias ``[H*K]``, the gated delta rule's ``[H]`` A_log
@@ -156,7 +156,7 @@ def head_step(step: Step, refs: HeadRefs, row, h, *, dtype, interpret: bool):
 
 
 def step_operands(step: Step, y, gate, caches, weights, state, norm_weight, params):
-    """The step's inputs as its kernels take them, in `HeadRefs` order (up to the outputs): caches flattened
+    """The step's inputs as its kernel takes them, in `HeadRefs` order (up to the outputs): caches flattened
     to ``[B, (conv_width - 1) * C]``, the conv kernels, norm weight and float params in float32."""
     B = y.shape[0]
     f32 = jnp.float32
@@ -182,11 +182,11 @@ def unflatten_refs(step: Step, refs) -> HeadRefs:
     return HeadRefs(y, gate, caches, weights, state, norm, params, out, state_out, tuple(caches_out))
 
 
-def step_aliases(first_cache: int, first_output: int) -> dict:
-    """``input_output_aliases`` of a kernel that takes `step_operands` from input ``first_cache`` on (from the
-    caches) and writes the output, then the state and the caches, from output ``first_output`` on."""
+def step_aliases(first_cache: int) -> dict:
+    """``input_output_aliases`` of the kernel, whose caches are inputs from ``first_cache`` on and whose outputs
+    are the output, then the state and the caches (written in place)."""
     state = first_cache + 6  # after the three caches and the three conv kernels
-    return {state: first_output + 1, **{first_cache + i: first_output + 2 + i for i in range(3)}}
+    return {state: 1, **{first_cache + i: 2 + i for i in range(3)}}
 
 
 def _kernel(*refs, step: Step, dtype, interpret: bool):
@@ -213,7 +213,7 @@ def decode_step(step: Step, y, gate, caches, weights, state, norm_weight, params
     separate = _separate_gate(step)
     inputs = [y, *([gate] if separate else []), *flat_caches, *flat_weights, state, norm_weight, *params]
     whole = lambda a: pl.BlockSpec(a.shape, lambda b, h: (0,) * len(a.shape))
-    aliases = step_aliases(1 + separate, 0)
+    aliases = step_aliases(1 + separate)
     outputs = [jax.ShapeDtypeStruct((B, H * V), y.dtype), jax.ShapeDtypeStruct(state.shape, jnp.float32),
                *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in flat_caches]]
     o, state, *flat_caches = pl.pallas_call(

@@ -22,7 +22,7 @@
 # time goes, kernel by kernel (`profile` does the same at bf16); `decode-tests` compiles the fused decode step
 # (kernels/decode_step.py) and the one-row MLP kernel (kernels/decode_mlp.py) at GPT-2 Medium's width against
 # the layers' XLA ops; `decode-autotune` times the batch-1 and batch-64 rows at 1k decoded with XLA's exhaustive
-# tiling search (`--exhaustive_autotune`, a minute of compiling for GLA) beside the default; `decode` runs the decode
+# tiling search (`--exhaustive_autotune`, 77-87 s of compiling for GLA) beside the default; `decode` runs the decode
 # benchmark's grid from empty states (no prefill), each model's first row profiled (about 1.5 minutes on an H100);
 # `decode-ops` runs the recurrent models' rows again with their decode step in the layers' XLA ops (`--impl reference`);
 # `decode-prefill` adds the prefill and the naive full-forward columns at batch 1, context 1k (the prefill's
@@ -33,7 +33,8 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests delta-tests gelu-tests gla delta gelu train)
 known=" tests delta-tests gelu-tests elementwise-tests gla delta gelu elementwise train train-xla-norms train-xla-mlp "
 known+="train-delta train-all profile reference attention-tests train-softmax seq-sweep seq-sweep-recurrent "
-known+="attention-layer long-train fp8 fp8-run fp8-profile decode-tests decode decode-ops decode-autotune decode-prefill "
+known+="attention-layer long-train fp8 fp8-run fp8-profile decode-tests decode decode-ops decode-autotune "
+known+="decode-prefill "
 for name in "${stages[@]}"; do  # every name checked before any stage runs
   [[ "$known" == *" $name "* ]] || { echo "error: unknown stage '$name' (expected one of:$known)" >&2; exit 2; }
 done
@@ -122,8 +123,8 @@ print(json.dumps({'config': sys.argv[2], **json.load(open(sys.argv[1]))}))" "/tm
     decode-autotune)
       for tuning in exhaustive default; do  # the same rows, one compile each way, on the same GPU
         flag=$([ $tuning = exhaustive ] && echo --exhaustive_autotune)
-        stage "decode-$tuning" 300 python3 -m jaxlin.bench.decode --decode_only $flag --batch 1,64 --context 1024 \
-          --models gla,gated_deltanet,softmax --time_budget 280 --json "$out/decode_$tuning.json"
+        stage "decode-$tuning" 480 python3 -m jaxlin.bench.decode --decode_only $flag --batch 1,64 --context 1024 \
+          --models gla,gated_deltanet,softmax --time_budget 450 --json "$out/decode_$tuning.json"
       done ;;
     decode) stage decode 240 python3 -m jaxlin.bench.decode --decode_only --time_budget 180 \
                --profile /tmp/decode_profile --json "$out/decode.json" ;;  # the whole grid; each model's first row profiled

@@ -2,7 +2,7 @@
 
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
         [--context 1024,4096,16384,32768] [--new_tokens 32] [--repeats 3] [--bandwidth B]
-        [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl pallas|reference] [--mlp_impl xla]
+        [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl reference] [--mlp_impl xla]
         [--exhaustive_autotune] [--json decode.json] [--profile DIR] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
@@ -307,17 +307,16 @@ def main(argv=None):
                         help="rows up to this context also time the full forward and compare its logits (0: none)")
     parser.add_argument("--decode_only", action="store_true",
                         help="time decoding alone, from an empty state of the context's length (no prefill)")
-    parser.add_argument("--impl", default="auto", choices=("auto", "pallas", "reference"),
+    parser.add_argument("--impl", default="auto", choices=("auto", "reference"),
                         help="the recurrent layers' impl: auto runs a decode step's convs, recurrence and norm in one "
-                             "kernel on a GPU (kernels/decode_step.py); pallas, in that kernel anywhere (interpret "
-                             "mode off the GPU); reference, in the layers' XLA ops (the token scan; with "
-                             "--decode_only only, since the prefill would run it too)")
+                             "kernel on a GPU (kernels/decode_step.py); reference, in the layers' XLA ops (the token "
+                             "scan; with --decode_only only, since the prefill would run it too)")
     parser.add_argument("--mlp_impl", default="auto", choices=("auto", "xla"),
                         help="the MLP's impl: auto runs a one-row decode step's second LayerNorm and MLP in one kernel "
                              "on a GPU (kernels/decode_mlp.py: softmax at batch 1); xla, in XLA's products")
     parser.add_argument("--exhaustive_autotune", action="store_true",
                         help="decode as Generator(exhaustive_autotune=True) does: XLA's GPU autotuner tries every "
-                             "tiling of the step's products (a longer compile)")
+                             "tiling of the step's products (the decode loop only; a longer compile)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace one more decode block of each model's first row here; print its kernels per step")
@@ -380,7 +379,8 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": jax.devices()[0].device_kind, "bandwidth": args.bandwidth,
                                                "new_tokens": args.new_tokens, "impl": args.impl,
-                                               "mlp_impl": args.mlp_impl, "rows": rows},
+                                               "mlp_impl": args.mlp_impl,
+                                               "exhaustive_autotune": args.exhaustive_autotune, "rows": rows},
                                               indent=2) + "\n")
     return rows
 

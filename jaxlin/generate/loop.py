@@ -95,7 +95,7 @@ def prompt_length_bucket(n: int, chunk: int) -> int:
 
 class Generator:
     """Generation from `model`, its weights cast once for decoding (see `for_decoding`). `exhaustive_autotune`:
-    decode with `decode_block_autotuned` (faster recurrent decoding at a few rows on a GPU, for a first compile
+    decode with `decode_block_autotuned` (faster recurrent decoding at batch 1 on a GPU, for a first compile
     several times longer)."""
 
     def __init__(self, model: GPT, *, exhaustive_autotune: bool = False):

@@ -102,14 +102,6 @@ class OutputMajorKernel(nnx.Param):
     (jaxlin.generate.cache.for_decoding)."""
 
 
-def stored_kernel(linear: nnx.Linear, owner: nnx.Module, name: str):
-    """``linear``'s kernel ``[in, out]`` in its compute dtype, from ``owner``'s `OutputMajorKernel` ``name``
-    (its transpose) where decoding stores one."""
-    stored = getattr(owner, name, None)
-    kernel = linear.kernel[...] if stored is None else stored[...].T
-    return kernel.astype(linear.dtype)
-
-
 def joined_projections(layer: nnx.Module, *, with_gate: bool = False) -> list[str]:
     """The names of the projections computed in one matrix product: the stored `JoinedKernel`'s, else q, k, v,
     the layer's `JOINED_EXTRAS` it has and, ``with_gate``, its output gate's projection (when it has one)."""

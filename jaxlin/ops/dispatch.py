@@ -25,7 +25,7 @@ input and output products in ``kernels.decode_step`` where the kernel supports t
 ``"auto"`` on a GPU and for the ``"pallas"`` impls anywhere (``"pallas:mosaic"`` too: the step has a Triton
 kernel only); otherwise the layer's own ops (the token scan). On an H100 the kernel took GPT-2 Medium's
 batch-1 GLA step from 1.168 to 0.910 ms, and its compiled checks (``scripts/gpu_check.sh decode-tests``) passed
-there in float32 and bf16 (docs/generation.md; before its body moved to whole refs). A one-row decoding step
+there in float32 and bf16 (docs/generation.md). A one-row decoding step
 runs each block's second LayerNorm and MLP in ``kernels.decode_mlp`` under the MLP's impl (``auto`` on one
 GPU): at one row XLA's products are reductions, and the kernel took softmax's batch-1 step from 1.275 to
 0.974 ms on an H100 (GPT-2 Medium's width; the kernel takes power-of-two widths up to 1024).
@@ -206,12 +206,6 @@ def decode_kernel_applies(impl: str, step: decode_step.Step, x, *, segment_ids, 
     (see the module's docstring); ``step`` describes the layer."""
     if x.shape[1] != 1 or segment_ids is not None or not return_state or state.get("recurrent") is None:
         return False
-    return decode_step_kernel_allowed(impl, step)
-
-
-def decode_step_kernel_allowed(impl: str, step: decode_step.Step) -> bool:
-    """Whether a decoding step of a layer that ``step`` describes may run in ``kernels.decode_step``: a layer
-    the kernel supports, on one device, a "pallas" impl or ``auto`` on a GPU."""
     if not decode_step.supports(step) or jax.sharding.get_abstract_mesh().size > 1:
         return False
     return impl.startswith("pallas") or (impl == "auto" and on_one_gpu())

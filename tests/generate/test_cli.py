@@ -4,6 +4,7 @@ import pytest
 from flax import nnx
 
 import generate as cli
+import jaxlin.generate
 from jaxlin import export
 from jaxlin.data.paths import resolve_data_dir
 from jaxlin.data.tokenizer import get_tokenizer
@@ -27,11 +28,14 @@ def exported(tmp_path_factory):
     return model, export.save(model, tmp_path_factory.mktemp("export"))
 
 
-@pytest.mark.parametrize("extra", [[], ["--exhaustive_autotune"]])  # an XLA GPU option, ignored on CPU
-def test_streams_the_greedy_continuation(exported, tokenizer, capsys, extra):
+@pytest.mark.parametrize("tuned", [False, True])  # exhaustive autotuning: an XLA GPU option, ignored on CPU
+def test_streams_the_greedy_continuation(exported, tokenizer, capsys, monkeypatch, tuned):
     model, path = exported
+    options, generator = [], jaxlin.generate.Generator
+    monkeypatch.setattr(jaxlin.generate, "Generator", lambda m, **kw: options.append(kw) or generator(m, **kw))
     cli.main(["--model", str(path), "--prompt", "The history of", "--max_new_tokens", "6", "--temperature", "0",
-              *extra])
+              *(["--exhaustive_autotune"] if tuned else [])])
+    assert options == [{"exhaustive_autotune": tuned}]
     want = generate_text(model, tokenizer, ["The history of"], max_new_tokens=6, sampling=GREEDY)[0]
     assert capsys.readouterr().out == "The history of" + want + "\n"
 

@@ -90,9 +90,12 @@ def test_the_layers_ops_decode_only(capsys):
     assert "add --decode_only" in capsys.readouterr().err
 
 
-def test_decode_only_rows_with_the_pallas_impl(tmp_path):
-    """`--impl pallas`: the layers' steps in their kernels (interpret mode here), recorded in the JSON."""
+def test_exhaustive_autotune_reaches_the_generator_and_the_json(tmp_path, monkeypatch):
+    options = []
+    generator = decode.Generator
+    monkeypatch.setattr(decode, "Generator", lambda model, **kw: options.append(kw) or generator(model, **kw))
     out = tmp_path / "decode.json"
     rows = decode.main(["--tiny", "--models", "gla", "--batch", "1", "--context", "16", "--new_tokens", "2",
-                        "--repeats", "1", "--decode_only", "--impl", "pallas", "--json", str(out)])
-    assert rows[0]["decode_tok_s"] > 0 and json.loads(out.read_text())["impl"] == "pallas"
+                        "--repeats", "1", "--decode_only", "--exhaustive_autotune", "--json", str(out)])
+    assert rows[0]["decode_tok_s"] > 0 and options == [{"exhaustive_autotune": True}]
+    assert json.loads(out.read_text())["exhaustive_autotune"] is True
