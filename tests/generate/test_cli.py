@@ -1,5 +1,10 @@
 """generate.py: streaming a continuation of an export, and one clear line for bad input."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from flax import nnx
 
@@ -46,12 +51,31 @@ def test_streams_the_greedy_continuation(exported, tokenizer, capsys, monkeypatc
     (["--prompt", "a" * 200], "shorten the prompt"),
     (["--prompt", "hi", "--max_new_tokens", "40"], "lower max_new_tokens to 31"),
     (["--prompt", "hi", "--top_p", "0"], "--top_p must be in"),
+    (["--prompt", "hi", "--compile_cache", __file__], "is a file: give a directory"),
 ])
 def test_bad_input_gets_one_line(exported, tokenizer, args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--model", str(exported[1])] + args)
     assert exit_info.value.code != 0 and message in str(exit_info.value.code)
     assert "\n" not in str(exit_info.value.code)
+
+
+@pytest.mark.slow
+def test_a_second_run_loads_its_compiled_functions_from_the_compile_cache(exported, tokenizer, tmp_path):
+    """Two runs in fresh processes (JAX reads the cache setting once, at a process's first compile): the
+    first fills the directory with its compiled functions, the decode loop's among them; the second rewrites
+    none of them (a cache miss would) and prints the same text."""
+    cache, root = tmp_path / "xla", Path(cli.__file__).parent
+    command = [sys.executable, "generate.py", "--model", str(exported[1]), "--prompt", "The history of",
+               "--max_new_tokens", "4", "--temperature", "0", "--compile_cache", str(cache)]
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    written = lambda: {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
+    first = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=True)
+    entries = written()
+    assert any(name.startswith("jit__decode_steps") for name in entries), sorted(entries)
+    second = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert written() == entries
+    assert second.stdout == first.stdout and first.stdout.startswith("The history of")
 
 
 def test_a_missing_export_is_named(tmp_path):
