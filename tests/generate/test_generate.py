@@ -180,7 +180,7 @@ def test_decoding_stores_each_layers_joined_kernel_once(name):
 
 def test_decoding_stores_c_fc_output_major_where_the_mlp_kernel_reads_it():
     """c_fc's kernel transposed, as kernels.decode_mlp reads it, where the MLP may decode in it (its decode_impl
-    not "xla", not in FP8); every other kernel as training stores it."""
+    not "xla", not in FP8); c_proj's as training stores it."""
     model = tiny_model("recurrent_and_softmax")
     for block, original in zip(for_decoding(model).h, model.h):
         np.testing.assert_array_equal(block.mlp.fc_by_output[...], original.mlp.c_fc.kernel[...].T)
