@@ -5,14 +5,12 @@ written. Backward: from the gradients of both outputs, ``ds + LayerNorm'(s)^T dn
 r) and partial sums of the scale's and bias's gradients. Under XLA the backward of each LayerNorm took
 three passes (the statistics, the row sums of the gradient, then the input's gradient with the weights'
 partial sums), and the residual stream's gradient was added in another. Whole rows sit in one program, so
-the statistics need no second pass; a backward program walks up to ``tiles.steps`` blocks of ``tiles.rows`` rows
-and keeps the weights' gradients in registers across them. Any multiple of ``tiles.rows`` rows runs, down to a
-decoding step's few.
+the statistics need no second pass; a program walks ``tiles.steps`` blocks of ``tiles.rows`` rows and keeps the
+weights' gradients in registers across them.
 """
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +22,8 @@ from .common import compiler_params
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Rows a program loads at a time (a forward program's whole block), the most blocks a backward program
-    walks (fewer where the rows' count needs), and the warps of each program."""
+    """Rows a program loads at a time (a forward program's whole block), the blocks a backward program walks,
+    and the warps of each program."""
     rows: int = 2
     steps: int = 32
     warps: int = 4
@@ -76,13 +74,13 @@ def _backward_kernel(x_ref, r_ref, scale_ref, dsum_ref, dout_ref, dx_ref, dscale
 def supports(x, tiles=TILES) -> bool:
     """Rows ``[N, D]`` that whole programs cover, ``D`` a power of two (Triton's block shapes) up to 8192."""
     N, D = x.shape
-    return N % tiles.rows == 0 and D & (D - 1) == 0 and D <= 8192
+    return N % (tiles.rows * tiles.steps) == 0 and D & (D - 1) == 0 and D <= 8192
 
 
 def _check(x, others, scale, tiles):
     if x.ndim != 2 or not supports(x, tiles) or any(o is not None and o.shape != x.shape for o in others) \
             or scale.shape != x.shape[1:]:
-        raise ValueError(f"layer_norm: x [N, D] needs N a multiple of {tiles.rows} and D a power of "
+        raise ValueError(f"layer_norm: x [N, D] needs N a multiple of {tiles.rows * tiles.steps} and D a power of "
                          f"two up to 8192, the residual and gradients x's shape and the scale [D]; got x {x.shape}, "
                          f"scale {scale.shape}")
 
@@ -110,7 +108,6 @@ def layer_norm_backward(x, residual, scale, dsum, dout, *, eps, interpret=False,
     the outputs' gradients ``dsum`` (of ``x + residual``, or of x; None for zero) and ``dout``."""
     _check(x, (residual, dsum, dout), scale, tiles)
     N, D = x.shape
-    tiles = dataclasses.replace(tiles, steps=math.gcd(tiles.steps, N // tiles.rows))  # whole programs
     programs = N // (tiles.rows * tiles.steps)
     rows = pl.BlockSpec((tiles.rows * tiles.steps, D), lambda i: (i, 0))
     partial = pl.BlockSpec((None, D), lambda i: (i, 0))

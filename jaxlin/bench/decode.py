@@ -3,7 +3,7 @@
     python -m jaxlin.bench.decode [--models gla,gated_deltanet,softmax] [--batch 1,8,64]
         [--context 1024,4096,16384,32768] [--new_tokens 32] [--repeats 3] [--bandwidth B]
         [--time_budget 400] [--naive_check 1024] [--decode_only] [--impl reference] [--mlp_impl xla]
-        [--layer_norm_impl xla] [--exhaustive_autotune] [--json decode.json] [--profile DIR] [--tiny]
+        [--exhaustive_autotune] [--json decode.json] [--profile DIR] [--tiny]
 
 Per (model, batch, context): random prompts are prefilled (chunks of --prefill_chunk tokens per row, one
 jitted call each), then greedy tokens are decoded in jitted blocks of --new_tokens steps: a warm-up block,
@@ -68,13 +68,11 @@ def device_bandwidth(device_kind: str) -> float:
     return next((b for name, b in BANDWIDTH.items() if name in device_kind), BANDWIDTH["H100"])
 
 
-def model_config(kind: str, max_positions: int, tiny: bool, impl: str = "auto", mlp_impl: str = "auto",
-                 layer_norm_impl: str = "auto") -> ModelConfig:
+def model_config(kind: str, max_positions: int, tiny: bool, impl: str = "auto", mlp_impl: str = "auto") -> ModelConfig:
     """The softmax model's block size is raised to the longest context (its position embedding); ``impl``: the
-    recurrent layers' (``ModelConfig.impl``), ``mlp_impl`` the MLP's, ``layer_norm_impl`` the blocks'
-    LayerNorms'."""
-    return ModelConfig(**(TINY if tiny else GPT2_MEDIUM), **ATTENTION[kind], block_size=max(1024, max_positions),
-                       impl=impl, mlp_impl=mlp_impl, layer_norm_impl=layer_norm_impl)
+    recurrent layers' (``ModelConfig.impl``), ``mlp_impl`` the MLP's."""
+    return ModelConfig(**(TINY if tiny else GPT2_MEDIUM), **ATTENTION[kind],
+                       block_size=max(1024, max_positions), impl=impl, mlp_impl=mlp_impl)
 
 
 def _init(graphdef, params, start, *, size):
@@ -316,9 +314,6 @@ def main(argv=None):
     parser.add_argument("--mlp_impl", default="auto", choices=("auto", "xla"),
                         help="the MLP's impl: auto runs a one-row decode step's second LayerNorm and MLP in one kernel "
                              "on a GPU (kernels/decode_mlp.py: softmax at batch 1); xla, in XLA's products")
-    parser.add_argument("--layer_norm_impl", default="auto", choices=("auto", "xla"),
-                        help="the blocks' LayerNorms: auto runs each with its residual add in one kernel on a GPU "
-                             "(kernels/layer_norm.py); xla, in Flax's LayerNorm and XLA's fusions")
     parser.add_argument("--exhaustive_autotune", action="store_true",
                         help="decode as Generator(exhaustive_autotune=True) does: XLA's GPU autotuner tries every "
                              "tiling of the step's products (the decode loop only; a longer compile)")
@@ -342,7 +337,7 @@ def main(argv=None):
     for i, kind in enumerate(models):
         deadline = began + args.time_budget * (i + 1) / len(models)
         config = model_config(kind, max(args.context) + blocks_run(args) * args.new_tokens, args.tiny, args.impl,
-                              args.mlp_impl, args.layer_norm_impl)
+                              args.mlp_impl)
         generator = Generator(GPT(config, rngs=nnx.Rngs(0)), exhaustive_autotune=args.exhaustive_autotune)
         print(f"{kind}: {weight_bytes(generator) / 1e9:.3f} GB of weights read per decode step, "
               f"{1e3 * weight_bytes(generator) / args.bandwidth:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s",
@@ -384,7 +379,7 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": jax.devices()[0].device_kind, "bandwidth": args.bandwidth,
                                                "new_tokens": args.new_tokens, "impl": args.impl,
-                                               "mlp_impl": args.mlp_impl, "layer_norm_impl": args.layer_norm_impl,
+                                               "mlp_impl": args.mlp_impl,
                                                "exhaustive_autotune": args.exhaustive_autotune, "rows": rows},
                                               indent=2) + "\n")
     return rows
